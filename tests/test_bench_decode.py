@@ -1,0 +1,82 @@
+"""``zipcache-vllm bench decode``: the bytes model, the table and the RESULTS.md section.
+
+The engine runs themselves are measured by the command (docs/RESULTS.md); here the
+arithmetic it prints is checked against the layout dataclass and by hand.
+"""
+from __future__ import annotations
+
+import pytest
+
+from zipcache_vllm.bench import decode
+from zipcache_vllm.layout import BlockLayout
+from zipcache_vllm.vllm_plugin.dtypes import preset_for_dtype
+
+FACTS = {"layers": 30, "kv_heads": 3, "head_size": 64, "weights_bytes": 269_000_000}
+
+
+def test_kv_bytes_model():
+    assert decode.kv_bytes_per_request("auto", 1000, FACTS) == 30 * 1000 * 3 * 64 * 4
+    assert decode.kv_bytes_per_request("fp8", 1000, FACTS) == 30 * 1000 * 3 * 64 * 2
+    layout = BlockLayout.from_preset(preset_for_dtype("zipcache"), head_size=64, num_kv_heads=3)
+    ctx = 5 * layout.block_size + 7
+    assert decode.kv_bytes_per_request("zipcache", ctx, FACTS) == 30 * (
+        5 * layout.page_bytes + 7 * 3 * 64 * 4)
+    # the packed cache reads less than a quarter of bf16 at long context
+    assert decode.kv_bytes_per_request("zipcache", 8064, FACTS) < 0.25 * decode.kv_bytes_per_request(
+        "auto", 8064, FACTS)
+
+
+def _result():
+    rows = lambda f: [{"ctx": 1024, "batch": b, "prefill_tok_s": 100.0 * f, "decode_tok_s": 10.0 * b * f,
+                       "prefill_s": 1.0, "decode_s": 1.0, "decode_tokens": 8, "steps": 9} for b in (1, 8)]
+    return {"info": {"cpu": "test cpu", "cpus": 2, "bandwidth_gb_s": 10.0, "load": 0.5, "kv_space_gib": "2",
+                     "decode_tokens": 8, "model": "m", **FACTS},
+            "engines": {"auto": {"rows": rows(1.0)},
+                        "fp8": {"unsupported": "FP8 KV cache on CPU requires x86 with AVX-512 or AMX."},
+                        "zipcache": {"rows": rows(1.5)}}}
+
+
+def test_table_ratios_and_refusal():
+    table = decode.format_table(_result())
+    assert "`fp8`: not run" in table and "AVX-512" in table
+    decode_rows = [line for line in table.splitlines() if line.startswith("| 1024 |")]
+    assert len(decode_rows) == 4  # two decode rows, two prefill rows
+    assert "1.50x" in decode_rows[0] and "1.50x" in decode_rows[2]
+    # bytes model column: weights + KV of one request at 1024 tokens, auto
+    mb = (FACTS["weights_bytes"] + decode.kv_bytes_per_request("auto", 1024, FACTS)) / 1e6
+    assert f"| {mb:.0f}, " in decode_rows[0]
+
+
+def test_update_results_replaces_only_its_section(tmp_path):
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Results\n\nintro\n")
+    decode.update_results(md, "zipcache-vllm bench decode", "table one")
+    decode.update_results(md, "zipcache-vllm bench decode", "table two")
+    text = md.read_text()
+    assert text.startswith("# Results\n\nintro\n")
+    assert "table two" in text and "table one" not in text
+    assert text.count(decode.RESULTS_BEGIN) == 1 and text.count(decode.RESULTS_END) == 1
+
+
+@pytest.mark.parametrize("argv", [["bench", "decode", "--help"]])
+def test_cli_lists_decode(argv, capsys):
+    from zipcache_vllm.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0
+    assert "--update-results" in capsys.readouterr().out
+
+
+def test_render_a_saved_run_into_results(tmp_path, capsys):
+    import json
+
+    saved = tmp_path / "run.json"
+    res = _result()
+    res["info"]["command"] = "zipcache-vllm bench decode --contexts 1024"
+    saved.write_text(json.dumps(res))
+    md = tmp_path / "RESULTS.md"
+    assert decode.main(None, "", None, None, 0, False, "2", None, str(md), render=str(saved)) == 0
+    text = md.read_text()
+    assert "--contexts 1024" in text and f"--render {saved}" in text
+    assert "1.50x" in capsys.readouterr().out

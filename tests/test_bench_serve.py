@@ -1,0 +1,83 @@
+"""``zipcache-vllm bench serve``: parsing and tables (fast), the quick mode end to end (slow).
+
+The slow test runs the quick load against one real ``vllm serve`` per dtype and
+asserts only what must hold: every request completes, the compressed caches hold more
+tokens than ``auto`` at the same byte budget, and the budget is small enough that
+``auto`` has to queue. It serves ``auto``, ``fp8`` (refused on CPUs without
+AVX-512/AMX), the default preset and the most compressed one: every preset already
+starts the real engine in tests/test_engine_eval.py, and a server start costs ~30 s of
+the CI budget (``zipcache-vllm bench serve --quick`` itself runs every preset).
+"""
+from __future__ import annotations
+
+import pytest
+
+from zipcache_vllm.bench import serve
+
+METRICS = """# HELP vllm:num_preemptions_total Cumulative number of preemption from the engine.
+# TYPE vllm:num_preemptions_total counter
+vllm:num_preemptions_total{engine="0",model_name="model"} 7.0
+vllm:num_requests_running{engine="0",model_name="model"} 3.0
+vllm:num_requests_waiting{engine="0",model_name="model"} 1e+01
+"""
+
+
+def test_metric_reads_prometheus_samples():
+    assert serve.metric(METRICS, "vllm:num_preemptions_total") == 7.0
+    assert serve.metric(METRICS, "vllm:num_requests_waiting") == 10.0
+    assert serve.metric(METRICS, "vllm:num_requests") == 0.0  # a prefix is not a match
+
+
+def test_percentiles_nearest_rank():
+    p = serve.percentiles([float(x) for x in range(1, 101)])
+    assert p == {"p50": 51.0, "p90": 90.0, "p99": 99.0}
+    assert serve.percentiles([])["p50"] is None
+
+
+def test_markdown_ratios_and_refusal():
+    w = vars(serve.QUICK) | {}
+    w = {k: getattr(serve.QUICK, k) for k in serve.QUICK.__dataclass_fields__}
+    row = serve.Result("auto", kv_tokens=1000, completed=4, seconds=2.0, req_per_s=2.0, out_tok_per_s=10.0,
+                       ttft_s={"p50": 0.1, "p90": 0.2, "p99": 0.3}, itl_s={"p50": 0.01, "p90": 0.02, "p99": 0.03})
+    z = serve.Result("zipcache", kv_tokens=4000, completed=4, seconds=1.0, req_per_s=4.0, out_tok_per_s=20.0,
+                     ttft_s={"p50": 0.1, "p90": 0.2, "p99": 0.3}, itl_s={"p50": 0.01, "p90": 0.02, "p99": 0.03})
+    fp8 = serve.Result("fp8", unsupported="FP8 KV cache on CPU requires x86 with AVX-512 or AMX")
+    text = serve.markdown({"workload": w, "rows": [vars(row), vars(fp8), vars(z)]}, "cmd", "m")
+    assert "| zipcache | 4,000 | 4.000 | 2.00x |" in text
+    assert "| fp8 | refused by vLLM: FP8" in text
+
+
+def test_bench_serve_parser_builds_without_heavy_imports():
+    import argparse
+    import sys
+
+    before = set(sys.modules)
+    p = argparse.ArgumentParser()
+    serve.add_parser(p.add_subparsers())
+    args = p.parse_args(["serve", "--quick", "--dtypes", "auto,zipcache", "--requests", "3"])
+    assert args.quick and args.requests == 3
+    assert not {"torch", "vllm", "transformers"} & (set(sys.modules) - before)
+
+
+# --------------------------------------------------------------------------- slow
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_quick_load(model_dir):
+    names = ["auto", "fp8", "zipcache", "zipcache_kivi2"]
+    res = serve.run(str(model_dir), serve.QUICK, names, progress=False)
+    print(serve.markdown(res, "quick", ""))
+    rows = {r["kv_cache_dtype"]: r for r in res["rows"]}
+    assert set(rows) == set(names)
+    auto = rows["auto"]
+    for name, r in rows.items():
+        if r["unsupported"]:  # vLLM's fp8 CPU path needs AVX-512 or AMX
+            assert name == "fp8" and "AVX-512" in r["unsupported"]
+            continue
+        assert r["completed"] == serve.QUICK.requests and r["failed"] == 0
+        assert r["ttft_s"]["p50"] > 0 and r["itl_s"]["p50"] > 0
+        if name != "auto":
+            assert r["kv_tokens"] > 1.2 * auto["kv_tokens"], name
+    # the budget holds fewer than the clients' requests for auto: it queues
+    per_request = serve.QUICK.prompt_len + serve.QUICK.output_len
+    assert auto["kv_tokens"] < serve.QUICK.clients * per_request

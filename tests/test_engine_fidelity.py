@@ -1,0 +1,179 @@
+"""The served engine stores and reads what the offline reference says (slow: starts vLLM 7 times).
+
+Two levels:
+
+* **Layer-exact.** The engine runs in-process and records, for a few layers, every step's
+  attention inputs and outputs (chunked prefill cut mid-block, batched with decode rows,
+  decode filling a block). Replaying each request's recorded q/k/v through the offline
+  simulator of the same preset must give the engine's outputs up to float32 summation
+  order: same pages, same saliency, same reads.
+* **Logprobs end to end.** 20 prompts of 600 tokens of real text, 64 greedy tokens each
+  (issue acceptance: >= 20 prompts, >= 512-token contexts, so most of the context sits in
+  packed pages): engine logprobs vs the simulator's with the HF model.
+"""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from zipcache_vllm.eval import fidelity
+from zipcache_vllm.eval.simulate import KVSimulator, SimConfig
+from zipcache_vllm.policies import make_policy
+
+# End-to-end tolerance, justified. The HF model that drives the simulator and vLLM's
+# model do not always feed attention identical q/k: layer 0's v (no rotary embedding)
+# agrees to ~3e-7, but q and k after vLLM's rotary embedding differed from HF's by up to
+# 1.5e-3 in some engine runs and by ~1e-5 in others with the same requests (seen on an
+# AVX-512/AMX host; cause inside vLLM's CPU path not identified);
+# test_engine_inputs_differ_from_hf_only_after_rope prints the gaps of each run. With
+# 2-bit codes such gaps move values across rounding boundaries and near-ties in the
+# block-local top-k, so the engine stores slightly different pages than the HF-driven simulator computes (measured: median 6.7e-3
+# per token, against 7.4e-2 for the uncompressed simulation). The bound is therefore
+# relative: the engine must sit far closer to its own preset's simulation than to the
+# uncompressed one. Exactness (same pages, same reads, given the same inputs) is proven
+# by the layer-exact test below.
+FRACTION_OF_QUANT_EFFECT = 0.25
+LAYER_ATOL = 1e-4  # float32 summation order only (measured 3.5e-6 to 4.8e-6)
+V_ATOL, QK_ATOL = 1e-5, 1e-2  # engine vs HF inputs of layer 0: before / after RoPE
+
+
+@pytest.fixture(scope="module")
+def result(model_dir):
+    return fidelity.run(str(model_dir), num_prompts=20, prompt_len=600, max_tokens=64, progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_engine_logprobs_match_the_offline_reference(result):
+    f = result["fidelity"]
+    print(f)
+    assert f["tokens"] == 20 * 64
+    for stat in ("median", "mean"):
+        assert f["vs_same_preset"][stat] < FRACTION_OF_QUANT_EFFECT * f["vs_uncompressed"][stat], stat
+
+
+def _requests_of(steps: list[dict], layer: int) -> list[dict]:
+    """Each request's rows of one layer in order, joined across steps: a staging slot
+    holds one request from its first chunk (ctx 0) on; every later row continues it."""
+    live: dict[int, dict] = {}
+    done = []
+    for st in (s for s in steps if s["layer"] == layer):
+        for q_start, q_len, ctx, slot in st["rows"]:
+            rows = slice(q_start, q_start + q_len)
+            if ctx == 0:
+                if slot in live:
+                    done.append(live.pop(slot))
+                live[slot] = {k: [] for k in ("q", "k", "v", "out")}
+                live[slot]["len"] = 0
+            req = live[slot]
+            assert req["len"] == ctx, "rows of a slot must continue its request"
+            for name in ("q", "k", "v", "out"):
+                req[name].append(st[name][rows])
+            req["len"] += q_len
+    done += live.values()
+    return [{k: (torch.cat(r[k]) if k != "len" else r[k]) for k in r} for r in done]
+
+
+class _Layer:
+    layer_idx = 0
+
+
+def _record(model_dir, tmp_path_factory, *budget: str) -> dict:
+    out = tmp_path_factory.mktemp("record") / "steps.pt"
+    script = Path(__file__).with_name("_record_engine.py")
+    proc = subprocess.run([sys.executable, str(script), str(model_dir), str(out), *budget],
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(out)
+
+
+@pytest.fixture(scope="module")
+def recorded(model_dir, tmp_path_factory):
+    """Chunked prefill (200-token budget), batched with decode."""
+    return _record(model_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def recorded_whole_prompts(model_dir, tmp_path_factory):
+    """Every prompt prefilled in one chunk, as in the end-to-end comparison."""
+    return _record(model_dir, tmp_path_factory, "4096")
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_engine_attention_equals_the_reference_on_its_own_inputs(recorded):
+    steps, seqs = recorded["steps"], recorded["seqs"]
+    assert any(len(st["rows"]) > 1 and any(r[1] == 1 for r in st["rows"])
+               and any(r[1] > 1 for r in st["rows"]) for st in steps), "no mixed prefill+decode step"
+    expected_lens = sorted(len(s) - 1 for s in seqs)  # the last token is never fed back
+    worst = 0.0
+    for layer in recorded["layers"]:
+        reqs = _requests_of(steps, layer)
+        assert sorted(r["len"] for r in reqs) == expected_lens
+        scale = next(st["scale"] for st in steps if st["layer"] == layer)
+        for r in reqs:
+            sim = KVSimulator(make_policy("zipcache"),
+                              SimConfig(prefill_len=0, chunk_size=steps[0]["preset_block"]))
+            ref, _ = sim(_Layer(), *(r[n].transpose(0, 1).unsqueeze(0) for n in ("q", "k", "v")),
+                         scaling=scale)
+            err = float((r["out"].float() - ref[0]).abs().max())
+            worst = max(worst, err)
+            assert err < LAYER_ATOL, (layer, r["len"], err)
+    print(f"\nlayer-exact: {len(recorded['layers'])} layers x {len(seqs)} requests, "
+          f"max |engine - reference| = {worst:.2e}")
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+@pytest.mark.parametrize("rec", ["recorded", "recorded_whole_prompts"])
+def test_engine_inputs_differ_from_hf_only_after_rope(rec, model_dir, request):
+    """Why the end-to-end bound is relative: layer 0's v (no RoPE) is the same in the engine
+    and in HF; q and k (after vLLM's and HF's rotary embeddings) may differ more. Both a
+    chunked and a whole-prompt recording are checked."""
+    recorded = request.getfixturevalue(rec)
+    from transformers import AttentionInterface
+
+    from zipcache_vllm.eval.offline import ATTN_NAME, load_model
+
+    model, _ = load_model(str(model_dir))
+    by_len = {r["len"]: r for r in _requests_of(recorded["steps"], 0)}
+    seen = {}
+
+    def capture(module, query, key, value, *args, **kwargs):
+        if module.layer_idx == 0:
+            seen.update(q=query[0].transpose(0, 1), k=key[0].transpose(0, 1), v=value[0].transpose(0, 1))
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, key.repeat_interleave(query.shape[1] // key.shape[1], 1),
+            value.repeat_interleave(query.shape[1] // key.shape[1], 1), is_causal=True,
+            scale=kwargs.get("scaling")).transpose(1, 2), None
+
+    AttentionInterface.register(ATTN_NAME, capture)
+    model.set_attn_implementation(ATTN_NAME)
+    gaps = {"q": 0.0, "k": 0.0, "v": 0.0}
+    with torch.inference_mode():
+        for seq in recorded["seqs"]:
+            ids = seq[:-1]
+            model(input_ids=torch.tensor([ids]), use_cache=False, logits_to_keep=1)
+            eng = by_len[len(ids)]
+            for n in gaps:
+                gaps[n] = max(gaps[n], float((eng[n].float() - seen[n].float()).abs().max()))
+    print(f"\n{rec}: layer 0, engine vs HF: max |q| gap {gaps['q']:.2e}, |k| {gaps['k']:.2e}, |v| {gaps['v']:.2e}")
+    assert gaps["v"] < V_ATOL
+    assert gaps["q"] < QK_ATOL and gaps["k"] < QK_ATOL
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_greedy_agreement_zipcache_beats_random_saliency(result):
+    g = result["greedy"]
+    print(g)
+    assert g["auto"]["mean_prefix_match"] == 1.0
+    assert g["zipcache"]["mean_prefix_match"] > g["zipcache_random_mixed"]["mean_prefix_match"]
+    assert g["zipcache"]["kv_tokens"] > 4 * g["auto"]["kv_tokens"]
+    # vLLM's fp8 CPU path needs AVX-512 or AMX; on other CPUs the run records vLLM's refusal.
+    if "unsupported" in g["fp8"]:
+        assert "AVX-512" in g["fp8"]["unsupported"]
+    else:
+        assert g["fp8"]["kv_tokens"] > 1.9 * g["auto"]["kv_tokens"]

@@ -1,0 +1,280 @@
+"""The capacity planner: vLLM's own arithmetic, reproduced exactly (no engine started here;
+``test_planner_engine.py`` compares with a running engine's log)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from zipcache_vllm.cli import main as cli_main
+from zipcache_vllm.config import CONFIG_DIR, list_presets, load_preset
+from zipcache_vllm.planner import capacity as cap
+from zipcache_vllm.planner.hardware import load_catalog
+from zipcache_vllm.planner.model_spec import ModelSpecError, load_model_spec
+from zipcache_vllm.planner.plan import PlanError, PlanRequest, make_plan
+from zipcache_vllm.vllm_plugin.dtypes import cache_dtypes
+
+# Awkward on purpose: max_model_len not a multiple of any block size; TP that replicates KV
+# heads (9 > 3 KV heads of SmolLM2); PP that splits 30 layers unevenly.
+TOPOLOGIES = [(1, 1), (3, 1), (9, 1), (1, 4), (3, 2)]
+MAX_MODEL_LENS = [2000, 2048]
+BUDGETS_GIB = [1, 2]
+
+
+def _all_dtypes() -> list[str]:
+    return ["auto", "fp8", *sorted(cache_dtypes())]
+
+
+# -- pure arithmetic ------------------------------------------------------------------------
+
+def test_catalog_is_not_a_preset_and_presets_still_load():
+    assert (CONFIG_DIR / "hardware" / "catalog.yaml").is_file()
+    names = list_presets()
+    assert "catalog" not in names and "hardware" not in names
+    for name in names:
+        assert load_preset(name).name == name
+    catalog = load_catalog()
+    assert {"H100-80GB", "A100-80GB", "L4-24GB"} <= set(catalog.gpus) and "cpu-dev" in catalog.cpus
+    with pytest.raises(ValueError, match="H100-80GB"):
+        catalog.lookup("H101")
+
+
+def test_bundled_llama3_8b_architecture():
+    spec = load_model_spec("llama3_8b")
+    assert (spec.num_layers, spec.num_attention_heads, spec.num_kv_heads, spec.head_size) == (32, 32, 8, 128)
+    assert (spec.hidden_size, spec.intermediate_size, spec.vocab_size) == (4096, 14336, 128256)
+    assert spec.max_position_embeddings == 8192
+    assert load_model_spec("llama3_1_8b").max_position_embeddings == 131072
+    # Meta publishes 8.03B parameters for Llama-3-8B.
+    assert spec.num_parameters() == pytest.approx(8.03e9, rel=0.001)
+    with pytest.raises(ModelSpecError, match="llama3_8b"):
+        load_model_spec("no-such-model")
+
+
+def test_weights_estimate_matches_the_prepared_checkpoint(model_dir):
+    """The parameter count (the GPU weights estimate) equals the real safetensors size."""
+    spec = load_model_spec(model_dir)
+    size = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    assert spec.num_parameters() * spec.dtype_bytes == pytest.approx(size, rel=0.001)
+
+
+def test_cpu_plan_equals_the_measured_engine_capacity(model_dir):
+    """docs/BACKEND.md: the engine logged 93,184 (auto) and 423,424 (zipcache) tokens at 2 GiB."""
+    plan = make_plan(PlanRequest(model=str(model_dir), hardware="cpu-dev", kv_cache_space_gib=2,
+                                 max_model_len=2048, kv_cache_dtypes=["auto", "zipcache"]))
+    assert plan.row("auto").kv_tokens == 93_184
+    assert plan.row("zipcache").kv_tokens == 423_424
+    assert plan.row("zipcache").ratio_vs_auto == pytest.approx(423_424 / 93_184)
+    assert plan.estimates is None  # CPU budgets are exact
+
+
+def test_layers_and_heads_per_rank_follow_vllm():
+    from vllm.distributed.utils import get_pp_indices
+
+    for layers in (30, 32, 61):
+        for pp in (1, 2, 3, 4, 7):
+            expected = [b - a for a, b in (get_pp_indices(layers, r, pp) for r in range(pp))]
+            assert cap.layers_per_stage(layers, pp) == expected
+    assert [cap.kv_heads_per_rank(8, tp) for tp in (1, 2, 8, 16)] == [8, 4, 1, 1]
+
+
+def test_bytes_per_token_parts_add_up():
+    plan = make_plan(PlanRequest(model="llama3_8b", hardware="H100-80GB", max_model_len=8192,
+                                 kv_cache_dtypes=_all_dtypes()))
+    auto = plan.row("auto")
+    assert auto.bytes_per_token == 32 * 8 * 128 * 2 * 2  # layers x KV heads x head x (K+V) x bf16
+    assert plan.row("fp8").bytes_per_token == auto.bytes_per_token / 2
+    for row in plan.rows:
+        assert sum(row.parts_per_token_per_layer.values()) == pytest.approx(row.bytes_per_token_per_layer)
+        assert row.bytes_per_token == pytest.approx(row.bytes_per_token_per_layer * 32)
+        if row.preset:
+            assert row.bytes_per_token < auto.bytes_per_token
+
+
+def test_gpu_plan_states_estimates_and_tp_pp_split():
+    one = make_plan(PlanRequest(model="llama3_1_8b", hardware="H100-80GB", max_model_len=32768, concurrency=16))
+    two = make_plan(PlanRequest(model="llama3_1_8b", hardware="H100-80GB", max_model_len=32768, concurrency=16,
+                                tensor_parallel_size=2))
+    assert one.estimates.weights_source == "estimate"
+    assert one.estimates.weights_gib == pytest.approx(8.03e9 * 2 / 2**30, rel=0.002)
+    assert two.estimates.weights_gib == pytest.approx(one.estimates.weights_gib / 2, rel=0.001)
+    assert two.kv_heads_per_rank == 4 and two.row("auto").bytes_per_token == one.row("auto").bytes_per_token
+    for row in two.rows:
+        # twice the GPUs, each with a larger budget: more than twice the tokens
+        assert row.kv_tokens > 2 * one.row(row.cache_dtype).kv_tokens
+    pp = make_plan(PlanRequest(model="llama3_1_8b", hardware="H100-80GB", max_model_len=32768,
+                               tensor_parallel_size=2, pipeline_parallel_size=2))
+    assert pp.layers_per_stage == [16, 16] and pp.workers == 4
+    assert make_plan(PlanRequest(model="llama3_8b", hardware="H100-80GB", max_model_len=32768)).warnings
+
+
+def test_staging_is_in_the_kv_budget_on_cpu_and_beside_it_on_cuda(model_dir):
+    cpu = make_plan(PlanRequest(model=str(model_dir), hardware="cpu-dev", max_model_len=2048))
+    assert cpu.row("zipcache").kv_budget_bytes == cpu.row("auto").kv_budget_bytes - cpu.row("zipcache").staging_bytes
+    gpu = make_plan(PlanRequest(model="llama3_1_8b", hardware="H100-80GB", max_model_len=32768, concurrency=32))
+    assert gpu.row("zipcache").kv_budget_bytes == gpu.row("auto").kv_budget_bytes
+    assert gpu.row("zipcache").staging_bytes > 0 and gpu.row("zipcache").fits
+    full = make_plan(PlanRequest(model="llama3_1_8b", hardware="H100-80GB", max_model_len=32768, concurrency=16,
+                                 gpu_memory_utilization=1.0))
+    assert not full.row("zipcache").fits and "DOES NOT FIT" in full.row("zipcache").note
+    assert full.row("fp8").fits
+
+
+def test_zipcache_default_max_num_seqs_is_the_backends():
+    from zipcache_vllm.vllm_plugin.backend import DEFAULT_MAX_NUM_SEQS
+
+    assert cap.ZIPCACHE_DEFAULT_MAX_NUM_SEQS == DEFAULT_MAX_NUM_SEQS
+
+
+def test_bad_requests_name_the_field():
+    with pytest.raises(ValueError, match="hardware"):
+        PlanRequest(model="llama3_8b", hardware="TPU", max_model_len=8192)
+    with pytest.raises(ValueError, match="zipcache_nope"):
+        PlanRequest(model="llama3_8b", hardware="L4-24GB", max_model_len=8192, kv_cache_dtypes=["zipcache_nope"])
+    with pytest.raises(PlanError) as err:
+        make_plan(PlanRequest(model="llama3_8b", hardware="L4-24GB", max_model_len=8192, tensor_parallel_size=3))
+    assert err.value.field == "tensor_parallel_size"
+
+
+# -- against vLLM's own functions -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vllm_kv(model_dir):
+    """vLLM's capacity for (dtype, tp, pp, budget GiB, max_model_len), through the functions the
+    engine core calls: an engine config from EngineArgs, per-worker layer specs customized by the
+    backend, resolve_kv_cache_layout, get_kv_cache_configs, generate_scheduler_kv_cache_config, get_kv_cache_capacity."""
+    from vllm.config import set_current_vllm_config
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    from vllm.v1.attention.backends.utils import get_supported_kv_cache_layouts, resolve_kv_cache_layout
+    from vllm.v1.core.kv_cache_utils import (
+        generate_scheduler_kv_cache_config,
+        get_kv_cache_capacity,
+        get_kv_cache_configs,
+    )
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+    from vllm.v1.worker.utils import customize_attention_spec
+
+    from zipcache_vllm.vllm_plugin import backend, plugin
+    from zipcache_vllm.vllm_plugin.staging import staging_bytes
+
+    plugin.register()
+
+    def run(dtype: str, tp: int, pp: int, gib: int, max_model_len: int, block_size: int | None = None,
+            budget_bytes: int | None = None) -> tuple[int, int, float]:
+        old = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(gib)
+        try:
+            cfg = EngineArgs(model=str(model_dir), skip_tokenizer_init=True, max_model_len=max_model_len,
+                             kv_cache_dtype=dtype, tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                             enforce_eager=True).create_engine_config()
+        finally:
+            if old is None:
+                del os.environ["VLLM_CPU_KVCACHE_SPACE"]
+            else:
+                os.environ["VLLM_CPU_KVCACHE_SPACE"] = old
+        mc, par = cfg.model_config, cfg.parallel_config
+        heads, head_size = mc.get_num_kv_heads(par), mc.get_head_size()
+        kv_dtype = kv_cache_dtype_str_to_dtype(dtype, mc)
+        attn = backend.ZipCacheBackend if backend.is_zipcache_dtype(dtype) else CPUAttentionBackend
+        specs, avail = [], []
+        for stage, n in enumerate(cap.layers_per_stage(mc.get_total_num_hidden_layers(), pp)):
+            first = sum(cap.layers_per_stage(mc.get_total_num_hidden_layers(), pp)[:stage])
+            with set_current_vllm_config(cfg):
+                spec = customize_attention_spec(attn, FullAttentionSpec(
+                    block_size=block_size or cfg.cache_config.block_size, num_kv_heads=heads,
+                    head_size=head_size, dtype=kv_dtype))
+            layers = {f"model.layers.{first + i}.self_attn.attn": spec for i in range(n)}
+            reserved = 0
+            if attn is backend.ZipCacheBackend:  # what backend.reserved_staging_bytes gives the worker
+                layout = backend.layout_for(backend.preset_for_dtype(dtype), head_size, heads)
+                reserved = staging_bytes(n, backend.num_staging_slots(cfg), layout.block_size, heads,
+                                         head_size, mc.dtype)
+            for _ in range(tp):
+                specs.append(layers)
+                avail.append((budget_bytes or cfg.cache_config.kv_cache_memory_bytes) - reserved)
+        names = [layout.name for layout in get_supported_kv_cache_layouts([attn])]
+        resolve_kv_cache_layout(cfg, [names] * len(specs), [s for w in specs for s in w.values()])
+        sched = generate_scheduler_kv_cache_config(get_kv_cache_configs(cfg, specs, avail))
+        tokens, conc = get_kv_cache_capacity(cfg, sched)
+        return sched.num_blocks, tokens, conc
+
+    return run
+
+
+@pytest.mark.parametrize("tp,pp", TOPOLOGIES)
+def test_planner_equals_vllm_kv_cache_utils(vllm_kv, model_dir, tp, pp):
+    dtypes = _all_dtypes()
+    for gib in BUDGETS_GIB:
+        for mml in MAX_MODEL_LENS:
+            plan = make_plan(PlanRequest(model=str(model_dir), hardware="cpu-dev", kv_cache_space_gib=gib,
+                                         max_model_len=mml, tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                                         kv_cache_dtypes=dtypes))
+            for row in plan.rows:
+                blocks, tokens, conc = vllm_kv(row.cache_dtype, tp, pp, gib, mml)
+                assert (row.num_blocks, row.kv_tokens) == (blocks, tokens), (row.cache_dtype, gib, mml)
+                assert row.max_concurrency == pytest.approx(conc)
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (3, 2)])
+def test_gpu_block_size_and_budgets_equal_vllm(vllm_kv, model_dir, tp, pp):
+    """GPU defaults (block size 16) and odd byte budgets go through the same vLLM functions."""
+    spec = load_model_spec(model_dir)
+    stages = cap.layers_per_stage(spec.num_layers, pp)
+    for dtype in ("auto", "fp8"):
+        fmt = cap.page_format(dtype, spec.head_size, cap.kv_heads_per_rank(spec.num_kv_heads, tp), 2, "gpu")
+        assert fmt.block_size == 16
+        for budget in (123_456_789, 5 * 2**30 + 17):
+            ours = cap.engine_capacity(fmt, [budget] * pp, stages, [0] * pp, 1000)
+            assert (ours.num_blocks, ours.kv_tokens) == vllm_kv(dtype, tp, pp, 1, 1000, 16, budget)[:2]
+
+
+def test_page_bytes_equal_the_backend_spec(monkeypatch):
+    """For every zipcache dtype and head count the planner's page is the backend's declared page."""
+    import torch
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from zipcache_vllm.vllm_plugin import backend
+
+    for dtype in sorted(cache_dtypes()):
+        # what validate_selector_config records when a worker routes a layer to the backend
+        monkeypatch.setattr(backend, "_active_cache_dtype", dtype)
+        block = backend.preset_for_dtype(dtype).block_size
+        for heads, head_size in ((1, 64), (3, 64), (8, 128)):
+            spec = backend.ZipCacheBackend.customize_spec(FullAttentionSpec(
+                block_size=block, num_kv_heads=heads, head_size=head_size, dtype=torch.uint8))
+            assert cap.page_format(dtype, head_size, heads, 2, "cpu").page_bytes == spec.page_size_bytes
+
+
+# -- CLI ------------------------------------------------------------------------------------
+
+def test_cli_plan_table_json_plot(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    png = tmp_path / "plan.png"
+    assert cli_main(["plan", "--model", "llama3_1_8b", "--hardware", "H100-80GB", "--tp", "2",
+                     "--max-model-len", "32768", "--concurrency", "16", "--json", str(out),
+                     "--plot", str(png)]) == 0
+    text = capsys.readouterr().out
+    assert "ESTIMATE" in text and "| zipcache |" in text and "| auto |" in text
+    data = json.loads(out.read_text())
+    assert {r["cache_dtype"] for r in data["rows"]} >= {"auto", "fp8", "zipcache"}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert cli_main(["plan", "--model", "llama3_8b", "--hardware", "nope", "--max-model-len", "8"]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_layout_command_still_works(capsys):
+    assert cli_main(["layout"]) == 0
+    assert "| zipcache |" in capsys.readouterr().out
+
+
+def test_cli_module_stays_light():
+    """Building the parser (layout + plan) imports no torch, vLLM or matplotlib."""
+    code = ("import sys; from zipcache_vllm.cli import build_parser; build_parser(); "
+            "print([m for m in ('torch', 'vllm', 'transformers', 'matplotlib') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

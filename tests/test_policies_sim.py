@@ -1,0 +1,165 @@
+"""Policies and the paged-cache simulator, without a model."""
+import pytest
+import torch
+
+from zipcache_vllm.config import PresetError, load_preset, parse_preset
+from zipcache_vllm.eval.simulate import KVSimulator, SimConfig
+from zipcache_vllm.layout import BlockLayout
+from zipcache_vllm.policies import POLICIES, make_policy
+from zipcache_vllm.policies.fastgen import HYBRID
+from zipcache_vllm.quant.block import fake_quantize_blocks, topk_salient_mask
+from zipcache_vllm.quant.masked import fake_quantize_masked
+
+HEAD_SIZES = (64, 128)
+GQA = ((3, 3), (9, 3), (8, 2), (8, 1))  # (query heads, KV heads)
+
+
+class _Module:
+    layer_idx = 0
+
+
+def _qkv(hq, hk, L, D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(1, hq, L, D, generator=g), torch.randn(1, hk, L, D, generator=g) * 2,
+            torch.randn(1, hk, L, D, generator=g))
+
+
+def _dense(q, k, v, scale):
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    L = q.shape[2]
+    logits = (q @ k.transpose(-1, -2)) * scale
+    logits = logits.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+    return (torch.softmax(logits, -1) @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("n_hi,bits", [(58, (4, 2)), (0, (3, 3)), (128, (4, 4)), (13, (4, 2))])
+@pytest.mark.parametrize("D", HEAD_SIZES)
+def test_masked_fake_quant_equals_packed_round_trip(n_hi, bits, D):
+    layout = BlockLayout(128, D, 3, *bits, n_hi)
+    k, v = torch.randn(4, 128, 3, D) * 3 + 1, torch.randn(4, 128, 3, D)
+    mask = topk_salient_mask(torch.rand(4, 3, 128), n_hi)
+    a, b = fake_quantize_blocks(k, v, mask, layout), fake_quantize_masked(k, v, mask, *bits)
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+    torch.testing.assert_close(a[1], b[1], rtol=0, atol=0)
+
+
+def test_every_method_has_a_policy_and_presets_load():
+    from zipcache_vllm.config import list_presets
+
+    for name in list_presets():
+        preset = load_preset(name)
+        assert preset.method in POLICIES
+        make_policy(preset)
+
+
+def test_bad_presets_name_the_field():
+    with pytest.raises(PresetError, match="hi_bits"):
+        parse_preset({"name": "x", "method": "zipcache", "hi_bits": 5}, "x.yaml")
+    with pytest.raises(PresetError, match="salient_ratio"):
+        parse_preset({"name": "x", "method": "zipcache", "salient_ratio": 1.5}, "x.yaml")
+    with pytest.raises(PresetError, match="lo_bits"):
+        parse_preset({"name": "x", "method": "zipcache", "hi_bits": 2, "lo_bits": 4}, "x.yaml")
+    with pytest.raises(PresetError, match="valid presets: .*zipcache"):
+        load_preset("no_such_preset")
+
+
+@pytest.mark.parametrize("hq,hk", GQA)
+@pytest.mark.parametrize("D", HEAD_SIZES)
+@pytest.mark.parametrize("L", [128, 300, 517])
+def test_simulator_without_compression_is_causal_attention(hq, hk, D, L):
+    q, k, v = _qkv(hq, hk, L, D)
+    sim = KVSimulator(make_policy("none"), SimConfig(prefill_len=128, chunk_size=128))
+    out, _ = sim(_Module(), q, k.bfloat16().float(), v.bfloat16().float(), scaling=D ** -0.5)
+    torch.testing.assert_close(out, _dense(q, k.bfloat16().float(), v.bfloat16().float(), D ** -0.5),
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("hq,hk", GQA[:2])
+def test_simulator_reads_compressed_blocks_only_from_earlier_chunks(hq, hk):
+    """Queries of the prompt chunk see exact K/V; later queries see the dequantized pages."""
+    D, L, P = 64, 300, 256
+    q, k, v = _qkv(hq, hk, L, D, seed=1)
+    policy = make_policy("kivi2")
+    sim = KVSimulator(policy, SimConfig(prefill_len=P, chunk_size=128))
+    out, _ = sim(_Module(), q, k, v, scaling=D ** -0.5)
+    torch.testing.assert_close(out[:, :P], _dense(q, k, v, D ** -0.5)[:, :P], rtol=1e-4, atol=1e-5)
+    kb = k[0, :, :P].transpose(0, 1).reshape(2, 128, hk, D)
+    vb = v[0, :, :P].transpose(0, 1).reshape(2, 128, hk, D)
+    kh, vh = policy.compress(kb, vb, torch.zeros(2, hk, 128, dtype=torch.bool))
+    k2, v2 = k.clone(), v.clone()
+    k2[0, :, :P] = kh.reshape(P, hk, D).transpose(0, 1)
+    v2[0, :, :P] = vh.reshape(P, hk, D).transpose(0, 1)
+    torch.testing.assert_close(out[:, P:], _dense(q, k2, v2, D ** -0.5)[:, P:], rtol=1e-4, atol=1e-5)
+    assert (out[:, P:] - _dense(q, k, v, D ** -0.5)[:, P:]).abs().max() > 1e-3
+
+
+def test_saliency_policies_rank_a_dominant_token_first():
+    """A token that draws most attention must be salient for zipcache and h2o, not for random in general."""
+    hk, hq, B = 1, 2, 128
+    probs = torch.full((hq, B, B), 1e-3).tril()
+    probs[:, :, 70] = torch.where(torch.arange(B) >= 70, 0.5, 0.0).unsqueeze(0)
+    pos = torch.arange(B)
+    for name in ("zipcache", "h2o_mixed"):
+        pol = make_policy(name)
+        scores = pol.block_scores(probs, pos, pos, hk, B, seed=0)
+        assert pol.select(scores.unsqueeze(0))[0, 0, 70]
+
+
+def test_normalized_saliency_removes_the_early_token_bias():
+    """Uniform attention over visible keys: accumulated favours early tokens, normalized is flat."""
+    B = 64
+    probs = (torch.ones(B, B).tril() / torch.arange(1, B + 1).unsqueeze(1)).unsqueeze(0)
+    pos = torch.arange(B)
+    acc = make_policy("h2o_mixed").block_scores(probs, pos, pos, 1, B, 0)[0]
+    norm = make_policy("zipcache_exact").block_scores(probs, pos, pos, 1, B, 0)[0]
+    assert acc[0] > 3 * acc[-8]
+    assert norm.max() / norm.min() < acc.max() / acc.min()
+
+
+def test_fastgen_profile_picks_cheapest_rung_reaching_threshold():
+    pol = make_policy("fastgen_t90")
+    L = 40
+    special = torch.zeros(L, dtype=torch.bool)
+    special[0] = True
+    punct = torch.zeros(L, dtype=torch.bool)
+    probs = torch.zeros(2, L, L)
+    probs[0, :, 0] = 1.0  # head 0: all mass on the special token
+    probs[1] = torch.ones(L, L).tril() / torch.arange(1, L + 1).unsqueeze(1)  # head 1: uniform
+    choice, _ = pol.profile(probs, special, punct, 2)
+    assert HYBRID[int(choice[0])] == ("special",)
+    assert HYBRID[int(choice[1])] == ("full",)
+
+
+def test_fastgen_visibility_keeps_special_and_self():
+    pol = make_policy("fastgen_t90")
+    L = 20
+    special = torch.zeros(L, dtype=torch.bool)
+    special[0] = True
+    punct = torch.zeros(L, dtype=torch.bool)
+    vis = pol.visible(torch.tensor([0]), torch.zeros(1, L, dtype=torch.bool), special, punct,
+                      torch.arange(L), torch.arange(10, L))
+    assert vis[0, :, 0].all()
+    assert vis[0].sum(-1).eq(2).all()
+
+
+def test_every_offline_variant_runs_in_the_simulator():
+    """Each table row and ablation (windows, top-k scopes, probe strategies) simulates without a model."""
+    from zipcache_vllm.eval.offline import ablation_variants, standard_variants
+
+    q, k, v = _qkv(6, 2, 384, 64, seed=4)
+    for variant in standard_variants() + ablation_variants():
+        sim = KVSimulator(make_policy(variant.preset), SimConfig(256, variant.preset.block_size,
+                                                                 variant.saliency_window))
+        sim.reset(torch.zeros(384, dtype=torch.bool), torch.zeros(384, dtype=torch.bool))
+        out, _ = sim(_Module(), q, k, v, scaling=0.125)
+        assert out.shape == (1, 384, 6, 64) and torch.isfinite(out).all(), variant.label
+
+
+def test_sequence_topk_keeps_the_total_salient_budget():
+    q, k, v = _qkv(6, 2, 512, 64, seed=5)
+    preset = load_preset("zipcache").model_copy(update={"topk_scope": "sequence"})
+    sim = KVSimulator(make_policy(preset), SimConfig(256, 128))
+    masks = sim._prepass_masks(q[0].float(), k[0].float(), 0.125)
+    total = torch.stack([masks[j] for j in sorted(masks)]).sum((0, 2))
+    assert total.tolist() == [preset.n_salient * len(masks)] * 2

@@ -1,0 +1,185 @@
+"""The vLLM internals the plugin patches or reads still have the shape we assume.
+
+If vLLM moves any of these, this file fails first and names the target (rather
+than an engine dying at startup or, worse, serving garbage).
+"""
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+import typing
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm")
+
+
+def _params(fn) -> list[str]:
+    return list(inspect.signature(fn).parameters)
+
+
+def test_vllm_version_is_supported():
+    from zipcache_vllm.vllm_plugin import compat
+    lo, hi = compat.SUPPORTED_VLLM
+    major, minor = (int(x) for x in vllm.__version__.split(".")[:2])
+    assert lo <= (major, minor) < hi
+
+
+def test_patch_targets_have_the_expected_shape():
+    from vllm.config.cache import CacheConfig
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+    from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
+    from vllm.v1.worker.cpu_worker import CPUWorker
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from zipcache_vllm.vllm_plugin import compat
+
+    t = compat.patch_targets()
+    # Cache dtype: a Literal in two modules, a pydantic field, a cached argparse helper.
+    assert typing.get_origin(t["CacheDType"]) is typing.Literal
+    assert {"auto", "fp8"} <= set(typing.get_args(t["CacheDType"]))
+    assert typing.get_origin(t["selector.CacheDType"]) is typing.Literal
+    assert t["CacheConfig.cache_dtype"].name == "cache_dtype"
+    assert hasattr(CacheConfig, "__pydantic_fields__")
+    assert callable(getattr(t["_compute_kwargs"], "cache_clear", None))
+    assert isinstance(t["STR_DTYPE_TO_TORCH_DTYPE"], dict)
+    assert t["STR_DTYPE_TO_TORCH_DTYPE"]["fp8"] is torch.uint8
+    # Platform hooks (classmethods: no cls in the bound signature).
+    assert _params(t["CpuPlatform.get_attn_backend_cls"]) == [
+        "selected_backend", "attn_selector_config", "num_heads"]
+    assert _params(t["CpuPlatform.check_and_update_config"]) == ["vllm_config"]
+    assert {"kv_cache_dtype", "head_size", "dtype", "use_mla", "use_sparse", "has_sink",
+            "has_sliding_window", "attn_type", "block_size"} <= set(AttentionSelectorConfig._fields)
+    # Engine args default filling and its inputs.
+    assert _params(t["EngineArgs._set_default_max_num_seqs_and_batched_tokens_args"])[:2] == [
+        "self", "usage_context"]
+    assert "max_num_seqs" in EngineArgs.__dataclass_fields__
+    assert "kv_cache_dtype" in EngineArgs.__dataclass_fields__
+    # Worker budget and runner lifecycle hooks.
+    assert _params(CPUWorker.determine_available_memory) == ["self"]
+    assert _params(GPUModelRunner._on_request_state_removed) == ["self", "req_id", "req_state"]
+    assert _params(GPUModelRunner._update_states) == ["self", "scheduler_output"]
+    assert {"finished_req_ids", "preempted_req_ids"} <= set(SchedulerOutput.__dataclass_fields__)
+    assert "resumed_req_ids" in CachedRequestData.__dataclass_fields__
+
+
+def test_spec_and_metadata_fields_we_use():
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    from vllm.v1.kv_cache_interface import AttentionSpec
+
+    fields = AttentionSpec.__dataclass_fields__
+    assert {"state_content_bytes", "num_head_slots", "tokens_per_state",
+            "page_size_padded"} <= set(fields)
+    assert {"query_start_loc_cpu", "seq_lens", "block_table_tensor", "num_reqs",
+            "num_actual_tokens"} <= set(CommonAttentionMetadata.__dataclass_fields__)
+    assert "CUSTOM" in AttentionBackendEnum.__members__
+
+
+def test_importing_the_package_patches_nothing():
+    code = (
+        "import sys, zipcache_vllm, zipcache_vllm.vllm_plugin, zipcache_vllm.vllm_plugin.plugin\n"
+        "import zipcache_vllm.vllm_plugin.dtypes\n"
+        "assert 'vllm' not in sys.modules, 'importing the plugin imported vllm'\n"
+        "import typing, vllm.config.cache as c\n"
+        "assert not any(n.startswith('zipcache') for n in typing.get_args(c.CacheDType))\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.fixture(scope="module")
+def registered():
+    from zipcache_vllm.vllm_plugin.plugin import register
+    register()
+    return register
+
+
+def test_register_is_idempotent(registered):
+    from vllm.config.cache import CacheDType
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from zipcache_vllm.vllm_plugin import compat, plugin
+    before = (CpuPlatform.get_attn_backend_cls.__func__, GPUModelRunner._update_states,
+              typing.get_args(CacheDType))
+    plugin._registered = False  # force the patch functions themselves to run again
+    registered()
+    from vllm.config.cache import CacheDType as again
+    after = (CpuPlatform.get_attn_backend_cls.__func__, GPUModelRunner._update_states,
+             typing.get_args(again))
+    assert before == after
+    names = typing.get_args(again)
+    assert len(names) == len(set(names))
+    compat.patch_cache_dtypes(["zipcache"])
+    assert typing.get_args(compat._cache_cfg_mod.CacheDType) == names
+
+
+def test_dtype_names_are_legal_everywhere(registered):
+    import vllm.v1.attention.selector as selector
+    from vllm.config.cache import CacheConfig
+    from vllm.utils.torch_utils import STR_DTYPE_TO_TORCH_DTYPE
+
+    from zipcache_vllm.vllm_plugin.dtypes import cache_dtypes
+    names = cache_dtypes()
+    assert {"zipcache", "zipcache_hc", "zipcache_kivi2"} <= set(names)
+    for name in names:
+        assert name in typing.get_args(selector.CacheDType)
+        assert STR_DTYPE_TO_TORCH_DTYPE[name] is torch.uint8
+        assert CacheConfig(cache_dtype=name).cache_dtype == name
+
+
+def test_cli_accepts_presets_and_lists_them_for_unknown_names(registered, capsys):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+    args = parser.parse_args(["--kv-cache-dtype", "zipcache_kivi2"])
+    assert args.kv_cache_dtype == "zipcache_kivi2"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kv-cache-dtype", "zipcache_nope"])
+    err = capsys.readouterr().err
+    assert "zipcache_nope" in err and "zipcache_hc" in err
+
+
+def test_routing_and_clear_rejections(registered):
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+
+    from zipcache_vllm.vllm_plugin.backend import BACKEND_PATH
+
+    def select(**kw):
+        cfg = AttentionSelectorConfig(head_size=kw.pop("head_size", 64), dtype=torch.bfloat16,
+                                      kv_cache_dtype=kw.pop("dtype", "zipcache"),
+                                      block_size=None, **kw)
+        return CpuPlatform.get_attn_backend_cls(None, cfg)
+
+    assert select() == BACKEND_PATH
+    assert select(dtype="zipcache_kivi2") == BACKEND_PATH
+    assert "cpu_attn" in select(dtype="auto").lower()
+    with pytest.raises(ValueError, match="head size 80"):
+        select(head_size=80)
+    with pytest.raises(ValueError, match="MLA"):
+        select(use_mla=True)
+    with pytest.raises(ValueError, match="sliding-window"):
+        select(has_sliding_window=True)
+    with pytest.raises(ValueError, match="valid: "):
+        select(dtype="zipcache_nope")
+
+
+def test_customize_spec_declares_exact_page_bytes(registered, monkeypatch):
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, compute_layer_kv_cache_shape_bytes
+
+    from zipcache_vllm.config import load_preset
+    from zipcache_vllm.layout import BlockLayout
+    from zipcache_vllm.vllm_plugin import backend
+
+    for dtype, preset in (("zipcache", "zipcache"), ("zipcache_hc", "zipcache_hc")):
+        monkeypatch.setattr(backend, "_active_cache_dtype", dtype)
+        spec = FullAttentionSpec(block_size=128, num_kv_heads=3, head_size=64, dtype=torch.uint8)
+        out = backend.ZipCacheBackend.customize_spec(spec)
+        layout = BlockLayout.from_preset(load_preset(preset), 64, 3)
+        assert out.page_size_bytes == layout.page_bytes
+        assert compute_layer_kv_cache_shape_bytes(out, 10) == (10, 1, 1, layout.page_bytes)

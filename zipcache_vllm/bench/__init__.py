@@ -1,0 +1,1 @@
+"""Benchmarks (``zipcache-vllm bench ...``): kernels against vLLM's own CPU attention."""

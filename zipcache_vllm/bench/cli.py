@@ -1,0 +1,75 @@
+"""``zipcache-vllm bench``: benchmark subcommands (cheap to import; work in handlers)."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="benchmarks (kernels vs vLLM's bf16 CPU attention)")
+    bsub = p.add_subparsers(dest="bench_cmd", metavar="{kernels,decode}", required=True)
+    k = bsub.add_parser(
+        "kernels",
+        help="decode attention: packed zipcache kernel vs vLLM's bf16 (and fp8) CPU attention",
+        description="Time one decode step of attention (one query per request) over contexts of "
+        "1k/4k/8k tokens, batch 1 and 8, for SmolLM2 (Hq=9, Hk=3, D=64) and Llama-like "
+        "(Hq=32, Hk=8, D=128) shapes; prints a markdown table with speed ratios and the "
+        "bytes-read bandwidth next to a measured memory copy bandwidth.",
+    )
+    k.add_argument("--quick", action="store_true", help="fewer shapes and repetitions (~1 min)")
+    k.add_argument("extra", nargs="*", help=argparse.SUPPRESS)
+    k.add_argument("--preset", default="zipcache", help="quantizing preset of the packed pages")
+    k.add_argument("--contexts", default=None, help="comma-separated context lengths (default 1024,4096,8192)")
+    k.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,8)")
+    k.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    k.add_argument("--timer", choices=("wall", "cpu"), default="wall",
+                   help="wall: wall-clock median; cpu: thread CPU time, fastest run, 1 thread "
+                   "(robust when other jobs share the machine)")
+    k.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: C++ kernels vs vLLM's CPU attention (this table); cuda: the Triton "
+                   "kernels vs bf16 SDPA on a GPU (triton_kernels/bench.py; extra arguments after "
+                   "-- go to it, e.g. -- --contexts 1024,32768 --batches 1,16)")
+    k.set_defaults(func=_cmd_kernels)
+    from zipcache_vllm.bench.serve import add_parser as add_serve_parser
+
+    add_serve_parser(bsub)  # `bench serve`: throughput per KV dtype through vllm serve
+
+    d = bsub.add_parser(
+        "decode",
+        help="engine decode/prefill tokens/s per KV dtype through vLLM, ratios vs auto",
+        description="Start the real vLLM engine once per KV dtype (same model and engine "
+        "arguments) and measure decode tokens/s at each context and batch and prefill tokens/s; "
+        "prints ratios against `auto` from the same run and a bytes-read model next to a "
+        "measured copy bandwidth. fp8 is reported as refused where vLLM refuses it.",
+    )
+    d.add_argument("--model", default=None, help="HF model folder (default: the prepared SmolLM2)")
+    d.add_argument("--dtypes", default="auto,fp8,zipcache", help="comma-separated --kv-cache-dtype values")
+    d.add_argument("--contexts", default=None, help="comma-separated prompt lengths (default 1024,4096,8064)")
+    d.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,8)")
+    d.add_argument("--decode-tokens", type=int, default=32, help="tokens generated per request")
+    d.add_argument("--kv-space", default="2", help="VLLM_CPU_KVCACHE_SPACE in GiB for every engine")
+    d.add_argument("--quick", action="store_true", help="one short context, batch 1 and 2, 8 tokens (~2 min)")
+    d.add_argument("--json", default=None, help="also write the raw results here")
+    d.add_argument("--update-results", default=None, metavar="MD",
+                   help="write the table into this markdown file's bench-decode section (docs/RESULTS.md)")
+    d.add_argument("--render", default=None, metavar="JSON",
+                   help="do not run: show (and with --update-results write) a run saved with --json")
+    d.set_defaults(func=_cmd_decode)
+
+
+def _cmd_kernels(args) -> int:
+    if args.device == "cuda":
+        from zipcache_vllm.kernels.triton_loader import load
+
+        return load("bench").main(args.extra)
+    from zipcache_vllm.bench.kernels import main
+
+    return main(quick=args.quick, preset=args.preset, contexts=args.contexts, batches=args.batches,
+                threads=args.threads, timer=args.timer)
+
+
+def _cmd_decode(args) -> int:
+    from zipcache_vllm.bench.decode import main
+
+    return main(model_dir=args.model, dtypes=args.dtypes, contexts=args.contexts, batches=args.batches,
+                decode_tokens=args.decode_tokens, quick=args.quick, kv_space_gib=args.kv_space,
+                json_out=args.json, update=args.update_results, render=args.render)

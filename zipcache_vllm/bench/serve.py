@@ -1,0 +1,342 @@
+"""``zipcache-vllm bench serve``: serving throughput under KV-memory pressure, per KV dtype.
+
+For each dtype (``auto``, ``fp8``, every quantizing preset) one ``vllm serve`` (through
+our launcher) starts with the same model, engine arguments and KV budget in bytes
+(``--kv-cache-memory-bytes``: ``VLLM_CPU_KVCACHE_SPACE`` takes whole GiB, and 1 GiB
+already holds 46,592 bf16 tokens of this model, more than a 2-core box can prefill in a
+short benchmark). The budget is picked so that ``auto`` holds only a few requests at
+once: the rest queue or get preempted, and a cache that holds more tokens runs more
+requests per engine step.
+
+The load: ``--requests`` requests with prose prompts of ``--prompt-len`` tokens (a
+different window each, no prefix caching), ``--output-len`` greedy tokens each
+(``ignore_eos``), sent by ``--clients`` concurrent streaming clients over loopback HTTP
+(aiohttp, ``/v1/completions``, ``stream: true``). Per request: TTFT (send to first
+token) and inter-token latencies; per run: requests/s and output tokens/s over the
+wall time of the load, and from the server's ``/metrics``: the preemption counter
+(``vllm:num_preemptions_total``) and, sampled twice a second, the running and waiting
+request counts.
+
+Imports here stay cheap (the CLI builds its parser from this module).
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REFUSAL = re.compile(r"(FP8 KV cache on CPU requires[^'\n]*)")
+BASELINE = "auto"
+
+
+@dataclass(frozen=True)
+class Workload:
+    requests: int
+    clients: int
+    prompt_len: int
+    output_len: int
+    kv_bytes: int  # --kv-cache-memory-bytes for every server
+    max_num_seqs: int  # the same for every dtype (zipcache's default would be 8)
+    chunk: int = 512  # --max-num-batched-tokens
+    max_model_len: int = 512  # vLLM refuses a cache smaller than one request of this length
+
+
+# Sizing (bf16: 23,040 bytes per token of SmolLM2, 2.95 MB per 128-token block; the default
+# preset: 0.64 MB per packed block plus one bf16 staging block, 3.0 MB, per sequence slot):
+# a request of 128 + 384 tokens takes 4 blocks; at 136 MiB `auto` holds 48 blocks (12 such
+# requests), the default preset 105 blocks after 25 staging slots (all 24 sequences run).
+FULL = Workload(requests=48, clients=24, prompt_len=128, output_len=384, kv_bytes=136 * 2**20, max_num_seqs=24)
+# CI smoke load: 24 MiB holds 8 bf16 blocks; the default preset ~16 after 5 staging slots.
+QUICK = Workload(requests=8, clients=8, prompt_len=128, output_len=64, kv_bytes=24 * 2**20, max_num_seqs=4)
+
+
+def add_parser(bsub) -> None:
+    """The ``serve`` subcommand of ``zipcache-vllm bench``."""
+    s = bsub.add_parser(
+        "serve", help="serving throughput per KV dtype under KV-memory pressure (real vllm serve + HTTP)",
+        description=__doc__.split("\n\n")[1])
+    s.add_argument("--model", default=None, help="HF model folder (default: the prepared SmolLM2)")
+    s.add_argument("--dtypes", default=None,
+                   help="comma-separated --kv-cache-dtype values (default: auto, fp8, every preset)")
+    s.add_argument("--quick", action="store_true", help=f"small load for CI: {QUICK}")
+    for name, kind in (("requests", int), ("clients", int), ("prompt-len", int), ("output-len", int),
+                       ("kv-bytes", int), ("max-num-seqs", int), ("chunk", int)):
+        s.add_argument(f"--{name}", type=kind, default=None, help=f"override the workload (full: "
+                       f"{getattr(FULL, name.replace('-', '_'))})")
+    s.add_argument("--markdown", default=None, help="write the table, command and machine here")
+    s.add_argument("--json", default=None, help="write the raw results here")
+    s.add_argument("--plot", default=None, help="write a PNG (req/s and TTFT per dtype) here")
+    s.set_defaults(func=_cmd)
+
+
+def _cmd(args) -> int:
+    from dataclasses import replace
+
+    base = QUICK if args.quick else FULL
+    over = {k: getattr(args, k) for k in ("requests", "clients", "prompt_len", "output_len", "kv_bytes",
+                                           "max_num_seqs", "chunk") if getattr(args, k) is not None}
+    w = replace(base, **over)
+    names = args.dtypes.split(",") if args.dtypes else default_dtypes()
+    model_dir = args.model or str(_default_model())
+    res = run(model_dir, w, names)
+    from ..eval.offline import machine_line
+
+    text = markdown(res, "zipcache-vllm " + " ".join(sys.argv[1:]), machine_line())
+    print(text)
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    if args.plot:
+        plot(res, args.plot)
+    return 0
+
+
+def _default_model():
+    from ..model.prepare import prepare_default_model
+
+    return prepare_default_model()
+
+
+def default_dtypes() -> list[str]:
+    from ..eval.engine_eval import dtypes
+
+    return dtypes()
+
+
+# --------------------------------------------------------------------------- server
+def start_server(model_dir: str, kv_dtype: str, w: Workload):
+    """A server handle (:class:`zipcache_vllm.reliability.server.Server`: wait, log, stop) for
+    this workload's engine args, started without ``VLLM_CPU_KVCACHE_SPACE`` in its environment:
+    vLLM's CPU platform replaces ``--kv-cache-memory-bytes`` with that variable when it is set,
+    and an empty value fails in the worker (``int('')``)."""
+    import os
+    import subprocess
+    import tempfile
+
+    from ..reliability.server import Server, free_port
+
+    class ByteBudgetServer(Server):
+        def __init__(self) -> None:  # same fields as Server, a different environment
+            self.port = free_port()
+            self.log_path = Path(tempfile.mkstemp(prefix=f"zipcache_bench_{kv_dtype}_", suffix=".log")[1])
+            env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+            env["HF_HUB_OFFLINE"] = "1"
+            self.cmd = [sys.executable, "-m", "zipcache_vllm.launcher", "serve", model_dir, "--enforce-eager",
+                        "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", str(w.max_model_len),
+                        "--kv-cache-dtype", kv_dtype, "--kv-cache-memory-bytes", str(w.kv_bytes),
+                        "--max-num-seqs", str(w.max_num_seqs), "--max-num-batched-tokens", str(w.chunk),
+                        "--no-enable-prefix-caching", "--served-model-name", "model",
+                        "--disable-uvicorn-access-log"]
+            self._log = open(self.log_path, "w")
+            self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
+            self.url = f"http://127.0.0.1:{self.port}"
+            self._model_name = "model"
+
+    return ByteBudgetServer()
+
+
+# --------------------------------------------------------------------------- load
+def metric(text: str, name: str) -> float:
+    """Sum of a Prometheus metric's samples (all label sets) in ``/metrics`` text."""
+    pat = re.compile(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.eE+-]+)$", re.M)
+    return sum(float(v) for v in pat.findall(text))
+
+
+def percentiles(xs: list[float], ps=(50, 90, 99)) -> dict:
+    if not xs:
+        return {f"p{p}": None for p in ps}
+    s = sorted(xs)
+    return {f"p{p}": s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))] for p in ps}
+
+
+@dataclass
+class Result:
+    kv_cache_dtype: str
+    kv_tokens: int | None = None
+    completed: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    req_per_s: float = 0.0
+    out_tok_per_s: float = 0.0
+    ttft_s: dict = field(default_factory=dict)
+    itl_s: dict = field(default_factory=dict)
+    preemptions: float = 0.0
+    mean_running: float = 0.0
+    mean_waiting: float = 0.0
+    unsupported: str | None = None
+
+
+async def _one(session, url: str, prompt: list[int], w: Workload, out: list) -> None:
+    body = {"model": "model", "prompt": prompt, "max_tokens": w.output_len, "temperature": 0.0,
+            "ignore_eos": True, "stream": True}
+    t0 = time.perf_counter()
+    stamps = []
+    async with session.post(f"{url}/v1/completions", json=body) as r:
+        if r.status != 200:
+            out.append({"ok": False, "error": f"HTTP {r.status}: {(await r.text())[:200]}"})
+            return
+        async for raw in r.content:
+            line = raw.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                stamps.append(time.perf_counter())
+    out.append({"ok": bool(stamps), "ttft": stamps[0] - t0 if stamps else None,
+                "itl": [b - a for a, b in zip(stamps, stamps[1:])], "chunks": len(stamps)})
+
+
+async def _drive(url: str, prompts: list[list[int]], w: Workload, progress: bool) -> dict:
+    import asyncio
+
+    import aiohttp
+    from tqdm.auto import tqdm
+
+    results: list = []
+    samples: list = []
+    queue = list(prompts)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=1800)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        async def metrics_text() -> str:
+            async with session.get(f"{url}/metrics") as r:
+                return await r.text()
+
+        before = metric(await metrics_text(), "vllm:num_preemptions_total")
+        bar = tqdm(total=len(prompts), desc="requests", leave=False, disable=not progress)
+
+        async def client():
+            while queue:
+                p = queue.pop()
+                await _one(session, url, p, w, results)
+                bar.update(1)
+
+        async def sampler():
+            while True:
+                t = await metrics_text()
+                samples.append((metric(t, "vllm:num_requests_running"), metric(t, "vllm:num_requests_waiting")))
+                await asyncio.sleep(0.5)
+
+        t0 = time.perf_counter()
+        samp = asyncio.create_task(sampler())
+        await asyncio.gather(*(client() for _ in range(w.clients)))
+        seconds = time.perf_counter() - t0
+        samp.cancel()
+        await asyncio.gather(samp, return_exceptions=True)
+        bar.close()
+        after = metric(await metrics_text(), "vllm:num_preemptions_total")
+    return {"results": results, "seconds": seconds, "preemptions": after - before, "samples": samples}
+
+
+def prompts_for(model_dir: str, w: Workload) -> list[list[int]]:
+    """``w.requests`` disjoint prose windows of ``w.prompt_len`` tokens (wrapping if the text runs out)."""
+    from transformers import AutoTokenizer
+
+    from ..eval.corpus import english_text
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok(english_text(), add_special_tokens=False)["input_ids"]
+    n = len(ids) // w.prompt_len
+    return [ids[(i % n) * w.prompt_len:(i % n + 1) * w.prompt_len] for i in range(w.requests)]
+
+
+def bench_one(model_dir: str, name: str, w: Workload, prompts: list[list[int]], progress: bool) -> Result:
+    import asyncio
+
+    server = start_server(model_dir, name, w)
+    try:
+        try:
+            server.wait_ready()
+        except RuntimeError:
+            refused = REFUSAL.search(server.log())  # the whole log: the exception keeps only its tail
+            if refused:
+                return Result(name, unsupported=refused.group(1))
+            raise
+        d = asyncio.run(_drive(server.url, prompts, w, progress))
+        res = Result(name, kv_tokens=server.kv_tokens())
+    finally:
+        server.stop()
+        server.log_path.unlink(missing_ok=True)
+    ok = [r for r in d["results"] if r["ok"]]
+    res.completed, res.failed, res.seconds = len(ok), len(d["results"]) - len(ok), d["seconds"]
+    res.req_per_s = len(ok) / d["seconds"]
+    res.out_tok_per_s = len(ok) * w.output_len / d["seconds"]
+    res.ttft_s = percentiles([r["ttft"] for r in ok])
+    res.itl_s = percentiles([x for r in ok for x in r["itl"]])
+    res.preemptions = d["preemptions"]
+    if d["samples"]:
+        res.mean_running = sum(s[0] for s in d["samples"]) / len(d["samples"])
+        res.mean_waiting = sum(s[1] for s in d["samples"]) / len(d["samples"])
+    return res
+
+
+def run(model_dir: str, w: Workload, names: list[str], progress: bool = True) -> dict:
+    from tqdm.auto import tqdm
+
+    if BASELINE in names:
+        names = [BASELINE] + [n for n in names if n != BASELINE]
+    prompts = prompts_for(model_dir, w)
+    rows = []
+    bar = tqdm(names, desc="servers", disable=not progress)
+    for name in bar:
+        bar.set_postfix_str(name)
+        rows.append(asdict(bench_one(model_dir, name, w, prompts, progress)))
+    return {"workload": asdict(w), "rows": rows}
+
+
+def _fmt(x, spec=".2f") -> str:
+    return "" if x is None else format(x, spec)
+
+
+def markdown(res: dict, command: str, machine: str) -> str:
+    w = res["workload"]
+    base = next((r for r in res["rows"] if r["kv_cache_dtype"] == BASELINE and not r["unsupported"]), None)
+    lines = [f"Command: `{command}`", "", f"Machine: {machine}", "",
+             f"Load: {w['requests']} requests, {w['clients']} concurrent streaming clients (aiohttp, "
+             f"`/v1/completions`), prompts of {w['prompt_len']} prose tokens, {w['output_len']} greedy tokens each "
+             f"(`ignore_eos`). Every server: `--kv-cache-memory-bytes {w['kv_bytes']}` "
+             f"({w['kv_bytes'] / 2**20:.0f} MiB), `--max-num-seqs {w['max_num_seqs']}`, "
+             f"`--max-num-batched-tokens {w['chunk']}`, `--max-model-len {w['max_model_len']}`, "
+             "`--enforce-eager`, `--no-enable-prefix-caching`.", "",
+             "| --kv-cache-dtype | KV tokens | req/s | vs auto | output tok/s | TTFT p50 / p90 / p99 (s) "
+             "| ITL p50 / p90 / p99 (ms) | preemptions | mean running / waiting |",
+             "| --- | ---: | ---: | ---: | ---: | --- | --- | ---: | --- |"]
+    for r in res["rows"]:
+        if r["unsupported"]:
+            lines.append(f"| {r['kv_cache_dtype']} | refused by vLLM: {r['unsupported']} | | | | | | | |")
+            continue
+        ratio = f"{r['req_per_s'] / base['req_per_s']:.2f}x" if base else ""
+        t, i = r["ttft_s"], r["itl_s"]
+        lines.append(
+            f"| {r['kv_cache_dtype']} | {r['kv_tokens']:,} | {r['req_per_s']:.3f} | {ratio} | "
+            f"{r['out_tok_per_s']:.1f} | {_fmt(t['p50'])} / {_fmt(t['p90'])} / {_fmt(t['p99'])} | "
+            f"{_fmt(i['p50'] and i['p50'] * 1e3, '.0f')} / {_fmt(i['p90'] and i['p90'] * 1e3, '.0f')} / "
+            f"{_fmt(i['p99'] and i['p99'] * 1e3, '.0f')} | {r['preemptions']:.0f} | "
+            f"{r['mean_running']:.1f} / {r['mean_waiting']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in res["rows"] if not r["unsupported"]]
+    names = [r["kv_cache_dtype"].replace("zipcache_", "zc_") for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].bar(names, [r["req_per_s"] for r in rows], color=["C0" if n == BASELINE else "C3" for n in names])
+    axes[0].set_ylabel("requests / s")
+    axes[1].bar(names, [r["ttft_s"]["p50"] for r in rows], color="C2")
+    axes[1].set_ylabel("TTFT p50 (s)")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=45, labelsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("vllm serve under KV-memory pressure (SmolLM2-135M, 2-core CPU)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,154 @@
+"""KV policy presets: YAML files in ``configs/`` validated by pydantic.
+
+A preset names a method and its parameters. ``load_preset("zipcache")`` reads
+``configs/zipcache.yaml``; a bad file raises :class:`PresetError` naming the
+file, the field and the allowed values.
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_DIR = Path(os.environ.get("ZIPCACHE_VLLM_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
+DEFAULT_PRESET = "zipcache"
+
+Method = Literal["none", "kivi", "zipcache", "h2o_mixed", "random_mixed", "fastgen"]
+QUANTIZING_METHODS = ("kivi", "zipcache", "h2o_mixed", "random_mixed")
+
+
+class PresetError(ValueError):
+    """A preset that does not exist or does not validate."""
+
+
+class ProbeConfig(BaseModel):
+    """Which queries score the tokens of a block (saliency), and how scores are normalized."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: Literal["exact", "recent_random", "recent", "random"] = Field(
+        "recent_random", description="exact: every query that sees the token; otherwise a probe subset")
+    recent_frac: float = Field(0.05, ge=0.0, le=1.0, description="share of the window's most recent queries")
+    random_frac: float = Field(0.05, ge=0.0, le=1.0, description="share drawn at random from the other queries")
+    min_probes: int = Field(4, ge=1, description="at least this many probe queries per window")
+    normalize: Literal["visible", "l_minus_i"] = Field(
+        "visible", description="divide accumulated attention by the probe rows that see the token, or by L - i")
+    seed: int = Field(0, description="seed of the random probes (mixed with the window's start position)")
+
+
+class FastGenConfig(BaseModel):
+    """FastGen's hybrid policy profiling (ICLR 2024)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: float = Field(0.95, gt=0.0, le=1.0, description="T: kept attention mass required")
+    r_local: float = Field(0.3, gt=0.0, le=1.0, description="local window, share of the length")
+    r_frequent: float = Field(0.3, gt=0.0, le=1.0, description="heavy hitters, share of the length")
+    kept_bits: Literal[16, 8] = Field(16, description="storage of kept tokens: bf16 or 8-bit")
+    slots: Optional[int] = Field(
+        None, ge=8, description="engine pages: kept token slots per (block, KV head), a multiple of 8 "
+        "<= block_size (docs/FASTGEN.md); unset = offline-only FastGen (attention masking, no pages)")
+    mixed: bool = Field(False, description="kept tokens stored with ZipCache's mixed precision "
+                        "(hi_bits / lo_bits, salient_ratio of the slots) instead of kept_bits")
+
+
+class Preset(BaseModel):
+    """One KV cache policy with its parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    method: Method
+    description: str = ""
+    block_size: int = Field(128, ge=16, le=1024, multiple_of=16, description="tokens per page")
+    hi_bits: Literal[2, 3, 4, 8] = Field(4, description="bit width of salient tokens")
+    lo_bits: Literal[2, 3, 4, 8] = Field(2, description="bit width of regular tokens")
+    salient_ratio: float = Field(0.5, ge=0.0, le=1.0, description="share of each block kept at hi_bits")
+    topk_scope: Literal["block", "sequence"] = Field(
+        "block", description="rank saliency per block (what the engine stores) or over the sequence (offline only)")
+    saliency_source: Literal["normalized", "accumulated", "random"] = Field(
+        "normalized", description="normalized attention (ZipCache), accumulated attention (H2O), or random")
+    probes: ProbeConfig = Field(default_factory=ProbeConfig)
+    fastgen: Optional[FastGenConfig] = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Preset":
+        if self.lo_bits > self.hi_bits:
+            raise ValueError(f"lo_bits ({self.lo_bits}) must not exceed hi_bits ({self.hi_bits})")
+        if self.method == "kivi" and (self.hi_bits != self.lo_bits):
+            raise ValueError("kivi is uniform: hi_bits must equal lo_bits")
+        if self.method == "fastgen" and self.fastgen is None:
+            raise ValueError("method fastgen needs a 'fastgen' section (threshold, r_local, r_frequent)")
+        if self.method != "fastgen" and self.fastgen is not None:
+            raise ValueError(f"a 'fastgen' section is only valid with method fastgen, not {self.method}")
+        fg = self.fastgen
+        if fg is not None and fg.slots is not None:
+            if fg.slots % 8 or fg.slots > self.block_size:
+                raise ValueError(f"fastgen.slots must be a multiple of 8 and <= block_size "
+                                 f"({self.block_size}), got {fg.slots}")
+            if not fg.mixed and fg.kept_bits != 8:
+                raise ValueError("paged fastgen (slots set) stores kept tokens at 8 bits or mixed "
+                                 "precision: set kept_bits: 8 or mixed: true")
+        if fg is not None and fg.mixed and fg.slots is None:
+            raise ValueError("fastgen.mixed needs fastgen.slots (mixed precision exists only in pages)")
+        return self
+
+    @property
+    def n_salient(self) -> int:
+        """Salient tokens per (block, KV head): round(salient_ratio * block_size); 0 for uniform."""
+        if self.method == "kivi":
+            return 0
+        return int(round(self.salient_ratio * self.block_size))
+
+    @property
+    def quantizes(self) -> bool:
+        return self.method in QUANTIZING_METHODS
+
+    @property
+    def paged_fastgen(self) -> bool:
+        """A FastGen preset the engine serves (evicting into pages of ``fastgen.slots`` slots)."""
+        return self.method == "fastgen" and self.fastgen is not None and self.fastgen.slots is not None
+
+
+def list_presets(config_dir: Path | None = None) -> list[str]:
+    """Names of the presets in ``configs/`` (file stems), sorted."""
+    return sorted(p.stem for p in Path(config_dir or CONFIG_DIR).glob("*.yaml"))
+
+
+def parse_preset(data: object, source: str) -> Preset:
+    """Validate a preset mapping; errors name ``source``, the field and the allowed values."""
+    if not isinstance(data, dict):
+        raise PresetError(f"{source}: a preset must be a YAML mapping, got {type(data).__name__}")
+    try:
+        return Preset.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "(preset)"
+            lines.append(f"  {field}: {err['msg']} (got {err.get('input')!r})")
+        raise PresetError(f"invalid preset {source}:\n" + "\n".join(lines)) from None
+
+
+@lru_cache(maxsize=None)
+def load_preset(name: str, config_dir: Path | None = None) -> Preset:
+    """Load ``configs/<name>.yaml``; unknown names list the valid ones."""
+    path = Path(config_dir or CONFIG_DIR) / f"{name}.yaml"
+    if not path.is_file():
+        raise PresetError(f"unknown preset {name!r}; valid presets: {', '.join(list_presets(config_dir))}")
+    fix = (f"fix or remove {path} (presets are read from {path.parent}; "
+           "ZIPCACHE_VLLM_CONFIG_DIR selects another folder)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise PresetError(f"{path}: malformed YAML: {exc}\n{fix}") from None
+    try:
+        preset = parse_preset(data, str(path))
+    except PresetError as exc:
+        raise PresetError(f"{exc}\n{fix}") from None
+    if preset.name != name:
+        raise PresetError(f"{path}: name {preset.name!r} must match the file name {name!r}\n{fix}")
+    return preset

@@ -1,0 +1,1 @@
+"""Quality evaluation: the offline reference harness (and, later, engine-mode evaluation)."""

@@ -1,0 +1,242 @@
+"""Offline simulation of the paged engine: a HF attention function that applies a policy.
+
+The sequence is processed the way the served engine processes a request: the
+prompt (``prefill_len`` tokens) in one chunk, then chunks of ``chunk_size``
+tokens (``chunk_size = block_size`` is exactly token-by-token decode with a
+staging block). A query sees
+
+* the tokens of its own chunk in full precision (causal), and
+* the tokens of earlier chunks as the policy stored them (dequantized pages,
+  or evicted for FastGen).
+
+When a chunk completes blocks, each block's saliency comes from the probe
+queries of its window (``saliency_window="block"``: queries inside the block,
+what the engine does; ``"chunk"``: queries of the whole chunk, the paper's
+prompt probes; ``"oracle"``: the paper's exact normalized attention over the
+whole sequence, future queries included, from an uncompressed pass: an
+offline upper bound no engine can compute), using the probabilities of the
+real attention (softmax over the whole visible context), and the block is
+compressed. A trailing partial
+block stays in full precision (the staging block).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from ..policies import FastGenPolicy, KVPolicy, NoCompression
+from ..saliency import probe_rows
+
+
+@dataclass
+class SimConfig:
+    prefill_len: int
+    chunk_size: int
+    saliency_window: Literal["block", "chunk", "oracle"] = "block"
+
+
+@dataclass
+class SimStats:
+    """Per-layer facts gathered while simulating one sequence."""
+
+    kept_fraction: dict[int, float] = field(default_factory=dict)
+    fastgen_choice: dict[int, list[int]] = field(default_factory=dict)
+
+
+def _expand(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x.repeat_interleave(groups, dim=0) if groups > 1 else x
+
+
+def _chunk_probs(q: torch.Tensor, keys: torch.Tensor, c0: int, c1: int, scale: float) -> torch.Tensor:
+    """Causal attention probabilities ``[Hq, c1 - c0, c1]`` of queries ``c0..c1`` over keys ``0..c1``."""
+    logits = torch.einsum("hqd,hkd->hqk", q[:, c0:c1], keys) * scale
+    qpos = torch.arange(c0, c1)
+    logits.masked_fill_(torch.arange(c1).unsqueeze(0) > qpos.unsqueeze(1), float("-inf"))
+    return torch.softmax(logits, -1)
+
+
+class KVSimulator:
+    """Callable with the signature of a transformers attention function.
+
+    ``special`` and ``punct`` (bool ``[L]``) mark the sequence's special and
+    punctuation tokens (FastGen only). Set them with :meth:`reset` before each
+    sequence.
+    """
+
+    def __init__(self, policy: KVPolicy, cfg: SimConfig):
+        block = policy.preset.block_size
+        if cfg.chunk_size % block or cfg.chunk_size <= 0 or cfg.prefill_len < 0:
+            raise ValueError(f"chunk_size must be a positive multiple of the block size {block}")
+        self.policy, self.cfg, self.block = policy, cfg, block
+        self.special = self.punct = None
+        self.stats = SimStats()
+
+    def reset(self, special: torch.Tensor | None = None, punct: torch.Tensor | None = None) -> None:
+        self.special, self.punct = special, punct
+        self.stats = SimStats()
+
+    def chunks(self, L: int) -> list[tuple[int, int]]:
+        """The prompt, then up to the next block boundary, then ``chunk_size`` steps."""
+        B = self.block
+        bounds = [0, min(self.cfg.prefill_len, L)] if self.cfg.prefill_len else [0]
+        if bounds[-1] % B and bounds[-1] < L:
+            bounds.append(min(-(-bounds[-1] // B) * B, L))
+        while bounds[-1] < L:
+            bounds.append(min(bounds[-1] + self.cfg.chunk_size, L))
+        return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+    def __call__(self, module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
+        if query.shape[0] != 1:
+            raise ValueError("the simulator runs one sequence at a time")
+        q, k, v = query[0].float(), key[0].float(), value[0].float()
+        scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+        if isinstance(self.policy, FastGenPolicy) and self.policy.paged:
+            from ..fastgen.sim import simulate_paged
+
+            out = simulate_paged(self, q, k, v, scale, module.layer_idx)
+        elif isinstance(self.policy, FastGenPolicy):
+            out = self._fastgen(q, k, v, scale, module.layer_idx)
+        else:
+            out = self._paged(q, k, v, scale)
+        return out.transpose(0, 1).unsqueeze(0).to(query.dtype), None
+
+    def _paged(self, q, k, v, scale, masks=None):
+        """Chunk by chunk over a cache whose completed blocks are compressed.
+
+        The probe rows that score a block may come from several chunks (a block
+        that straddles the prompt's end is finished by decode steps, as in the
+        engine, where the staging block accumulates them): their attention
+        pieces are kept until the block completes.
+        """
+        hq, L, _ = q.shape
+        hk = k.shape[0]
+        g = hq // hk
+        B = self.block
+        policy = self.policy
+        identity = isinstance(policy, NoCompression)
+        if not identity and masks is None and (policy.preset.topk_scope == "sequence"
+                                               or self.cfg.saliency_window == "oracle"):
+            masks = self._prepass_masks(q, k, scale)
+        k_st, v_st = k.clone(), v.clone()
+        out = torch.empty_like(q)
+        pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for c0, c1 in self.chunks(L):
+            keys = _expand(torch.cat([k_st[:, :c0], k[:, c0:c1]], 1), g)
+            vals = _expand(torch.cat([v_st[:, :c0], v[:, c0:c1]], 1), g)
+            probs = _chunk_probs(q, keys, c0, c1, scale)
+            out[:, c0:c1] = torch.einsum("hqk,hkd->hqd", probs, vals)
+            if identity:
+                continue
+            if masks is None:
+                for j in range(c0 // B, -(-c1 // B)):
+                    pending.setdefault(j, []).append(self._probe_piece(probs, c0, c1, j))
+            blocks = [j for j in range(c0 // B, c1 // B)]
+            if not blocks:
+                continue
+            if masks is not None:
+                sal = torch.stack([masks[j] for j in blocks])
+            else:
+                sal = policy.select(torch.stack([self._scores(pending.pop(j), j, c1, hk) for j in blocks]))
+            sl = slice(blocks[0] * B, (blocks[-1] + 1) * B)
+            kb = k[:, sl].transpose(0, 1).reshape(len(blocks), B, hk, -1)
+            vb = v[:, sl].transpose(0, 1).reshape(len(blocks), B, hk, -1)
+            kh, vh = policy.compress(kb, vb, sal)
+            k_st[:, sl] = kh.reshape(-1, hk, kh.shape[-1]).transpose(0, 1)
+            v_st[:, sl] = vh.reshape(-1, hk, vh.shape[-1]).transpose(0, 1)
+        return out
+
+    def _probe_piece(self, probs, c0, c1, j):
+        """Probe rows of this chunk for block ``j``: ``(probs [Hq, P, B], positions [P])``."""
+        B = self.block
+        probes = self.policy.preset.probes
+        if self.cfg.saliency_window == "block":
+            rows = probe_rows(B, probes, seed=j * B) + j * B
+        else:
+            rows = probe_rows(c1 - c0, probes, seed=c0) + c0
+        rows = rows[(rows >= c0) & (rows < c1)]
+        piece = probs.new_zeros(probs.shape[0], rows.numel(), B)
+        hi = min((j + 1) * B, c1)
+        piece[..., :hi - j * B] = probs[:, rows - c0, j * B:hi]
+        return piece, rows
+
+    def _scores(self, pieces, j, c1, hk):
+        """Saliency ``[Hk, B]`` of block ``j`` from its accumulated probe pieces."""
+        B = self.block
+        p = torch.cat([x for x, _ in pieces], 1)
+        rows = torch.cat([r for _, r in pieces])
+        end = (j + 1) * B if self.cfg.saliency_window == "block" else c1
+        return self.policy.block_scores(p, rows, torch.arange(j * B, (j + 1) * B), hk, end, seed=j * B)
+
+    def _block_scores(self, probs, c0, c1, j, hk):
+        """Saliency of block ``j`` from one chunk's attention (the uncompressed prepass)."""
+        return self._scores([self._probe_piece(probs, c0, c1, j)], j, c1, hk)
+
+    def _prepass_masks(self, q, k, scale):
+        """Salient masks from an uncompressed pass: sequence-global top-k and/or oracle scores."""
+        hk = k.shape[0]
+        g = q.shape[0] // hk
+        B = self.block
+        L = q.shape[1]
+        scores = {}
+        if self.cfg.saliency_window == "oracle":
+            chunks = [(0, L)]
+        else:
+            chunks = self.chunks(L)
+        for c0, c1 in chunks:
+            keys = _expand(k[:, :c1], g)
+            probs = _chunk_probs(q, keys, c0, c1, scale)
+            for j in range(c0 // B, c1 // B):
+                if self.cfg.saliency_window == "oracle":
+                    pos = torch.arange(L)
+                    scores[j] = self.policy.block_scores(probs[:, :, j * B:(j + 1) * B], pos,
+                                                         pos[j * B:(j + 1) * B], hk, L, seed=j * B)
+                else:
+                    scores[j] = self._block_scores(probs, c0, c1, j, hk)
+        if not scores:
+            return {}
+        order = sorted(scores)
+        if self.policy.preset.topk_scope == "block":
+            return {j: self.policy.select(scores[j].unsqueeze(0))[0] for j in order}
+        flat = torch.cat([scores[j] for j in order], -1)
+        n = self.policy.preset.n_salient * len(order)
+        idx = torch.sort(torch.nan_to_num(flat, nan=float("-inf")), dim=-1, descending=True, stable=True).indices[:, :n]
+        sel = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, idx, True)
+        return {j: sel[:, i * B:(i + 1) * B] for i, j in enumerate(order)}
+
+    def _fastgen(self, q, k, v, scale, layer):
+        """Exact prefill, per-head profiling at its end, policy-masked attention after."""
+        policy: FastGenPolicy = self.policy
+        hq, L, _ = q.shape
+        hk = k.shape[0]
+        g = hq // hk
+        P = min(self.cfg.prefill_len, L)
+        special = self.special if self.special is not None else torch.zeros(L, dtype=torch.bool)
+        punct = self.punct if self.punct is not None else torch.zeros(L, dtype=torch.bool)
+        if policy.cfg.kept_bits == 8:
+            k, v = _fake_int8(k), _fake_int8(v)
+        kx, vx = _expand(k, g), _expand(v, g)
+        logits = torch.einsum("hqd,hkd->hqk", q, kx) * scale
+        pos = torch.arange(L)
+        causal = pos.unsqueeze(0) <= pos.unsqueeze(1)
+        prompt = torch.softmax(logits[:, :P, :P].masked_fill(~causal[:P, :P], float("-inf")), -1)
+        choice, freq = policy.profile(prompt, special[:P], punct[:P], hk)
+        frequent = torch.zeros(hk, L, dtype=torch.bool)
+        frequent[:, :P] = freq
+        vis = torch.ones(hk, L, L, dtype=torch.bool) & causal
+        if P < L:
+            vis[:, P:] = policy.visible(choice, frequent, special, punct, pos, pos[P:])
+        probs = torch.softmax(logits.masked_fill(~_expand(vis, g), float("-inf")), -1)
+        self.stats.kept_fraction[layer] = float(vis[:, -1].float().sum(-1).mean() / L)
+        self.stats.fastgen_choice[layer] = choice.tolist()
+        return torch.einsum("hqk,hkd->hqd", probs, vx)
+
+
+def _fake_int8(x: torch.Tensor) -> torch.Tensor:
+    """Per-token 8-bit round trip of ``[H, L, D]`` (FastGen's kept_bits=8 storage)."""
+    from ..quant.uniform import dequantize, quant_params, quantize, sanitize
+
+    xf = sanitize(x)
+    m, s = quant_params(xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True), 8)
+    return dequantize(quantize(xf, m, s, 8), m, s)

@@ -1,0 +1,137 @@
+"""Paged FastGen through the real engine: capacity from its own log, logprobs vs the simulator.
+
+* Capacity: the engine's "KV cache size: N tokens" line must equal what the page
+  layout predicts: ``floor((budget - staging) / (layers * page_bytes)) * B``, and
+  the same formula with the non-evicting page (all ``B`` tokens stored like the
+  kept ones) gives the growth factor, ``~ B / S``.
+* Fidelity: the float32 engine generates greedily with logprobs; the offline
+  simulator (:mod:`.sim`) replays the same tokens with the same preset and token
+  classes; |engine - simulator| is compared with |engine - uncompressed simulation|.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+KV_TOKENS = re.compile(r"KV cache size: ([\d,]+) tokens")
+BUDGET = re.compile(r"reserved ([\d.]+) MiB of the ([\d.]+) MiB KV budget")
+
+
+def run_engine(model_dir: str, kv_dtype: str, prompts: list[list[int]], max_tokens: int,
+               dtype: str = "float32", kv_space_gib: int = 1, timeout: float = 1200) -> dict:
+    """``eval.engine_gen`` in its own process; its JSON plus the engine's logged capacity."""
+    with tempfile.TemporaryDirectory() as tmp:
+        pfile, out = Path(tmp) / "prompts.json", Path(tmp) / "out.json"
+        pfile.write_text(json.dumps(prompts))
+        cmd = [sys.executable, "-m", "zipcache_vllm.eval.engine_gen", "--model", model_dir,
+               "--kv-cache-dtype", kv_dtype, "--dtype", dtype, "--prompts", str(pfile), "--out", str(out),
+               "--max-tokens", str(max_tokens)]
+        env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE=str(kv_space_gib))
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        log = proc.stdout + proc.stderr
+        if proc.returncode != 0:
+            raise RuntimeError(f"engine run {kv_dtype} failed:\n{log[-4000:]}")
+        res = json.loads(out.read_text())
+    m = KV_TOKENS.search(log)
+    res["kv_tokens_logged"] = int(m.group(1).replace(",", "")) if m else None
+    b = BUDGET.search(log)
+    res["budget_mib"] = float(b.group(2)) if b else None
+    return res
+
+
+def expected_capacity(preset_name: str, model_dir: str, budget_bytes: int, dtype: torch.dtype,
+                      max_num_seqs: int = 8) -> dict:
+    """KV tokens the layout predicts for the engine, with and without eviction."""
+    from transformers import AutoConfig
+
+    from ..config import load_preset
+    from ..layout import BlockLayout, FastGenLayout
+    from ..vllm_plugin.staging import MARGIN, staging_bytes
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    L, H = cfg.num_hidden_layers, cfg.num_key_value_heads
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    preset = load_preset(preset_name)
+    lay = FastGenLayout.from_preset(preset, D, H)
+    k = lay.kept
+    no_evict = BlockLayout(lay.block_size, D, H, k.hi_bits, k.lo_bits,
+                           int(round(k.n_hi * lay.block_size / lay.slots)))
+    avail = budget_bytes - staging_bytes(L, max_num_seqs + MARGIN, lay.block_size, H, D, dtype)
+    tokens = avail // (L * lay.page_bytes) * lay.block_size
+    tokens_no_evict = avail // (L * no_evict.page_bytes) * lay.block_size
+    return {"tokens": int(tokens), "tokens_no_eviction": int(tokens_no_evict), "page_bytes": lay.page_bytes,
+            "page_bytes_no_eviction": no_evict.page_bytes, "slots": lay.slots, "block_size": lay.block_size}
+
+
+@torch.inference_mode()
+def simulated_logprobs(model, table: torch.Tensor, preset, prompt: list[int], gen: list[int]) -> list[float]:
+    """Logprob of each generated token under the simulated cache of ``preset`` (name or Preset)."""
+    from ..eval.offline import _logits
+    from ..eval.simulate import KVSimulator, SimConfig
+    from ..policies import make_policy
+    from .tokens import classify, masks
+
+    policy = make_policy(preset)
+    sim = KVSimulator(policy, SimConfig(prefill_len=len(prompt), chunk_size=policy.preset.block_size))
+    ids = torch.tensor(prompt + gen)
+    sim.reset(*masks(classify(table, ids)))
+    lp = _logits(model, sim, ids, len(prompt) - 1)
+    return lp.gather(-1, torch.tensor(gen).unsqueeze(-1)).squeeze(-1).tolist()
+
+
+def _stats(x: list[float]) -> dict:
+    t = torch.tensor(x)
+    return {"mean": float(t.mean()), "median": float(t.median()), "p99": float(t.quantile(0.99)),
+            "max": float(t.max())}
+
+
+def check(model_dir: str, kv_dtype: str, num_prompts: int = 3, prompt_len: int = 600,
+          max_tokens: int = 32, kv_space_gib: int = 1) -> dict:
+    """One engine run of ``kv_dtype``: capacity vs layout, logprobs vs the simulator, greedy text."""
+    from ..eval.offline import load_model, token_windows_for
+    from ..vllm_plugin.dtypes import preset_for_dtype
+    from .tokens import class_table
+
+    preset = preset_for_dtype(kv_dtype)
+    model, tok = load_model(model_dir)
+    chat = tok(tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                       add_generation_prompt=True, tokenize=False),
+               add_special_tokens=False)["input_ids"]
+    prompts = token_windows_for(tok, prompt_len, num_prompts) + [chat]
+    res = run_engine(model_dir, kv_dtype, prompts, max_tokens, kv_space_gib=kv_space_gib)
+    table = class_table(model_dir)
+    same, none = [], []
+    for prompt, row in zip(prompts, res["rows"]):
+        gen, elp = row["token_ids"], row["logprobs"]
+        same += [abs(a - b) for a, b in zip(elp, simulated_logprobs(model, table, preset, prompt, gen))]
+        none += [abs(a - b) for a, b in zip(elp, simulated_logprobs(model, table, "none", prompt, gen))]
+    budget = int(round(res["budget_mib"] * 2 ** 20)) if res["budget_mib"] else kv_space_gib * 2 ** 30
+    cap = expected_capacity(preset.name, model_dir, budget, torch.float32)
+    return {"kv_cache_dtype": kv_dtype, "preset": preset.name, "tokens": len(same),
+            "vs_same_preset": _stats(same), "vs_uncompressed": _stats(none),
+            "kv_tokens_logged": res["kv_tokens_logged"], "capacity": cap,
+            "chat_answer": tok.decode(res["rows"][-1]["token_ids"])}
+
+
+def markdown(results: list[dict], command: str, machine: str) -> str:
+    lines = [f"Command: `{command}`", "", f"Machine: {machine}", "",
+             "| --kv-cache-dtype | KV tokens (engine log) | layout prediction | without eviction | growth | "
+             "\\|lp - sim\\| median | mean | \\|lp - uncompressed\\| mean |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        c, s, n = r["capacity"], r["vs_same_preset"], r["vs_uncompressed"]
+        lines.append(f"| {r['kv_cache_dtype']} | {r['kv_tokens_logged']} | {c['tokens']} | {c['tokens_no_eviction']} | "
+                     f"{r['kv_tokens_logged'] / c['tokens_no_eviction']:.3f}x (B/S = {c['block_size'] / c['slots']:.3f}) | "
+                     f"{s['median']:.2e} | {s['mean']:.2e} | {n['mean']:.2e} |")
+    lines.append("")
+    for r in results:
+        lines.append(f"Greedy answer with `{r['kv_cache_dtype']}` to \"What is the capital of France?\": "
+                     f"`{r['chat_answer'][:120]!r}`")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,358 @@
+"""Host wrappers of the C++ CPU kernels: check, then launch (or fall back).
+
+Every public function validates shapes, dtypes, devices and strides and raises
+``ValueError`` on misuse, then calls the ``torch.ops.zipcache`` op. If the C++
+extension cannot be built (no compiler, compile error), it warns ONCE and runs
+the pure-PyTorch reference (:mod:`.reference`) instead; set
+``ZIPCACHE_VLLM_KERNELS=reference`` to choose the reference explicitly, and
+``ZIPCACHE_VLLM_KERNEL_ISA=scalar|avx2|avx512`` to force an ISA variant.
+
+Layout parameters come from :class:`~zipcache_vllm.layout.BlockLayout` (block
+size, head size, KV heads, bit widths, salient count) and its ``sections``
+(byte offsets): the dataclass stays the single source of truth.
+
+Attention results are float32 ``out [nq, Hq, D]`` and the natural-log
+log-sum-exp of the scaled scores ``lse [Hq, nq]`` (``-inf`` and ``out = 0`` for
+a request with no packed block), ready for :func:`merge_attention` with the
+staging part.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from functools import lru_cache
+
+import torch
+
+from ..layout import BlockLayout
+from . import build, reference
+
+# Section order expected by csrc/zc_kernels.h (enum SectionIdx).
+SECTION_ORDER = ("k_hi_codes", "k_lo_codes", "v_hi_codes", "v_lo_codes", "k_hi_params",
+                 "k_lo_params", "v_channel_scale", "v_token_params", "mask")
+MAX_HEAD_SIZE = 256  # csrc MAX_HEAD
+MAX_BLOCK_SIZE = 1024  # csrc MAX_BLOCK
+Q_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+_fallback_warned = False
+
+
+def _use_extension() -> bool:
+    """True when the C++ ops are usable; otherwise warn once and use the reference."""
+    global _fallback_warned
+    if os.environ.get("ZIPCACHE_VLLM_KERNELS", "").lower() == "reference":
+        return False
+    try:
+        build.load()
+        return True
+    except build.KernelBuildError as exc:
+        if not _fallback_warned:
+            _fallback_warned = True
+            warnings.warn(f"zipcache C++ kernels unavailable, using the PyTorch reference (slow): {exc}",
+                          RuntimeWarning, stacklevel=3)
+        return False
+
+
+def uses_triton(t: torch.Tensor) -> bool:
+    """Route to the Triton kernels (:mod:`.gpu`): CUDA tensors, or forced for tests with
+    ``ZIPCACHE_VLLM_KERNELS=triton`` (then under ``TRITON_INTERPRET=1`` on CPU tensors)."""
+    return t.is_cuda or os.environ.get("ZIPCACHE_VLLM_KERNELS", "").lower() == "triton"
+
+
+def _check_same_device(**tensors: torch.Tensor) -> None:
+    devices = {t.device for t in tensors.values()}
+    if len(devices) != 1:
+        raise ValueError(f"tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def kernels_available() -> bool:
+    """Whether the C++ extension is built and loaded (builds it on first call)."""
+    try:
+        build.load()
+        return True
+    except build.KernelBuildError:
+        return False
+
+
+def cpu_isa() -> str:
+    """ISA variant the kernels run with: ``avx512``, ``avx2`` or ``scalar`` (or ``reference``)."""
+    if not _use_extension():
+        return "reference"
+    forced = os.environ.get("ZIPCACHE_VLLM_KERNEL_ISA", "")
+    return forced or torch.ops.zipcache.cpu_isa()
+
+
+@lru_cache(maxsize=64)
+def _arange(n: int) -> torch.Tensor:
+    """Cached int64 ``arange(n)`` (query_start_loc of a decode batch; never written to)."""
+    return torch.arange(n, dtype=torch.int64)
+
+
+@lru_cache(maxsize=256)
+def layout_args(layout: BlockLayout) -> tuple[list[int], list[int]]:
+    """The integer layout vector and section offsets passed to the C++ ops."""
+    offs = {s.name: s.offset for s in layout.sections}
+    return ([layout.block_size, layout.head_size, layout.num_kv_heads, layout.hi_bits,
+             layout.lo_bits, layout.n_hi, layout.head_bytes, layout.page_bytes],
+            [offs[name] for name in SECTION_ORDER])
+
+
+def _check_layout(layout: BlockLayout) -> None:
+    if not isinstance(layout, BlockLayout):
+        raise ValueError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+    if layout.head_size > MAX_HEAD_SIZE or layout.block_size > MAX_BLOCK_SIZE:
+        raise ValueError(f"kernels support head_size <= {MAX_HEAD_SIZE} and block_size <= "
+                         f"{MAX_BLOCK_SIZE}, got {layout.head_size} and {layout.block_size}")
+
+
+def _check_cpu(**tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+        if not t.is_cpu:
+            raise ValueError(f"{name} must be on the CPU, got {t.device}")
+
+
+def _check_pages(pages: torch.Tensor, layout: BlockLayout) -> None:
+    page_bytes = layout_args(layout)[0][7]
+    if pages.dtype != torch.uint8 or pages.dim() != 2 or pages.shape[1] != page_bytes:
+        raise ValueError(f"pages must be uint8 [num_pages, {page_bytes}], got "
+                         f"{pages.dtype} {list(pages.shape)}")
+    if pages.stride(1) != 1 or pages.stride(0) < page_bytes:
+        raise ValueError(f"pages must have rows of contiguous bytes, got strides {pages.stride()}")
+
+
+def _check_q(q: torch.Tensor, layout: BlockLayout) -> None:
+    if q.dim() != 3 or q.dtype not in Q_DTYPES:
+        raise ValueError(f"q must be [n, Hq, D] of {Q_DTYPES}, got {q.dtype} {list(q.shape)}")
+    if q.shape[2] != layout.head_size or q.shape[1] % layout.num_kv_heads:
+        raise ValueError(f"q must be [n, Hq, {layout.head_size}] with Hq a multiple of "
+                         f"{layout.num_kv_heads} KV heads, got {list(q.shape)}")
+
+
+def _check_index(name: str, t: torch.Tensor, dim: int) -> None:
+    if t.dtype not in INDEX_DTYPES or t.dim() != dim:
+        raise ValueError(f"{name} must be a {dim}-d int32/int64 tensor, got {t.dtype} {list(t.shape)}")
+
+
+def attend_packed_varlen(q: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor,
+                         num_blocks: torch.Tensor, query_start_loc: torch.Tensor,
+                         layout: BlockLayout, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each request's queries over its complete packed blocks (no mask).
+
+    Args:
+        q: ``[nq, Hq, D]`` float32/bfloat16/float16, rows of request ``r`` are
+            ``query_start_loc[r]:query_start_loc[r+1]``.
+        pages: uint8 ``[num_pages, page_bytes]``, one layer's cache.
+        block_table: int32/int64 ``[nreq, max_blocks]``; request ``r`` reads its first
+            ``num_blocks[r]`` entries (any order: attention is order-free here).
+        num_blocks: int32/int64 ``[nreq]``.
+        query_start_loc: int32/int64 ``[nreq + 1]``, from 0 to ``nq``.
+        layout: the pages' :class:`BlockLayout`; scale: softmax scale.
+    Returns:
+        ``out`` float32 ``[nq, Hq, D]``, ``lse`` float32 ``[Hq, nq]`` (natural log).
+    """
+    _check_layout(layout)
+    if uses_triton(q):
+        _check_same_device(q=q, pages=pages, block_table=block_table, num_blocks=num_blocks,
+                           query_start_loc=query_start_loc)
+        _check_q(q, layout)
+        _check_pages(pages, layout)
+        from . import gpu
+
+        return gpu.attend_packed_varlen(q, pages, block_table, num_blocks, query_start_loc,
+                                        layout, float(scale))
+    _check_cpu(q=q, pages=pages, block_table=block_table, num_blocks=num_blocks,
+               query_start_loc=query_start_loc)
+    _check_q(q, layout)
+    _check_pages(pages, layout)
+    _check_index("block_table", block_table, 2)
+    _check_index("num_blocks", num_blocks, 1)
+    _check_index("query_start_loc", query_start_loc, 1)
+    nreq = block_table.shape[0]
+    if num_blocks.shape[0] != nreq or query_start_loc.shape[0] != nreq + 1:
+        raise ValueError(f"num_blocks must be [{nreq}] and query_start_loc [{nreq + 1}], got "
+                         f"{list(num_blocks.shape)} and {list(query_start_loc.shape)}")
+    use_ext = _use_extension()
+    if nreq and not use_ext:  # the C++ op checks these values itself (ValueError too)
+        nb_min, nb_max = int(num_blocks.min()), int(num_blocks.max())
+        if nb_min < 0 or nb_max > block_table.shape[1]:
+            raise ValueError(f"num_blocks must be in [0, {block_table.shape[1]}], got [{nb_min}, {nb_max}]")
+        qsl = query_start_loc
+        if int(qsl[0]) != 0 or int(qsl[-1]) != q.shape[0] or bool((qsl[1:] < qsl[:-1]).any()):
+            raise ValueError(f"query_start_loc must rise from 0 to nq={q.shape[0]}, got {qsl.tolist()}")
+        if nb_max:
+            used = torch.arange(block_table.shape[1]).unsqueeze(0) < num_blocks.unsqueeze(1)
+            ids = block_table[used]
+            if int(ids.min()) < 0 or int(ids.max()) >= pages.shape[0]:
+                raise ValueError(f"block ids must be in [0, {pages.shape[0]}), got "
+                                 f"[{int(ids.min())}, {int(ids.max())}]")
+    if not use_ext:
+        return reference.attend_packed_varlen_ref(q, pages, block_table, num_blocks,
+                                                  query_start_loc, layout, float(scale))
+    lay, offs = layout_args(layout)
+    return torch.ops.zipcache.attend_packed(q, pages, block_table, num_blocks, query_start_loc,
+                                            lay, offs, float(scale),
+                                            os.environ.get("ZIPCACHE_VLLM_KERNEL_ISA", ""))
+
+
+def attend_packed(q: torch.Tensor, pages: torch.Tensor, block_ids: torch.Tensor,
+                  layout: BlockLayout, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One request: ``q [nq, Hq, D]`` over the packed blocks ``block_ids [nb]`` (int32/int64).
+
+    Returns ``out`` float32 ``[nq, Hq, D]`` and ``lse`` float32 ``[Hq, nq]``.
+    """
+    _check_index("block_ids", block_ids, 1)
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        raise ValueError(f"q must be [nq, Hq, D], got {getattr(q, 'shape', type(q))}")
+    nb = block_ids.shape[0]
+    dev = block_ids.device
+    return attend_packed_varlen(q, pages, block_ids.reshape(1, nb),
+                                torch.tensor([nb], dtype=torch.int64, device=dev),
+                                torch.tensor([0, q.shape[0]], dtype=torch.int64, device=dev), layout, scale)
+
+
+def attend_packed_batch(q: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor,
+                        num_blocks: torch.Tensor, layout: BlockLayout,
+                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched decode: request ``r`` has one query ``q[r]`` and blocks ``block_table[r, :num_blocks[r]]``.
+
+    Args: q ``[nreq, Hq, D]``, block_table int32/int64 ``[nreq, max_blocks]``, num_blocks ``[nreq]``.
+    Returns ``out`` float32 ``[nreq, Hq, D]`` and ``lse`` float32 ``[Hq, nreq]``.
+    """
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        raise ValueError(f"q must be [nreq, Hq, D], got {getattr(q, 'shape', type(q))}")
+    if block_table.dim() != 2 or block_table.shape[0] != q.shape[0]:
+        raise ValueError(f"block_table must be [{q.shape[0]}, max_blocks], got {list(block_table.shape)}")
+    qsl = _arange(q.shape[0] + 1) if q.is_cpu else torch.arange(q.shape[0] + 1, device=q.device)
+    return attend_packed_varlen(q, pages, block_table, num_blocks, qsl, layout, scale)
+
+
+def quantize_pack(k: torch.Tensor, v: torch.Tensor, salient: torch.Tensor,
+                  layout: BlockLayout) -> torch.Tensor:
+    """Quantize full blocks into pages, byte-identical to ``quant.block.quantize_pack_blocks``.
+
+    Args:
+        k, v: ``[N, B, H, D]`` float32/bfloat16/float16 keys (after RoPE) and values.
+        salient: bool ``[N, H, B]`` with exactly ``layout.n_hi`` True per (block, head).
+    Returns:
+        uint8 ``[N, layout.page_bytes]``.
+    """
+    _check_layout(layout)
+    if uses_triton(k):
+        _check_same_device(k=k, v=v, salient=salient)
+    else:
+        _check_cpu(k=k, v=v, salient=salient)
+    B, H, D = layout.block_size, layout.num_kv_heads, layout.head_size
+    if k.dim() != 4 or tuple(k.shape[1:]) != (B, H, D) or v.shape != k.shape:
+        raise ValueError(f"k and v must be [N, {B}, {H}, {D}], got {list(k.shape)} and {list(v.shape)}")
+    if k.dtype not in Q_DTYPES or v.dtype not in Q_DTYPES:
+        raise ValueError(f"k and v must be one of {Q_DTYPES}, got {k.dtype} and {v.dtype}")
+    n = k.shape[0]
+    if salient.dtype != torch.bool or tuple(salient.shape) != (n, H, B):
+        raise ValueError(f"salient must be bool [{n}, {H}, {B}], got {salient.dtype} {list(salient.shape)}")
+    if n and not bool((salient.sum(-1) == layout.n_hi).all()):
+        raise ValueError(f"every (block, head) needs exactly n_hi={layout.n_hi} salient tokens")
+    if uses_triton(k):
+        from . import gpu
+
+        return gpu.quantize_pack(k, v, salient, layout)
+    if not _use_extension():
+        return reference.quantize_pack_ref(k, v, salient, layout)
+    lay, offs = layout_args(layout)
+    return torch.ops.zipcache.quantize_pack(k, v, salient, lay, offs)
+
+
+def decode_staged(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
+                  pages: torch.Tensor, block_table: torch.Tensor, num_blocks: torch.Tensor,
+                  slots: torch.Tensor, staged: torch.Tensor, probe: torch.Tensor,
+                  pool_k: torch.Tensor, pool_v: torch.Tensor, pool_score: torch.Tensor,
+                  pool_count: torch.Tensor, out: torch.Tensor, layout: BlockLayout,
+                  scale: float) -> None:
+    """Fused decode step of one layer for ``R`` rows with one new token each (in place).
+
+    Args:
+        q: ``[T, Hq, D]``; k, v: ``[T, H, D]`` (one float dtype); out: ``[T, Hq, D]`` (q's
+            dtype or float32); all with unit inner stride; row ``r`` is ``rows[r]`` of these.
+        pages: uint8 ``[num_pages, page_bytes]``; block_table int64 ``[R, max_blocks]``,
+            num_blocks int64 ``[R]``: the row's complete packed blocks.
+        slots, staged: int64 ``[R]``: the row's staging slot and its staged tokens
+            (``0 <= staged < B``; the new token goes to index ``staged``).
+        probe: float32 ``[R]``: 1 where the row's query scores its block, else 0.
+        pool_k, pool_v: ``[S, H, B, D]`` one layer of the staging pool (any float dtype;
+            the new K/V are rounded to it);
+        pool_score float32 ``[S, H, B]``, pool_count float32 ``[S, B]``.
+    See :func:`.reference.decode_staged_ref` for the semantics.
+    """
+    _check_layout(layout)
+    tensors = dict(q=q, k=k, v=v, rows=rows, pages=pages, block_table=block_table,
+                   num_blocks=num_blocks, slots=slots, staged=staged, probe=probe, pool_k=pool_k,
+                   pool_v=pool_v, pool_score=pool_score, pool_count=pool_count, out=out)
+    if uses_triton(q):
+        _check_same_device(**tensors)
+    else:
+        _check_cpu(**tensors)
+    _check_q(q, layout)
+    _check_pages(pages, layout)
+    H, B, D = layout.num_kv_heads, layout.block_size, layout.head_size
+    T = q.shape[0]
+    if tuple(k.shape) != (T, H, D) or v.shape != k.shape or out.shape != q.shape:
+        raise ValueError(f"k, v must be [{T}, {H}, {D}] and out like q {list(q.shape)}, got "
+                         f"{list(k.shape)}, {list(v.shape)}, {list(out.shape)}")
+    if len({q.dtype, k.dtype, v.dtype}) != 1 or pool_v.dtype != pool_k.dtype:
+        raise ValueError("q, k and v must share one dtype, and pool_k and pool_v another")
+    if out.dtype not in (q.dtype, torch.float32):
+        raise ValueError(f"out must be {q.dtype} or float32, got {out.dtype}")
+    if any(t.stride(-1) != 1 for t in (q, k, v, out, pool_k)):
+        raise ValueError("q, k, v, out and the pool need a unit inner stride")
+    if pool_k.dtype not in Q_DTYPES:
+        raise ValueError(f"pool_k/pool_v must be one of {Q_DTYPES}, got {pool_k.dtype}")
+    S = pool_k.shape[0]
+    if (pool_k.dim() != 4 or tuple(pool_k.shape[1:]) != (H, B, D) or pool_v.shape != pool_k.shape
+            or tuple(pool_score.shape) != (S, H, B) or tuple(pool_count.shape) != (S, B)
+            or pool_score.dtype != torch.float32 or pool_count.dtype != torch.float32):
+        raise ValueError(f"pool must be k/v [S, {H}, {B}, {D}], score float32 [S, {H}, {B}], "
+                         f"count float32 [S, {B}]")
+    R = rows.shape[0]
+    for name, t in (("rows", rows), ("num_blocks", num_blocks), ("slots", slots), ("staged", staged)):
+        if t.dtype != torch.int64 or tuple(t.shape) != (R,):
+            raise ValueError(f"{name} must be int64 [{R}], got {t.dtype} {list(t.shape)}")
+    if probe.dtype != torch.float32 or tuple(probe.shape) != (R,):
+        raise ValueError(f"probe must be float32 [{R}], got {probe.dtype} {list(probe.shape)}")
+    if block_table.dtype != torch.int64 or block_table.dim() != 2 or block_table.shape[0] != R:
+        raise ValueError(f"block_table must be int64 [{R}, max_blocks], got {list(block_table.shape)}")
+    if uses_triton(q):
+        from . import gpu
+
+        gpu.decode_staged(q, k, v, rows, pages, block_table, num_blocks, slots, staged, probe,
+                          pool_k, pool_v, pool_score, pool_count, out, layout, float(scale))
+        return
+    if not _use_extension():
+        if R and (int(staged.min()) < 0 or int(staged.max()) >= B):
+            raise ValueError(f"staged must be in [0, {B}), got {staged.tolist()}")
+        reference.decode_staged_ref(q, k, v, rows, pages, block_table, num_blocks, slots, staged,
+                                    probe, pool_k, pool_v, pool_score, pool_count, out, layout,
+                                    float(scale))
+        return
+    lay, offs = layout_args(layout)
+    torch.ops.zipcache.decode_staged(q, k, v, rows, pages, block_table.contiguous(), num_blocks,
+                                     slots, staged, probe, pool_k, pool_v, pool_score, pool_count,
+                                     out, lay, offs, float(scale),
+                                     os.environ.get("ZIPCACHE_VLLM_KERNEL_ISA", ""))
+
+
+def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                    lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine two partial attentions over disjoint keys by log-sum-exp.
+
+    ``out_*`` ``[n, Hq, D]`` (normalized), ``lse_*`` ``[Hq, n]``; a part with
+    ``lse = -inf`` (no keys) contributes nothing. Returns float32 ``(out, lse)``.
+    """
+    m = torch.maximum(lse_a, lse_b)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    wa, wb = torch.exp(lse_a - m), torch.exp(lse_b - m)
+    tot = wa + wb
+    safe = torch.where(tot > 0, tot, torch.ones_like(tot))
+    out = (out_a.float() * (wa / safe).t().unsqueeze(-1) + out_b.float() * (wb / safe).t().unsqueeze(-1))
+    return out, m + torch.log(tot)

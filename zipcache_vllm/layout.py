@@ -1,0 +1,293 @@
+"""The byte layout of one zipcache page: the single place that defines it.
+
+A page is one vLLM block of ``B`` tokens for ALL KV heads of one layer. It is
+self-contained (no page needs another page to be decoded) and has a fixed
+size, so vLLM can allocate it like any other page. Inside, it is one section
+per KV head, head-major, so a kernel serving one KV head reads one contiguous
+run of bytes::
+
+    page (page_bytes) = [ head 0 | head 1 | ... | head H-1 ]
+
+    one head section (head_bytes), with n_hi salient tokens and n_lo = B - n_hi
+    regular ones; codes are stored in "storage order": the salient tokens in
+    ascending position, then the regular tokens in ascending position.
+
+    offset 0 ┌──────────────────────────────────────────────┐
+             │ K hi codes   n_hi x D x hi_bits / 8   uint8  │  keys, salient group
+             │ K lo codes   n_lo x D x lo_bits / 8   uint8  │  keys, regular group
+             │ V hi codes   n_hi x D x hi_bits / 8   uint8  │  values, salient group
+             │ V lo codes   n_lo x D x lo_bits / 8   uint8  │  values, regular group
+             ├──────────────────────────────────────────────┤
+             │ K hi min, K hi scale   2 x D        float16  │  per channel, per group
+             │ K lo min, K lo scale   2 x D        float16  │  (a group with no token
+             │                                              │   has no parameters)
+             │ V channel scale c      D            float16  │  sqrt(max_t |v_tj|), per block
+             │ V token min, step      2 x B        float16  │  per token (storage order)
+             ├──────────────────────────────────────────────┤
+             │ precision mask         ceil(B / 8)  uint8    │  bit t set: token t salient
+             │                                              │  (only when both groups exist)
+             │ padding to ALIGN bytes                       │
+             └──────────────────────────────────────────────┘
+
+Keys are quantized channelwise (one min/scale per channel over the group's
+tokens); values are channel-separable tokenwise (CSTQ): divided by the channel
+scale ``c``, then quantized per token. All parameters are float16. Everything
+that needs a byte count (the vLLM backend's page size, the capacity planner,
+the kernels) reads it from :class:`BlockLayout`; nothing recomputes it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+# Quantization bit widths. 1 bit is excluded: after saturation a group may span
+# [-65504, 65504], and a 1-bit step of 131008 does not fit the float16 parameters.
+SUPPORTED_BITS = (2, 3, 4, 8)
+PARAM_BYTES = 2  # float16 scales and zero points
+ALIGN = 16  # each head section starts on a 16-byte boundary (vector loads)
+BF16_BYTES = 2
+
+
+@dataclass(frozen=True)
+class Section:
+    """One named run of bytes inside a head section."""
+
+    name: str
+    offset: int
+    nbytes: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.nbytes
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Exact byte layout of one (layer, block) page.
+
+    Args:
+        block_size: tokens per block ``B``.
+        head_size: head dimension ``D``.
+        num_kv_heads: KV heads stored in the page (per tensor-parallel rank).
+        hi_bits: bit width of salient tokens.
+        lo_bits: bit width of regular tokens.
+        n_hi: salient tokens per (block, KV head); ``0`` and ``B`` give uniform
+            quantization at ``lo_bits`` and ``hi_bits`` respectively.
+    """
+
+    block_size: int
+    head_size: int
+    num_kv_heads: int
+    hi_bits: int = 4
+    lo_bits: int = 2
+    n_hi: int = 0
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size % 8:
+            raise ValueError(f"block_size must be a positive multiple of 8, got {self.block_size}")
+        if self.head_size <= 0 or self.head_size % 8:
+            raise ValueError(f"head_size must be a positive multiple of 8, got {self.head_size}")
+        if self.num_kv_heads <= 0:
+            raise ValueError(f"num_kv_heads must be positive, got {self.num_kv_heads}")
+        for name in ("hi_bits", "lo_bits"):
+            bits = getattr(self, name)
+            if bits not in SUPPORTED_BITS:
+                raise ValueError(f"{name} must be one of {SUPPORTED_BITS}, got {bits}")
+        if not 0 <= self.n_hi <= self.block_size:
+            raise ValueError(f"n_hi must be in [0, block_size={self.block_size}], got {self.n_hi}")
+
+    @classmethod
+    def from_preset(cls, preset, head_size: int, num_kv_heads: int) -> "BlockLayout":
+        """Layout of a quantizing preset (``zipcache_vllm.config.Preset``)."""
+        return cls(
+            block_size=preset.block_size,
+            head_size=head_size,
+            num_kv_heads=num_kv_heads,
+            hi_bits=preset.hi_bits,
+            lo_bits=preset.lo_bits,
+            n_hi=preset.n_salient,
+        )
+
+    @property
+    def n_lo(self) -> int:
+        return self.block_size - self.n_hi
+
+    @property
+    def mixed(self) -> bool:
+        """Both precision groups are present (the mask is stored)."""
+        return 0 < self.n_hi < self.block_size
+
+    def code_row_bytes(self, bits: int) -> int:
+        """Bytes of one token's packed codes for one head."""
+        return self.head_size * bits // 8
+
+    @cached_property
+    def sections(self) -> tuple[Section, ...]:
+        """The sections of one head section, in order (padding excluded)."""
+        D, B = self.head_size, self.block_size
+        sizes = [
+            ("k_hi_codes", self.n_hi * self.code_row_bytes(self.hi_bits)),
+            ("k_lo_codes", self.n_lo * self.code_row_bytes(self.lo_bits)),
+            ("v_hi_codes", self.n_hi * self.code_row_bytes(self.hi_bits)),
+            ("v_lo_codes", self.n_lo * self.code_row_bytes(self.lo_bits)),
+            ("k_hi_params", 2 * D * PARAM_BYTES if self.n_hi else 0),
+            ("k_lo_params", 2 * D * PARAM_BYTES if self.n_lo else 0),
+            ("v_channel_scale", D * PARAM_BYTES),
+            ("v_token_params", 2 * B * PARAM_BYTES),
+            ("mask", (B + 7) // 8 if self.mixed else 0),
+        ]
+        out, offset = [], 0
+        for name, nbytes in sizes:
+            out.append(Section(name, offset, nbytes))
+            offset += nbytes
+        return tuple(out)
+
+    def section(self, name: str) -> Section:
+        for s in self.sections:
+            if s.name == name:
+                return s
+        raise KeyError(f"no section {name!r}; sections: {[s.name for s in self.sections]}")
+
+    @property
+    def content_bytes(self) -> int:
+        """Bytes of one head section before padding."""
+        return self.sections[-1].end
+
+    @property
+    def padding_bytes(self) -> int:
+        return self.head_bytes - self.content_bytes
+
+    @property
+    def head_bytes(self) -> int:
+        """Bytes of one head section including padding to ``ALIGN``."""
+        return -(-self.content_bytes // ALIGN) * ALIGN
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one (layer, block) page: what vLLM allocates per block per layer."""
+        return self.num_kv_heads * self.head_bytes
+
+    @property
+    def bytes_per_token_per_head(self) -> float:
+        """Page bytes per token per KV head, all parameters and padding included."""
+        return self.head_bytes / self.block_size
+
+    @property
+    def bf16_bytes_per_token_per_head(self) -> int:
+        return 2 * self.head_size * BF16_BYTES
+
+    @property
+    def compression_vs_bf16(self) -> float:
+        """bf16 K+V bytes divided by page bytes (staging not included)."""
+        return self.bf16_bytes_per_token_per_head / self.bytes_per_token_per_head
+
+    @property
+    def avg_code_bits(self) -> float:
+        return (self.n_hi * self.hi_bits + self.n_lo * self.lo_bits) / self.block_size
+
+    def breakdown(self) -> dict[str, float]:
+        """Bytes per token per KV head of every part of the page (padding included)."""
+        parts = {s.name: s.nbytes / self.block_size for s in self.sections}
+        parts["padding"] = self.padding_bytes / self.block_size
+        return parts
+
+
+def staging_bytes_per_slot(block_size: int, head_size: int, num_kv_heads: int, num_layers: int,
+                           dtype_bytes: int = BF16_BYTES) -> int:
+    """Bytes of one request's full-precision staging block (K and V, all layers)."""
+    return 2 * block_size * head_size * num_kv_heads * num_layers * dtype_bytes
+
+
+# ---------------------------------------------------------------------------
+# Paged FastGen (docs/FASTGEN.md): a block of B logical tokens keeps S token
+# slots per KV head; the evicted B - S tokens take no bytes.
+# ---------------------------------------------------------------------------
+
+FASTGEN_RUNG_BYTES = 1  # uint8 per head: the head's profiled rung of the hybrid ladder
+FASTGEN_COUNT_BYTES = 2  # uint16 per head: slots in use (little endian)
+
+
+@dataclass(frozen=True)
+class FastGenLayout:
+    """Exact byte layout of one (layer, block) page of a paged FastGen preset.
+
+    ::
+
+        page (page_bytes) = [ kept | trailer ]
+
+        kept     a zipcache page of S tokens (:class:`BlockLayout` with
+                 block_size = S): head-major sections holding each head's own
+                 S kept tokens (8-bit uniform, or ZipCache's 4/2-bit mix)
+        trailer  rung uint8 [H], count uint16 [H], padding to ALIGN bytes
+
+    The page covers ``block_size`` logical tokens, so vLLM's token capacity for
+    the same bytes grows by ``block_size / slots`` over the kept storage.
+
+    Args:
+        block_size: logical tokens per block ``B``.
+        kept: layout of the kept tokens (its ``block_size`` is ``S``).
+    """
+
+    block_size: int
+    kept: BlockLayout
+
+    def __post_init__(self) -> None:
+        if not 0 < self.kept.block_size <= self.block_size:
+            raise ValueError(f"slots must be in (0, block_size={self.block_size}], "
+                             f"got {self.kept.block_size}")
+
+    @classmethod
+    def from_preset(cls, preset, head_size: int, num_kv_heads: int) -> "FastGenLayout":
+        """Layout of a paged FastGen preset (``fastgen.slots`` set)."""
+        fg = preset.fastgen
+        if fg is None or fg.slots is None:
+            raise ValueError(f"preset {preset.name} has no fastgen.slots: it has no pages")
+        S = fg.slots
+        if fg.mixed:
+            kept = BlockLayout(S, head_size, num_kv_heads, preset.hi_bits, preset.lo_bits,
+                               int(round(preset.salient_ratio * S)))
+        else:
+            kept = BlockLayout(S, head_size, num_kv_heads, fg.kept_bits, fg.kept_bits, 0)
+        return cls(preset.block_size, kept)
+
+    @property
+    def slots(self) -> int:
+        return self.kept.block_size
+
+    @property
+    def head_size(self) -> int:
+        return self.kept.head_size
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.kept.num_kv_heads
+
+    @property
+    def rung_section(self) -> Section:
+        return Section("rung", self.kept.page_bytes, self.num_kv_heads * FASTGEN_RUNG_BYTES)
+
+    @property
+    def count_section(self) -> Section:
+        return Section("count", self.rung_section.end, self.num_kv_heads * FASTGEN_COUNT_BYTES)
+
+    @property
+    def trailer_bytes(self) -> int:
+        raw = self.num_kv_heads * (FASTGEN_RUNG_BYTES + FASTGEN_COUNT_BYTES)
+        return -(-raw // ALIGN) * ALIGN
+
+    @property
+    def page_bytes(self) -> int:
+        return self.kept.page_bytes + self.trailer_bytes
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.slots / self.block_size
+
+    @property
+    def bytes_per_token_per_head(self) -> float:
+        """Page bytes per LOGICAL token per KV head (trailer and padding included)."""
+        return self.page_bytes / self.num_kv_heads / self.block_size
+
+    @property
+    def compression_vs_bf16(self) -> float:
+        return 2 * self.head_size * BF16_BYTES / self.bytes_per_token_per_head

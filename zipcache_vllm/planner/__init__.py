@@ -1,0 +1,1 @@
+"""Capacity planning: bytes per token from the layout, and what fits where."""

@@ -1,0 +1,6 @@
+"""ZipCache: normalized attention from probe queries picks the 4-bit tokens (the base behaviour)."""
+from .base import KVPolicy
+
+
+class ZipCachePolicy(KVPolicy):
+    """Salient = top ``salient_ratio`` of normalized attention per block; see :class:`KVPolicy`."""

@@ -1,0 +1,18 @@
+"""Token saliency from attention: ZipCache's normalized score, probes, H2O's accumulated score."""
+from .scores import (
+    accumulated_scores,
+    exact_normalized_attention,
+    gqa_aggregate,
+    normalized_scores,
+    probe_rows,
+    visible_counts,
+)
+
+__all__ = [
+    "accumulated_scores",
+    "exact_normalized_attention",
+    "gqa_aggregate",
+    "normalized_scores",
+    "probe_rows",
+    "visible_counts",
+]

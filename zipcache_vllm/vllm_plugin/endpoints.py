@@ -1,0 +1,199 @@
+"""The operator's view: a vLLM endpoint plugin adding ``/zipcache/*`` routes and metrics.
+
+vLLM 0.32 loads ``vllm.endpoint_plugins`` entry points in the API server process when
+they are named in ``VLLM_PLUGINS`` (opt-in); ``setup.py`` registers this one as
+``zipcache``, the same name as the general plugin, so ``VLLM_PLUGINS=zipcache`` turns on
+both (a ``VLLM_PLUGINS`` list also limits the general plugins vLLM loads)::
+
+    VLLM_PLUGINS=zipcache vllm serve MODEL --kv-cache-dtype zipcache [--api-key KEY]
+
+* ``GET /zipcache/stats``: preset, bytes per token, tokens stored, staging blocks in
+  use, measured compression. Worker data come from ``engine_client.collective_rpc
+  ("zipcache_stats")`` (``worker_ext.ZipCacheWorkerExtension``, installed by default for
+  zipcache dtypes, see ``plugin.py``).
+* ``POST /zipcache/plan``: the capacity planner (:mod:`zipcache_vllm.planner.plan`) over
+  HTTP. ``model`` is ``"served"`` (this server's model) or a bundled architecture name;
+  invalid input answers 422 with ``detail[].loc`` naming the field (FastAPI's format;
+  vLLM's global handler would turn validation errors into 400, so the body is validated
+  here).
+* Prometheus gauges ``zipcache_*`` on vLLM's ``/metrics`` (``metrics.py``), refreshed every
+  ``ZIPCACHE_METRICS_INTERVAL_S`` seconds (default 5) and on every stats call.
+
+``--api-key`` (or ``VLLM_API_KEY``) guards these routes too: vLLM's own middleware only
+guards ``/v1``-style prefixes, so the routes check the bearer token themselves, the same
+way (401 without it).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import os
+import secrets
+from typing import Optional
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from ..planner.model_spec import bundled_models, spec_from_config
+from ..planner.plan import Plan, PlanError, PlanRequest, make_plan
+from . import metrics
+
+PREFIX = "/zipcache"
+RPC_TIMEOUT_S = 30.0
+DEFAULT_INTERVAL_S = 5.0
+
+
+class StatsResponse(BaseModel):
+    """``GET /zipcache/stats``. Token and block counts are those of the first worker (every
+    worker sees the same requests); bytes per token and compression cover all workers."""
+
+    kv_cache_dtype: str
+    preset: Optional[str] = Field(description="zipcache preset, None for other dtypes")
+    bytes_per_token: Optional[float] = Field(description="KV bytes per token, all layers and workers")
+    page_compression: Optional[float] = Field(description="bf16 page bytes / zipcache page bytes")
+    capacity_tokens: int
+    tokens_stored: int = Field(description="tokens in the KV blocks of running requests")
+    blocks_in_use: int
+    requests: int = Field(description="running requests holding KV blocks")
+    staging_slots: int
+    staging_blocks_in_use: int
+    measured_compression: Optional[float] = Field(
+        description="bf16 bytes of the stored tokens / bytes they hold (pages + staging); None when empty")
+    workers: list[dict] = Field(description="raw per-worker stats")
+    error: Optional[str] = Field(None, description="why worker stats are missing, if they are")
+
+
+class PlanHTTPRequest(PlanRequest):
+    """``POST /zipcache/plan``: a :class:`PlanRequest` whose model is this server's or a bundled one."""
+
+    model: str = Field("served", description="'served' (this server's model) or a bundled architecture")
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        if name != "served" and name not in bundled_models():
+            raise ValueError(f"model must be 'served' or one of {', '.join(bundled_models())}")
+        return name
+
+
+def _api_keys(request: Request) -> list[str]:
+    args = getattr(request.app.state, "args", None)
+    keys = getattr(args, "api_key", None) or [os.environ.get("VLLM_API_KEY")]
+    if isinstance(keys, str):
+        keys = [keys]
+    return [k for k in keys if k]
+
+
+async def require_api_key(request: Request) -> None:
+    """401 unless the bearer token is one of ``--api-key`` / ``VLLM_API_KEY`` (when set)."""
+    keys = _api_keys(request)
+    if not keys:
+        return
+    scheme, _, token = (request.headers.get("Authorization") or "").partition(" ")
+    given = hashlib.sha256(token.encode()).digest()
+    ok = scheme.lower() == "bearer" and any(
+        secrets.compare_digest(given, hashlib.sha256(k.encode()).digest()) for k in keys)
+    if not ok:
+        raise HTTPException(status_code=401, detail="Unauthorized")
+
+
+router = APIRouter(prefix=PREFIX, tags=["zipcache"], dependencies=[Depends(require_api_key)])
+
+
+def _engine(request: Request):
+    engine = getattr(request.app.state, "engine_client", None)
+    if engine is None:
+        raise HTTPException(status_code=503, detail="no engine (render-only server)")
+    return engine
+
+
+async def collect_stats(engine) -> StatsResponse:
+    """Ask every worker for its stats and combine them."""
+    cache_dtype = engine.vllm_config.cache_config.cache_dtype
+    error = None
+    try:
+        workers = await asyncio.wait_for(engine.collective_rpc("zipcache_stats"), RPC_TIMEOUT_S)
+    except Exception as exc:  # an engine without the worker extension, or one that is busy/dead
+        workers, error = [], f"worker stats unavailable ({type(exc).__name__}: {exc}); zipcache dtypes " \
+                             "install the worker extension by default, others need --worker-extension-cls " \
+                             "zipcache_vllm.vllm_plugin.worker_ext.ZipCacheWorkerExtension"
+    first = workers[0] if workers else {}
+    per_token = [w.get("bytes_per_token") for w in workers]
+    held = sum(w.get("bytes_held") or 0 for w in workers)
+    bf16 = sum(w.get("bf16_bytes") or 0 for w in workers)
+    return StatsResponse(
+        kv_cache_dtype=cache_dtype, preset=first.get("preset"),
+        bytes_per_token=sum(per_token) if per_token and None not in per_token else None,
+        page_compression=first.get("page_compression"), capacity_tokens=first.get("capacity_tokens", 0),
+        tokens_stored=first.get("tokens_stored", 0), blocks_in_use=first.get("blocks_in_use", 0),
+        requests=first.get("requests", 0), staging_slots=first.get("staging_slots", 0),
+        staging_blocks_in_use=first.get("staging_in_use", 0),
+        measured_compression=bf16 / held if held and bf16 else None, workers=workers, error=error)
+
+
+@router.get("/stats", response_model=StatsResponse)
+async def get_stats(request: Request) -> StatsResponse:
+    stats = await collect_stats(_engine(request))
+    metrics.update(stats.model_dump())
+    return stats
+
+
+def _unprocessable(errors: list[dict]) -> JSONResponse:
+    return JSONResponse(status_code=422, content={"detail": errors})
+
+
+def _served_spec(engine):
+    model_config = engine.model_config
+    spec = spec_from_config(model_config.hf_config.to_dict(), model_config.served_model_name or "served")
+    return dataclasses.replace(spec, dtype=str(model_config.dtype).removeprefix("torch."))
+
+
+@router.post("/plan", response_model=Plan, openapi_extra={"requestBody": {"required": True, "content": {
+    "application/json": {"schema": PlanHTTPRequest.model_json_schema()}}}})
+async def post_plan(request: Request):
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return _unprocessable([{"loc": ["body"], "msg": f"invalid JSON: {exc}", "type": "json_invalid"}])
+    try:
+        req = PlanHTTPRequest.model_validate(body)
+    except ValidationError as exc:
+        return _unprocessable(json.loads(exc.json(include_url=False, include_context=False)))
+    try:
+        spec = _served_spec(_engine(request)) if req.model == "served" else None
+        return make_plan(req, spec)
+    except PlanError as exc:
+        return _unprocessable([{"loc": ["body", exc.field], "msg": str(exc), "type": "value_error"}])
+
+
+class ZipCacheEndpoints:
+    """The ``vllm.endpoint_plugins`` entry point (vLLM's ``EndpointPlugin`` protocol)."""
+
+    name = "zipcache"
+    required_tasks = ("generate",)
+
+    def attach_router(self, app: FastAPI) -> None:
+        app.include_router(router)
+
+    async def init_state(self, engine_client, state, args) -> None:
+        if engine_client is None:
+            return
+        interval = float(os.environ.get("ZIPCACHE_METRICS_INTERVAL_S", DEFAULT_INTERVAL_S))
+        self._task = asyncio.get_running_loop().create_task(_refresh_metrics(engine_client, interval))
+
+
+async def _refresh_metrics(engine, interval: float) -> None:
+    from .compat import logger
+
+    warned = False
+    while True:
+        try:
+            metrics.update((await collect_stats(engine)).model_dump())
+        except Exception as exc:  # metrics must never take the server down
+            if not warned:
+                logger.warning("zipcache metrics refresh failed: %s", exc)
+                warned = True
+        await asyncio.sleep(interval)

@@ -1,0 +1,183 @@
+"""The staging pool: each request's newest, partially filled block in full precision.
+
+vLLM allocates a page for the partial block like for any block, but a zipcache
+page can only be written once the block is full (its quantization needs all B
+tokens and their saliency). Until then the block's K/V live here, in the model
+dtype, with their saliency accumulators::
+
+    k, v   [L, S, H, B, D]  model dtype      L layers, S slots, H KV heads
+    score  [L, S, H, B]     float32          sum of (probe) attention probabilities
+    count  [L, S, B]        float32          (probe) queries that saw the token
+
+A slot is keyed by the vLLM block id of the partial block (partial blocks are
+never shared by prefix caching). The bookkeeping (which slot holds which block,
+how many tokens) is advanced once per step by the metadata builder, before any
+layer runs; the layers only move data. Slots come back when the block fills,
+when the request finishes or is aborted, and when it is preempted.
+
+Sizing: one slot per schedulable request (``max_num_seqs``) plus ``MARGIN``;
+the bytes are reserved out of the KV budget (``compat.patch_cpu_kv_budget``).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+MARGIN = 1  # one spare slot: a request re-keyed in the step it finishes never blocks a new one
+
+
+def staging_bytes(num_layers: int, num_slots: int, block_size: int, num_kv_heads: int,
+                  head_size: int, dtype: torch.dtype) -> int:
+    """Bytes of a pool: K and V in ``dtype`` plus the float32 accumulators."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    per_slot_layer = (2 * num_kv_heads * block_size * head_size * elt
+                      + num_kv_heads * block_size * 4 + block_size * 4)
+    return num_layers * num_slots * per_slot_layer
+
+
+class StagingError(RuntimeError):
+    """The staging bookkeeping disagrees with what vLLM scheduled."""
+
+
+class StagingPool:
+    """Full-precision partial blocks of all running requests, for all layers."""
+
+    def __init__(self, layer_names: list[str], num_slots: int, block_size: int,
+                 num_kv_heads: int, head_size: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
+        L, S, H, B, D = len(layer_names), num_slots, num_kv_heads, block_size, head_size
+        self.layer_index = {name: i for i, name in enumerate(layer_names)}
+        self.num_slots, self.block_size = S, B
+        self.num_kv_heads, self.head_size, self.dtype = H, D, dtype
+        self.k = torch.zeros(L, S, H, B, D, dtype=dtype, device=device)
+        self.v = torch.zeros(L, S, H, B, D, dtype=dtype, device=device)
+        self.score = torch.zeros(L, S, H, B, dtype=torch.float32, device=device)
+        self.count = torch.zeros(L, S, B, dtype=torch.float32, device=device)
+        self._free = list(range(S - 1, -1, -1))
+        self._slot_of_block: dict[int, int] = {}
+        self._block_of_slot: list[int] = [-1] * S
+        self.fill: list[int] = [0] * S  # staged tokens per slot, as of the end of the planned step
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.score, self.count))
+
+    @property
+    def in_use(self) -> int:
+        return self.num_slots - len(self._free)
+
+    def matches(self, layer_names: Iterable[str], block_size: int, num_kv_heads: int,
+                head_size: int, dtype: torch.dtype) -> bool:
+        return (set(layer_names) <= set(self.layer_index) and block_size == self.block_size
+                and num_kv_heads == self.num_kv_heads and head_size == self.head_size
+                and dtype == self.dtype)
+
+    # -- bookkeeping, called by the metadata builder once per step ---------------
+
+    def slot_of(self, block_id: int) -> int | None:
+        return self._slot_of_block.get(block_id)
+
+    def acquire(self, block_id: int) -> int:
+        """A slot for a block that starts empty this step (a stale owner is reset)."""
+        slot = self._slot_of_block.get(block_id)
+        if slot is None:
+            if not self._free:
+                raise StagingError(
+                    f"all {self.num_slots} zipcache staging slots are in use; a request ended "
+                    "without its slot being released (this is a bug), or --max-num-seqs was "
+                    "raised after the pool was sized")
+            slot = self._free.pop()
+            self._slot_of_block[block_id] = slot
+            self._block_of_slot[slot] = block_id
+        self.fill[slot] = 0
+        return slot
+
+    def continue_block(self, block_id: int, staged: int) -> int:
+        """The slot of a block that already holds ``staged`` tokens."""
+        slot = self._slot_of_block.get(block_id)
+        if slot is None or self.fill[slot] != staged:
+            have = None if slot is None else self.fill[slot]
+            raise StagingError(
+                f"block {block_id} should hold {staged} staged tokens but the pool has {have}")
+        return slot
+
+    def rekey(self, slot: int, block_id: int, fill: int) -> None:
+        """The slot now stages ``block_id`` (the request moved on to a new partial block)."""
+        old = self._block_of_slot[slot]
+        if old != block_id:
+            self._slot_of_block.pop(old, None)
+            stale = self._slot_of_block.get(block_id)
+            if stale is not None and stale != slot:  # a leftover of a preempted owner
+                self._release_slot(stale)
+            self._slot_of_block[block_id] = slot
+            self._block_of_slot[slot] = block_id
+        self.fill[slot] = fill
+
+    def release_slot(self, slot: int) -> None:
+        if self._block_of_slot[slot] != -1:
+            self._release_slot(slot)
+
+    def _release_slot(self, slot: int) -> None:
+        self._slot_of_block.pop(self._block_of_slot[slot], None)
+        self._block_of_slot[slot] = -1
+        self.fill[slot] = 0
+        self._free.append(slot)
+
+    def release_blocks(self, block_ids: Iterable[int]) -> None:
+        """Free the slots staging any of ``block_ids`` (request finished or preempted)."""
+        for block_id in block_ids:
+            slot = self._slot_of_block.get(int(block_id))
+            if slot is not None:
+                self._release_slot(slot)
+
+
+# The worker process's pool (one engine per process); created by the metadata builder.
+_POOL: StagingPool | None = None
+
+
+def get_pool() -> StagingPool | None:
+    return _POOL
+
+
+def set_pool(pool: StagingPool | None) -> None:
+    global _POOL
+    _POOL = pool
+
+
+def release_request(req_state: object) -> None:
+    """Free the slots of a request's blocks (no-op without a pool)."""
+    pool = _POOL
+    if pool is None or req_state is None:
+        return
+    for group in getattr(req_state, "block_ids", ()) or ():
+        pool.release_blocks(group)
+
+
+# Runner lifecycle. A request's slots are released exactly once, keyed by the block ids
+# it held: a preempted request loses its blocks at once and they may be reallocated to
+# another request, so its old ids must not be released again later (that would free the
+# new owner's slot) when it resumes or finishes while waiting.
+_released_on_preemption: set[str] = set()
+
+
+def on_request_preempted(req_id: str, req_state: object) -> None:
+    if req_id not in _released_on_preemption:
+        release_request(req_state)
+        _released_on_preemption.add(req_id)
+
+
+def on_request_resumed(req_id: str, req_state: object) -> None:
+    """Resumed after preemption (its old block ids are still in ``req_state``)."""
+    if req_id in _released_on_preemption:
+        _released_on_preemption.discard(req_id)
+    else:  # forced preemption (e.g. reset_prefix_cache) comes without a preempted notice
+        release_request(req_state)
+
+
+def on_request_removed(req_id: str, req_state: object) -> None:
+    """Finished or aborted (running, or waiting after a preemption)."""
+    if req_id in _released_on_preemption:
+        _released_on_preemption.discard(req_id)
+    else:
+        release_request(req_state)
