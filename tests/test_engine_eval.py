@@ -87,7 +87,6 @@ def quick(model_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.over_budget
 @pytest.mark.engine
 def test_quick_mode_runs_every_dtype_end_to_end(quick):
     print(engine_eval.markdown(quick, "quick", ""))
@@ -103,7 +102,6 @@ def test_quick_mode_runs_every_dtype_end_to_end(quick):
 
 
 @pytest.mark.slow
-@pytest.mark.over_budget
 @pytest.mark.engine
 def test_quick_mode_capacity_ratios_in_expected_ranges(quick):
     rows = {r["kv_cache_dtype"]: r for r in quick["rows"]}
@@ -116,7 +114,6 @@ def test_quick_mode_capacity_ratios_in_expected_ranges(quick):
 
 
 @pytest.mark.slow
-@pytest.mark.over_budget
 @pytest.mark.engine
 def test_quick_mode_zipcache_beats_random_saliency_at_the_same_bytes(quick):
     rows = {r["kv_cache_dtype"]: r for r in quick["rows"]}

@@ -50,7 +50,6 @@ def results(model_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.over_budget
 @pytest.mark.engine
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_capacity_from_engine_log_grows_by_kept_fraction(results, dtype):
@@ -63,7 +62,6 @@ def test_capacity_from_engine_log_grows_by_kept_fraction(results, dtype):
 
 
 @pytest.mark.slow
-@pytest.mark.over_budget
 @pytest.mark.engine
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_engine_logprobs_match_the_offline_simulator(results, dtype):
@@ -75,7 +73,6 @@ def test_engine_logprobs_match_the_offline_simulator(results, dtype):
 
 
 @pytest.mark.slow
-@pytest.mark.over_budget
 @pytest.mark.engine
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_greedy_chat_answer_is_sane(results, dtype):

@@ -1,104 +1,119 @@
 """Long context: passkey retrieval in real text at the model's longest context (8,192).
 
-A sentence "The secret passkey is 71432. ..." is hidden at several depths of a
-document of real English text (``eval/corpus.py``) that fills SmolLM2's 8,192-token
-context; the question comes after it. Two servers in turn, ``auto`` (bf16) then
-``zipcache``, answer the same prompts:
+The prompts of :mod:`zipcache_vllm.eval.passkey`: a sentence "The secret passkey is
+71432. Remember the passkey 71432." is hidden at several depths of a document of real
+English text (``eval/corpus.py``) that fills SmolLM2's 8,192-token context; the document ends with the cue "The secret passkey
+is" (a plain completion: the model retrieves by copying, the skill a 135M model has at
+this length; as a chat question the bf16 model itself found 1 of 3, measured). Two
+servers in turn (``auto`` in bf16, then each zipcache preset) answer the same prompts:
 
-* greedy retrieval: the answer contains the passkey;
-* teacher-forced: the log-probability of the passkey's digits after "The secret
-  passkey is" (``echo`` + ``logprobs``), a continuous measure that shows a collapse
-  before greedy answers flip.
+* greedy retrieval: the continuation of the cue starts with the passkey;
+* teacher-forced: the log-probability of the passkey's tokens after the cue (one
+  request per token, each reading the document from the prefix cache: for zipcache,
+  the packed pages), a continuous measure that shows a collapse before greedy answers
+  flip.
 
-zipcache must retrieve at least as many needles as ``auto`` minus one and keep the
+A preset must retrieve at least as many needles as ``auto`` minus one and keep the
 mean passkey log-probability within ``LOGPROB_MARGIN`` of ``auto``'s. A silent
 long-context collapse (vLLM's fp8 KV once went from 91% to 13% retrieval) fails both.
+``zipcache_kivi4`` must pass; the default ``zipcache`` preset (4-bit salient, 2-bit
+rest) does not, and is a strict xfail that records the measured collapse.
 """
 from __future__ import annotations
 
 import pytest
 from _server import Server
 
-pytestmark = [pytest.mark.slow, pytest.mark.engine, pytest.mark.over_budget]
+from zipcache_vllm.eval.passkey import DEPTHS, KEY, build_prompt, key_ids as passkey_ids
+
+pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
 MAX_MODEL_LEN = 8192
-PROMPT_TOKENS = 8150  # room for the answer
-DEPTHS = (0.2, 0.5, 0.8)
-KEY = "71432"
-NEEDLE = f" The secret passkey is {KEY}. Remember the passkey {KEY}. "
-QUESTION = "What is the secret passkey mentioned in the text above? Answer with the number only."
+PROMPT_TOKENS = 8180  # room for the answer
+TOP_K = 20  # vLLM's default --max-logprobs
 LOGPROB_MARGIN = 2.0  # nats over the passkey digits; a collapse costs far more (each lost digit ~2+)
 
 
-def build_prompt(tokenizer, corpus_ids: list[int], text_of, depth: float, n_tokens: int) -> str:
-    """Chat prompt of exactly <= ``n_tokens`` tokens: document with the needle at ``depth``."""
-    def prompt_for(h: int) -> str:
-        hay = text_of(corpus_ids[:h])
-        cut = hay.rfind(". ", 0, int(len(hay) * depth)) + 1
-        doc = hay[:cut] + NEEDLE + hay[cut:]
-        return tokenizer.apply_chat_template([{"role": "user", "content": doc + "\n\n" + QUESTION}],
-                                             tokenize=False, add_generation_prompt=True)
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
 
-    lo, hi = 100, min(len(corpus_ids), 2 * n_tokens)
-    while lo < hi:  # the longest haystack whose prompt fits
-        mid = (lo + hi + 1) // 2
-        if len(tokenizer(prompt_for(mid), add_special_tokens=False)["input_ids"]) <= n_tokens:
-            lo = mid
-        else:
-            hi = mid - 1
-    return prompt_for(lo)
+    return AutoTokenizer.from_pretrained(model_dir)
 
 
 @pytest.fixture(scope="module")
-def prompts(model_dir):
-    from transformers import AutoTokenizer
-
+def prompts(tokenizer):
     from zipcache_vllm.eval.corpus import english_text
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    ids = tok(english_text()[:200_000], add_special_tokens=False)["input_ids"]
-    return [build_prompt(tok, ids, tok.decode, d, PROMPT_TOKENS) for d in DEPTHS]
+    ids = tokenizer(english_text()[:200_000], add_special_tokens=False)["input_ids"]
+    return [build_prompt(tokenizer, ids, d, PROMPT_TOKENS) for d in DEPTHS]
 
 
-def _key_tokens(tokens: list[str]) -> int:
-    """How many prompt tokens before the last (generated) one spell the passkey."""
-    for n in range(1, 10):
-        if "".join(tokens[-1 - n:-1]).strip() == KEY:
-            return n
-    raise AssertionError(f"passkey not at the end of the echoed prompt: {tokens[-10:]}")
+def _key_logprob(s: Server, prompt: list[int], key_ids: list[int]) -> tuple[float, int]:
+    """Teacher-forced log-probability of the passkey after ``prompt``: one 1-token request
+    per passkey token (each a prefix-cache hit), its logprob read from the top
+    ``TOP_K``. A token outside the top ``TOP_K`` counts as the ``TOP_K``-th logprob, an
+    upper bound (returned: how many such). ``echo`` would score every prompt position,
+    ~70 s for 8k tokens on a 2-core machine; this costs a block each."""
+    total, missing = 0.0, 0
+    for i, k in enumerate(key_ids):
+        r = s.complete(prompt + key_ids[:i], max_tokens=1, logprobs=TOP_K, return_tokens_as_token_ids=True)
+        assert r["status"] == 200, r
+        top = {int(t.split(":")[1]): v for t, v in r["json"]["choices"][0]["logprobs"]["top_logprobs"][0].items()}
+        missing += k not in top
+        total += top.get(k, min(top.values()))
+    return total, missing
 
 
-def _retrieval(model_dir, dtype: str, prompts: list[str]) -> list[dict]:
+def _retrieval(model_dir, dtype: str, prompts: list[list[int]], key_ids: list[int]) -> list[dict]:
     rows = []
     with Server(model_dir, "--kv-cache-dtype", dtype, max_model_len=MAX_MODEL_LEN,
                 kv_space_gib=1) as s:
         s.wait_ready()
         for p in prompts:
-            r = s.complete(p, max_tokens=24)
+            r = s.complete(p, max_tokens=8)  # prefills the document; its blocks enter the prefix cache
             assert r["status"] == 200, r
             answer = r["json"]["choices"][0]["text"]
-            tf = s.complete(p + f"The secret passkey is {KEY}", max_tokens=1, echo=True, logprobs=0)
-            assert tf["status"] == 200, tf
-            lp = tf["json"]["choices"][0]["logprobs"]
-            n_key = _key_tokens(lp["tokens"])
-            rows.append({"answer": answer, "found": KEY in answer,
-                         "key_logprob": sum(lp["token_logprobs"][-1 - n_key:-1]),
+            hits = s.metric("vllm:prefix_cache_hits_total")
+            key_logprob, missing = _key_logprob(s, p, key_ids)
+            rows.append({"answer": answer, "found": answer.strip().startswith(KEY),
+                         "key_logprob": key_logprob, "outside_top_k": missing,
+                         "cache_hit_tokens": (s.metric("vllm:prefix_cache_hits_total") - hits) / len(key_ids),
                          "prompt_tokens": r["json"]["usage"]["prompt_tokens"]})
     return rows
 
 
-def test_passkey_retrieval_zipcache_vs_auto(model_dir, prompts):
-    texts = prompts
-    auto = _retrieval(model_dir, "auto", texts)
-    zc = _retrieval(model_dir, "zipcache", texts)
-    for d, a, z in zip(DEPTHS, auto, zc):
+@pytest.fixture(scope="module")
+def key_ids(tokenizer) -> list[int]:
+    return passkey_ids(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def auto(model_dir, prompts, key_ids) -> list[dict]:
+    rows = _retrieval(model_dir, "auto", prompts, key_ids)
+    assert all(r["prompt_tokens"] == PROMPT_TOKENS for r in rows)
+    assert sum(r["found"] for r in rows) >= 2, \
+        "the bf16 baseline itself does not retrieve: the check measures nothing"
+    return rows
+
+
+@pytest.mark.parametrize("dtype", [
+    "zipcache_kivi4",
+    pytest.param("zipcache", marks=pytest.mark.xfail(strict=True, reason=(
+        "known long-context collapse of the default 4/2-bit preset: measured 0 of 3 passkeys "
+        "through the engine (auto 3 of 3), and in the offline simulator passkey log-probability "
+        "-9.2/-8.7/-8.7 vs -4.3/-0.6/-0.4 uncompressed at depths 0.2/0.5/0.8 "
+        "(docs/RELIABILITY.md); strict, so a fix turns this red until the mark is removed"))),
+])
+def test_passkey_retrieval_vs_auto(model_dir, prompts, key_ids, auto, dtype):
+    got = _retrieval(model_dir, dtype, prompts, key_ids)
+    for d, a, z in zip(DEPTHS, auto, got):
         print(f"\ndepth {d}: {a['prompt_tokens']} tokens | auto found={a['found']} "
-              f"logprob={a['key_logprob']:.3f} {a['answer']!r} | zipcache found={z['found']} "
-              f"logprob={z['key_logprob']:.3f} {z['answer']!r}")
-    assert all(a["prompt_tokens"] > MAX_MODEL_LEN - 100 for a in auto)
-    found_auto = sum(a["found"] for a in auto)
-    found_zc = sum(z["found"] for z in zc)
-    assert found_auto >= 2, "the bf16 baseline itself does not retrieve: the check measures nothing"
-    assert found_zc >= found_auto - 1
+              f"logprob={a['key_logprob']:.3f} {a['answer']!r} | {dtype} found={z['found']} "
+              f"logprob={z['key_logprob']:.3f} {z['answer']!r} (outside top {TOP_K}: {z['outside_top_k']}, "
+              f"prefix-cache hit {z['cache_hit_tokens']:.0f} tokens a request)")
+    assert all(r["prompt_tokens"] == PROMPT_TOKENS for r in got)
+    assert all(r["cache_hit_tokens"] >= PROMPT_TOKENS - 128 for r in auto + got)
+    assert sum(r["found"] for r in got) >= sum(a["found"] for a in auto) - 1
     mean = lambda rows: sum(r["key_logprob"] for r in rows) / len(rows)  # noqa: E731
-    assert mean(zc) >= mean(auto) - LOGPROB_MARGIN
+    assert mean(got) >= mean(auto) - LOGPROB_MARGIN

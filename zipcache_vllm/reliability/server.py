@@ -34,7 +34,7 @@ class Server:
     """One ``vllm serve`` process, its log, and its port (loopback only)."""
 
     def __init__(self, model: str | Path, *extra: str, env: dict | None = None,
-                 max_model_len: int = 2048, kv_space_gib: float = 2) -> None:
+                 max_model_len: int = 2048, kv_space_gib: int = 2) -> None:
         import requests  # noqa: F401  (fail early: every helper below needs it)
 
         self.port = free_port()
