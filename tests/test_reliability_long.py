@@ -53,8 +53,9 @@ def _key_logprob(s: Server, prompt: list[int], key_ids: list[int]) -> tuple[floa
     """Teacher-forced log-probability of the passkey after ``prompt``: one 1-token request
     per passkey token (each a prefix-cache hit), its logprob read from the top
     ``TOP_K``. A token outside the top ``TOP_K`` counts as the ``TOP_K``-th logprob, an
-    upper bound (returned: how many such). ``echo`` would score every prompt position,
-    ~70 s for 8k tokens on a 2-core machine; this costs a block each."""
+    upper bound (returned: how many such). ``echo`` would rescore every prompt position
+    in a second full prefill; this recomputes a block each.
+    """
     total, missing = 0.0, 0
     for i, k in enumerate(key_ids):
         r = s.complete(prompt + key_ids[:i], max_tokens=1, logprobs=TOP_K, return_tokens_as_token_ids=True)
