@@ -2,8 +2,8 @@
 
 The prompts of :mod:`zipcache_vllm.eval.passkey`: a sentence "The secret passkey is
 71432. Remember the passkey 71432." is hidden at several depths of a document of real
-English text (``eval/corpus.py``) that fills SmolLM2's 8,192-token context; the document ends with the cue "The secret passkey
-is" (a plain completion: the model retrieves by copying, the skill a 135M model has at
+English text (``eval/corpus.py``) that fills SmolLM2's 8,192-token context; the
+document ends with the cue "The secret passkey is" (a plain completion: the model retrieves by copying, the skill a 135M model has at
 this length; as a chat question the bf16 model itself found 1 of 3, measured). Two
 servers in turn (``auto`` in bf16, then each zipcache preset) answer the same prompts:
 
