@@ -19,6 +19,7 @@ from zipcache_vllm.vllm_plugin.flow import (
     apply_step,
     dense_reference,
     plan_step,
+    rotate_inputs,
 )
 from zipcache_vllm.vllm_plugin.staging import StagingError, StagingPool, release_request
 
@@ -100,9 +101,11 @@ def _reference_part(r: FakeRequest, start: int, n: int, pages, layout, scale, ct
         vc = vd.permute(0, 2, 1, 3).reshape(nb * B, H, D)
     else:
         kc = vc = torch.zeros(0, H, D)
-    kc = torch.cat([kc, r.k[nb * B:end].float()])
+    # Rotated-key presets: the pages hold k R; the step rotates q and k (in their dtype) first.
+    q, k = rotate_inputs(layout, r.q, r.k)
+    kc = torch.cat([kc, k[nb * B:end].float()])
     vc = torch.cat([vc, r.v[nb * B:end].float()])
-    return dense_reference(r.q[start:end], kc, vc, scale)
+    return dense_reference(q[start:end], kc, vc, scale)
 
 
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
@@ -233,13 +236,14 @@ def _saliency_reference(req: FakeRequest, pages, layout, preset_name: str, scale
     preset = load_preset(preset_name)
     B, H, D = layout.block_size, layout.num_kv_heads, layout.head_size
     g = req.q.shape[1] // H
+    q, k = rotate_inputs(layout, req.q, req.k)  # the pages' basis (rotated-key presets)
     masks = []
     for c in range(req.pos // B):
         if packed_context and c:
             kd, vd = unpack_dequantize_blocks(pages[req.block_ids[:c].long()], layout)
             prior = kd.permute(0, 2, 1, 3).reshape(c * B, H, D)
         else:
-            prior = req.k[:c * B].float()
+            prior = k[:c * B].float()
         rows = torch.arange(B)
         if preset.probes.strategy != "exact":
             rows = probe_rows(B, preset.probes, seed=c * B)
@@ -247,8 +251,8 @@ def _saliency_reference(req: FakeRequest, pages, layout, preset_name: str, scale
         cnt = torch.zeros(B)
         for i in rows.tolist():
             p = c * B + i
-            keys = torch.cat([prior, req.k[c * B:p + 1].float()])  # [T, H, D]
-            logits = torch.einsum("hd,thd->ht", req.q[p].float(),
+            keys = torch.cat([prior, k[c * B:p + 1].float()])  # [T, H, D]
+            logits = torch.einsum("hd,thd->ht", q[p].float(),
                                   keys.repeat_interleave(g, dim=1)) * scale
             probs = torch.softmax(logits, -1)[:, -(i + 1):]  # the block's tokens <= p
             acc[:, :i + 1] += probs.reshape(H, g, i + 1).sum(1)

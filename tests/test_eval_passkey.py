@@ -15,9 +15,9 @@ def tokenizer(model_dir):
 
 @pytest.fixture(scope="module")
 def corpus(tokenizer):
-    from zipcache_vllm.eval.corpus import english_text
+    from zipcache_vllm.eval.corpus import corpus_ids
 
-    return tokenizer(english_text()[:200_000], add_special_tokens=False)["input_ids"]
+    return corpus_ids(tokenizer)
 
 
 @pytest.mark.parametrize("n_tokens", [1000, 8180])

@@ -215,9 +215,11 @@ def test_layout_is_frozen_and_hashable():
 
 
 def test_from_preset():
-    preset = SimpleNamespace(block_size=128, hi_bits=4, lo_bits=2, n_salient=77)
+    preset = SimpleNamespace(block_size=128, hi_bits=4, lo_bits=2, n_salient=77, key_rotation="none")
     L = BlockLayout.from_preset(preset, head_size=64, num_kv_heads=8)
     assert L == BlockLayout(128, 64, 8, 4, 2, 77)
+    rotated = BlockLayout.from_preset(SimpleNamespace(**{**vars(preset), "key_rotation": "hadamard"}), 64, 8)
+    assert rotated.rotate_keys and rotated.page_bytes == L.page_bytes
 
 
 def test_staging_bytes():

@@ -680,3 +680,59 @@ def test_fuzz_round_trip_within_half_stored_step(case):
     ks, vs, k_bound, v_bound = error_bounds(pages, L, sal, k, v)
     assert ((kd - ks).abs() <= k_bound).all(), f"key error exceeds s/2 by {float(((kd - ks).abs() - k_bound).max())}"
     assert ((vd - vs).abs() <= v_bound).all(), f"value error exceeds c*s/2 by {float(((vd - vs).abs() - v_bound).max())}"
+
+
+# -- key rotation (quant/rotation.py) -------------------------------------------------
+
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_hadamard_rotation_is_the_orthonormal_sylvester_matrix_and_its_own_inverse(D):
+    from zipcache_vllm.quant.rotation import hadamard_matrix, hadamard_rotate
+
+    R = hadamard_matrix(D)
+    assert torch.allclose(R @ R, torch.eye(D, dtype=torch.float64), atol=1e-12)
+    x = torch.randn(7, 3, D, generator=torch.Generator().manual_seed(D)) * 5
+    y = hadamard_rotate(x)
+    torch.testing.assert_close(y.double(), x.double() @ R, rtol=0, atol=5e-6)
+    torch.testing.assert_close(hadamard_rotate(y), x, rtol=0, atol=5e-6)
+    # the same bits whatever the leading shape (engine steps vs simulator blocks)
+    assert torch.equal(hadamard_rotate(x[4:5, 1:2]), y[4:5, 1:2])
+    q = torch.randn(3, D)
+    torch.testing.assert_close(hadamard_rotate(q) @ y[0].T, q @ x[0].T, rtol=1e-5, atol=1e-4)
+
+
+def test_rotation_needs_a_power_of_two_head_size():
+    from zipcache_vllm.layout import BlockLayout
+    from zipcache_vllm.quant.rotation import hadamard_rotate
+
+    with pytest.raises(ValueError, match="power-of-two"):
+        hadamard_rotate(torch.zeros(2, 80))
+    with pytest.raises(ValueError, match="power-of-two"):
+        BlockLayout(128, 80, 1, 4, 2, 58, rotate_keys=True)
+
+
+def test_key_rotation_only_for_quantized_pages():
+    from zipcache_vllm.config import load_preset, parse_preset
+
+    data = load_preset("fastgen_t95").model_dump()
+    data["key_rotation"] = "hadamard"
+    with pytest.raises(Exception, match="key_rotation applies to quantized pages"):
+        parse_preset(data, "test")
+    assert load_preset("zipcache").key_rotation == "hadamard"
+    assert load_preset("kivi3").key_rotation == "none"  # KIVI as published
+
+
+def test_rotated_pages_cost_the_same_bytes_and_round_trip_better_with_8_bits():
+    from zipcache_vllm.config import load_preset
+    from zipcache_vllm.layout import BlockLayout
+    from zipcache_vllm.policies import make_policy
+
+    p = load_preset("zipcache")
+    plain = p.model_copy(update={"key_rotation": "none"})
+    assert BlockLayout.from_preset(p, 64, 3).page_bytes == BlockLayout.from_preset(plain, 64, 3).page_bytes
+    eight = p.model_copy(update={"hi_bits": 8, "lo_bits": 8})
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(2, 128, 3, 64, generator=g), torch.randn(2, 128, 3, 64, generator=g)
+    salient = torch.zeros(2, 3, 128, dtype=torch.bool)
+    salient[..., :eight.n_salient] = True
+    k_hat, v_hat = make_policy(eight).compress(k, v, salient)
+    assert (k_hat - k).abs().max() < 0.05 and (v_hat - v).abs().max() < 0.05  # rotated back

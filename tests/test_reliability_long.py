@@ -16,8 +16,9 @@ servers in turn (``auto`` in bf16, then each zipcache preset) answer the same pr
 A preset must retrieve at least as many needles as ``auto`` minus one and keep the
 mean passkey log-probability within ``LOGPROB_MARGIN`` of ``auto``'s. A silent
 long-context collapse (vLLM's fp8 KV once went from 91% to 13% retrieval) fails both.
-``zipcache_kivi4`` must pass; the default ``zipcache`` preset (4-bit salient, 2-bit
-rest) does not, and is a strict xfail that records the measured collapse.
+Both ``zipcache_kivi4`` (uniform 4-bit) and the default ``zipcache`` preset (4-bit
+salient, 2-bit rest, Hadamard-rotated keys) must pass; without the key rotation the
+default preset found 0 of 3 (docs/RELIABILITY.md).
 """
 from __future__ import annotations
 
@@ -43,9 +44,9 @@ def tokenizer(model_dir):
 
 @pytest.fixture(scope="module")
 def prompts(tokenizer):
-    from zipcache_vllm.eval.corpus import english_text
+    from zipcache_vllm.eval.corpus import corpus_ids
 
-    ids = tokenizer(english_text()[:200_000], add_special_tokens=False)["input_ids"]
+    ids = corpus_ids(tokenizer)
     return [build_prompt(tokenizer, ids, d, PROMPT_TOKENS) for d in DEPTHS]
 
 
@@ -98,14 +99,7 @@ def auto(model_dir, prompts, key_ids) -> list[dict]:
     return rows
 
 
-@pytest.mark.parametrize("dtype", [
-    "zipcache_kivi4",
-    pytest.param("zipcache", marks=pytest.mark.xfail(strict=True, reason=(
-        "known long-context collapse of the default 4/2-bit preset: measured 0 of 3 passkeys "
-        "through the engine (auto 3 of 3), and in the offline simulator passkey log-probability "
-        "-9.2/-8.7/-8.7 vs -4.3/-0.6/-0.4 uncompressed at depths 0.2/0.5/0.8 "
-        "(docs/RELIABILITY.md); strict, so a fix turns this red until the mark is removed"))),
-])
+@pytest.mark.parametrize("dtype", ["zipcache_kivi4", "zipcache"])
 def test_passkey_retrieval_vs_auto(model_dir, prompts, key_ids, auto, dtype):
     got = _retrieval(model_dir, dtype, prompts, key_ids)
     for d, a, z in zip(DEPTHS, auto, got):

@@ -40,9 +40,9 @@ def tokenizer(model_dir):
 
 @pytest.fixture(scope="module")
 def corpus(tokenizer) -> list[int]:
-    from zipcache_vllm.eval.corpus import english_text
+    from zipcache_vllm.eval.corpus import corpus_ids
 
-    return tokenizer(english_text()[:200_000], add_special_tokens=False)["input_ids"]
+    return corpus_ids(tokenizer)
 
 
 @pytest.fixture(scope="module")

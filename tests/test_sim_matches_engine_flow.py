@@ -13,7 +13,7 @@ import torch
 from zipcache_vllm.eval.simulate import KVSimulator, SimConfig
 from zipcache_vllm.layout import BlockLayout
 from zipcache_vllm.policies import make_policy
-from zipcache_vllm.vllm_plugin.flow import SaliencyRule, StagedBlock, run_request_step
+from zipcache_vllm.vllm_plugin.flow import SaliencyRule, StagedBlock, rotate_inputs, run_request_step
 
 
 class _Module:
@@ -25,6 +25,7 @@ def _engine_steps(q, k, v, preset, prompt_len, scale):
     L, Hq, D = q.shape
     H = k.shape[1]
     layout = BlockLayout.from_preset(preset, D, H)
+    q, k = rotate_inputs(layout, q, k)  # what apply_step does first
     B = layout.block_size
     rule = SaliencyRule.from_preset(preset)
     pages = torch.zeros(L // B + 1, layout.page_bytes, dtype=torch.uint8)

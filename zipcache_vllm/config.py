@@ -72,6 +72,8 @@ class Preset(BaseModel):
         "block", description="rank saliency per block (what the engine stores) or over the sequence (offline only)")
     saliency_source: Literal["normalized", "accumulated", "random"] = Field(
         "normalized", description="normalized attention (ZipCache), accumulated attention (H2O), or random")
+    key_rotation: Literal["none", "hadamard"] = Field(
+        "none", description="store keys Hadamard-rotated (same bytes; quant/rotation.py)")
     probes: ProbeConfig = Field(default_factory=ProbeConfig)
     fastgen: Optional[FastGenConfig] = None
 
@@ -85,6 +87,9 @@ class Preset(BaseModel):
             raise ValueError("method fastgen needs a 'fastgen' section (threshold, r_local, r_frequent)")
         if self.method != "fastgen" and self.fastgen is not None:
             raise ValueError(f"a 'fastgen' section is only valid with method fastgen, not {self.method}")
+        if self.key_rotation != "none" and self.method not in QUANTIZING_METHODS:
+            raise ValueError(f"key_rotation applies to quantized pages ({', '.join(QUANTIZING_METHODS)}), "
+                             f"not to method {self.method}")
         fg = self.fastgen
         if fg is not None and fg.slots is not None:
             if fg.slots % 8 or fg.slots > self.block_size:

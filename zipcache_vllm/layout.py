@@ -31,7 +31,10 @@ run of bytes::
 
 Keys are quantized channelwise (one min/scale per channel over the group's
 tokens); values are channel-separable tokenwise (CSTQ): divided by the channel
-scale ``c``, then quantized per token. All parameters are float16. Everything
+scale ``c``, then quantized per token. All parameters are float16. With
+``rotate_keys`` the key codes hold ``k R`` (``R``: the orthonormal Hadamard
+rotation of ``quant/rotation.py``) and readers rotate the query by the same ``R``;
+the bytes are the same. Everything
 that needs a byte count (the vLLM backend's page size, the capacity planner,
 the kernels) reads it from :class:`BlockLayout`; nothing recomputes it.
 """
@@ -73,6 +76,7 @@ class BlockLayout:
         lo_bits: bit width of regular tokens.
         n_hi: salient tokens per (block, KV head); ``0`` and ``B`` give uniform
             quantization at ``lo_bits`` and ``hi_bits`` respectively.
+        rotate_keys: keys are stored Hadamard-rotated (``D`` a power of two); same bytes.
     """
 
     block_size: int
@@ -81,6 +85,7 @@ class BlockLayout:
     hi_bits: int = 4
     lo_bits: int = 2
     n_hi: int = 0
+    rotate_keys: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size % 8:
@@ -95,6 +100,8 @@ class BlockLayout:
                 raise ValueError(f"{name} must be one of {SUPPORTED_BITS}, got {bits}")
         if not 0 <= self.n_hi <= self.block_size:
             raise ValueError(f"n_hi must be in [0, block_size={self.block_size}], got {self.n_hi}")
+        if self.rotate_keys and self.head_size & (self.head_size - 1):
+            raise ValueError(f"rotate_keys needs a power-of-two head size, got {self.head_size}")
 
     @classmethod
     def from_preset(cls, preset, head_size: int, num_kv_heads: int) -> "BlockLayout":
@@ -106,6 +113,7 @@ class BlockLayout:
             hi_bits=preset.hi_bits,
             lo_bits=preset.lo_bits,
             n_hi=preset.n_salient,
+            rotate_keys=preset.key_rotation == "hadamard",
         )
 
     @property

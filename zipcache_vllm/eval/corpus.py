@@ -36,6 +36,12 @@ def english_text() -> str:
     return "\n\n".join(p for p in paragraphs if len(p.split()) >= 8)
 
 
+def corpus_ids(tokenizer, chars: int = 200_000) -> list[int]:
+    """Token ids of the first ``chars`` characters of :func:`english_text` (about 45,000
+    SmolLM2 tokens by default: enough for several 8k-token prompts), no special tokens."""
+    return tokenizer(english_text()[:chars], add_special_tokens=False)["input_ids"]
+
+
 def token_windows(tokenizer, seq_len: int, count: int, prefix_ids: list[int] | None = None) -> list[list[int]]:
     """``count`` disjoint windows of ``seq_len`` token ids, each starting with ``prefix_ids``."""
     prefix = list(prefix_ids or [])

@@ -90,6 +90,7 @@ def ablation_variants() -> list[Variant]:
         _variant("abl:oracle", "zipcache_exact", "exact normalized attention of ALL queries, future ones included "
                  "(offline upper bound)", window="oracle"),
         _variant("abl:ratio=0.6", "zipcache", "paper's 60% salient tokens (more bytes)", salient_ratio=0.6),
+        _variant("abl:rotation=none", "zipcache", "keys stored unrotated (the paper's)", key_rotation="none"),
     ]
 
 

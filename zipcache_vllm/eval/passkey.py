@@ -49,12 +49,12 @@ def offline(model_dir: str, presets: list[str], n_tokens: int, depths=DEPTHS, bl
     import torch
 
     from ..policies import make_policy
-    from .corpus import english_text
+    from .corpus import corpus_ids
     from .offline import _logits, load_model
     from .simulate import KVSimulator, SimConfig
 
     model, tok = load_model(model_dir)
-    ids = tok(english_text()[:200_000], add_special_tokens=False)["input_ids"]
+    ids = corpus_ids(tok)
     key = key_ids(tok)
     for depth in depths:
         prompt = build_prompt(tok, ids, depth, n_tokens)

@@ -13,6 +13,7 @@ from ..config import Preset
 from ..layout import BF16_BYTES, BlockLayout
 from ..quant.block import fake_quantize_blocks, topk_salient_mask
 from ..quant.masked import fake_quantize_masked
+from ..quant.rotation import hadamard_rotate
 from ..saliency import normalized_scores
 
 
@@ -43,10 +44,16 @@ class KVPolicy:
         return topk_salient_mask(scores, self.preset.n_salient)
 
     def compress(self, k: torch.Tensor, v: torch.Tensor, salient: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dequantized ``k, v [N, B, Hk, D]`` as the engine's pages would return them."""
+        """Dequantized ``k, v [N, B, Hk, D]`` as the engine's pages would return them
+        (rotated keys rotated back: ``R`` is its own inverse)."""
+        rotate = self.preset.key_rotation == "hadamard"
+        if rotate:
+            k = hadamard_rotate(k)
         if bool((salient.sum(-1) == self.preset.n_salient).all()):
-            return fake_quantize_blocks(k, v, salient, self.layout(k.shape[-1], k.shape[-2]))
-        return fake_quantize_masked(k, v, salient, self.preset.hi_bits, self.preset.lo_bits)
+            k_hat, v_hat = fake_quantize_blocks(k, v, salient, self.layout(k.shape[-1], k.shape[-2]))
+        else:
+            k_hat, v_hat = fake_quantize_masked(k, v, salient, self.preset.hi_bits, self.preset.lo_bits)
+        return (hadamard_rotate(k_hat) if rotate else k_hat), v_hat
 
 
 class NoCompression(KVPolicy):

@@ -54,12 +54,12 @@ def load_and_verify(server, tokenizer, *, clients: int = 64, requests: int = 128
     """Run the load against a ready ``server`` and every check after it (see module doc)."""
     import asyncio
 
-    from ..eval.corpus import english_text
+    from ..eval.corpus import corpus_ids
     from .load import LoadConfig, run_load
     from .server import leaked
 
     before = server.chat(PROBE, max_tokens=PROBE_TOKENS)
-    ids = tokenizer(english_text()[:200_000], add_special_tokens=False)["input_ids"]
+    ids = corpus_ids(tokenizer)
     cfg = LoadConfig(url=server.url, model=server.model_name(), corpus_ids=ids, clients=clients,
                      requests=requests, duration_s=duration_s, max_model_len=max_model_len,
                      max_tokens=max_tokens, seed=seed)

@@ -44,7 +44,7 @@ def compare(server, prompts: list[list[int]]) -> tuple[float, list[dict]]:
 def main(argv: list[str] | None = None) -> None:
     from transformers import AutoTokenizer
 
-    from ..eval.corpus import english_text
+    from ..eval.corpus import corpus_ids
     from ..model.prepare import prepare_default_model
     from .cli import server_args
     from .server import Server
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     model = args.model or str(prepare_default_model())
     tok = AutoTokenizer.from_pretrained(model)
-    corpus = tok(english_text()[:200_000], add_special_tokens=False)["input_ids"]
+    corpus = corpus_ids(tok)
     prompts = [corpus[3000 * i + 17:3000 * i + 17 + 200 + 25 * i] for i in range(PROMPTS)]
     with Server(model, *server_args(args.kv_cache_dtype, MAX_NUM_SEQS, NUM_BLOCKS), "--dtype", args.dtype,
                 max_model_len=MAX_MODEL_LEN) as s:

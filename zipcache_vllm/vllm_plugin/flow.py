@@ -36,6 +36,7 @@ from ..config import Preset, ProbeConfig
 from ..layout import BlockLayout
 from ..kernels import attend_packed, decode_staged, quantize_pack, uses_triton
 from ..quant.block import topk_salient_mask, unpack_dequantize_blocks
+from ..quant.rotation import hadamard_rotate
 from ..saliency.scores import probe_rows
 from .staging import StagingPool
 
@@ -347,6 +348,14 @@ def plan_step(pool: StagingPool, block_size: int, query_start_loc: list[int],
     return plans
 
 
+def rotate_inputs(layout: BlockLayout, query: torch.Tensor,
+                  key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``query R, key R`` in their dtypes for a layout with rotated keys, else unchanged."""
+    if not layout.rotate_keys:
+        return query, key
+    return hadamard_rotate(query).to(query.dtype), hadamard_rotate(key).to(key.dtype)
+
+
 def apply_step(pool: StagingPool, layer: int, plans: list[RequestPlan], query: torch.Tensor,
                key: torch.Tensor, value: torch.Tensor, pages: torch.Tensor,
                layout: BlockLayout, rule: SaliencyRule, scale: float,
@@ -357,8 +366,11 @@ def apply_step(pool: StagingPool, layer: int, plans: list[RequestPlan], query: t
     output ``[T, Hq, D]``. Decode rows (one query) run together in
     :func:`apply_decode_rows` (``decode``: their :class:`DecodeBatch`, built once per
     step by the caller, or here); chunks of several tokens run one request at a time.
-    Both are the same flow (a decode row is a chunk of length 1).
+    Both are the same flow (a decode row is a chunk of length 1). With
+    ``layout.rotate_keys`` the query and key rows are rotated here, once, so pages,
+    staging and every attention read see rotated keys (``q R . k R = q . k``).
     """
+    query, key = rotate_inputs(layout, query, key)
     # Off the CPU, tensors the flow creates go to the query's device (a no-op context on
     # the CPU, where entering a device mode would tax every op of the step).
     with contextlib.nullcontext() if query.is_cpu else torch.device(query.device):
