@@ -32,6 +32,8 @@ def is_power_of_two(n: int) -> bool:
 @lru_cache(maxsize=None)
 def _signs(D: int, device: torch.device) -> torch.Tensor:
     """Sylvester's unscaled +-1 Hadamard matrix, float64, on ``device``."""
+    if not is_power_of_two(D):
+        raise ValueError(f"Hadamard rotation needs a power-of-two head size, got {D}")
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < D:
         h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
@@ -41,13 +43,9 @@ def _signs(D: int, device: torch.device) -> torch.Tensor:
 def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
     """``x R`` along the last dimension, float32 (``R`` above; applying it twice is ``x``)."""
     D = x.shape[-1]
-    if not is_power_of_two(D):
-        raise ValueError(f"Hadamard rotation needs a power-of-two head size, got {D}")
     return (x.double() @ _signs(D, x.device)).mul_(D ** -0.5).float()
 
 
 def hadamard_matrix(D: int) -> torch.Tensor:
     """``R`` itself, float64 (tests and docs)."""
-    if not is_power_of_two(D):
-        raise ValueError(f"Hadamard rotation needs a power-of-two head size, got {D}")
     return _signs(D, torch.device("cpu")) / D ** 0.5
