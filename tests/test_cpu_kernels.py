@@ -256,6 +256,34 @@ def _valid():
     return torch.randn(1, 4, 64), pages, torch.tensor([0, 1])
 
 
+# -- hadamard_rotate: the C++ butterfly must give the float64 reference's bits -----------
+
+@pytest.mark.parametrize("D", [1, 2, 64, 128, 256])
+@pytest.mark.parametrize("src", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dst", [torch.float32, torch.bfloat16, torch.float16])
+def test_hadamard_rotate_is_bit_exact(D, src, dst):
+    from zipcache_vllm.quant.rotation import hadamard_rotate as rotate_ref
+
+    g = torch.Generator().manual_seed(D)
+    # rows that mix magnitudes 10^-3..10^3 (activations with outlier channels)
+    x = (torch.randn(37, 3, D, generator=g) * torch.logspace(-3, 3, D)).to(src)
+    y = kernels.hadamard_rotate(x, dst)
+    assert y.dtype == dst and y.shape == x.shape
+    assert torch.equal(y, rotate_ref(x).to(dst))
+    # a row's bits do not depend on the rows beside it, nor on strides
+    assert torch.equal(kernels.hadamard_rotate(x[5:6, 1:2], dst), y[5:6, 1:2])
+    assert torch.equal(kernels.hadamard_rotate(x.transpose(0, 1), dst), y.transpose(0, 1))
+
+
+def test_hadamard_rotate_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="power-of-two"):
+        kernels.hadamard_rotate(torch.zeros(2, 80))
+    with pytest.raises(ValueError, match="dtype"):
+        kernels.hadamard_rotate(torch.zeros(2, 64), torch.int32)
+    with pytest.raises(ValueError, match="last dimension"):
+        kernels.hadamard_rotate(torch.tensor(1.0))
+
+
 @pytest.mark.parametrize("bad", [
     lambda q, p, i: (q.double(), p, i),  # q dtype
     lambda q, p, i: (q[0], p, i),  # q rank

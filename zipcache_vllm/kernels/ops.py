@@ -25,6 +25,8 @@ from functools import lru_cache
 import torch
 
 from ..layout import BlockLayout
+from ..quant.rotation import hadamard_rotate as hadamard_rotate_reference
+from ..quant.rotation import is_power_of_two
 from . import build, reference
 
 # Section order expected by csrc/zc_kernels.h (enum SectionIdx).
@@ -356,3 +358,20 @@ def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tenso
     safe = torch.where(tot > 0, tot, torch.ones_like(tot))
     out = (out_a.float() * (wa / safe).t().unsqueeze(-1) + out_b.float() * (wb / safe).t().unsqueeze(-1))
     return out, m + torch.log(tot)
+
+
+def hadamard_rotate(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x R`` along the last dimension (:mod:`zipcache_vllm.quant.rotation`), in ``dtype``
+    (default float32): the same bits as the float64 reference rounded to float32 and then
+    to ``dtype``, from one pass of the C++ butterfly on the CPU (the reference elsewhere,
+    or for float64 input)."""
+    dtype = torch.float32 if dtype is None else dtype
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError("x must be a tensor with a last dimension to rotate")
+    if not is_power_of_two(x.shape[-1]):
+        raise ValueError(f"Hadamard rotation needs a power-of-two head size, got {x.shape[-1]}")
+    if dtype not in Q_DTYPES:
+        raise ValueError(f"dtype must be one of {Q_DTYPES}, got {dtype}")
+    if x.is_cpu and x.dtype in Q_DTYPES and not uses_triton(x) and _use_extension():
+        return torch.ops.zipcache.hadamard_rotate(x, dtype)
+    return hadamard_rotate_reference(x).to(dtype)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 
 from ..config import Preset
+from ..kernels import hadamard_rotate
 from ..layout import BF16_BYTES, BlockLayout
 from ..quant.block import fake_quantize_blocks, topk_salient_mask
 from ..quant.masked import fake_quantize_masked
-from ..quant.rotation import hadamard_rotate
 from ..saliency import normalized_scores
 
 

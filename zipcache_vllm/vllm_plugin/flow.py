@@ -34,9 +34,8 @@ import torch
 
 from ..config import Preset, ProbeConfig
 from ..layout import BlockLayout
-from ..kernels import attend_packed, decode_staged, quantize_pack, uses_triton
+from ..kernels import attend_packed, decode_staged, hadamard_rotate, quantize_pack, uses_triton
 from ..quant.block import topk_salient_mask, unpack_dequantize_blocks
-from ..quant.rotation import hadamard_rotate
 from ..saliency.scores import probe_rows
 from .staging import StagingPool
 
@@ -101,12 +100,11 @@ class _OnlineSoftmax:
         self.acc = torch.zeros(H, g, q, D)
 
     def seed(self, out: torch.Tensor, lse: torch.Tensor) -> None:
-        """Start from a finished partial attention ``out [q, Hq, D]``, ``lse [Hq, q]``
+        """Start from a finished partial attention ``out [H, g, q, D]``, ``lse [H, g, q]``
         (``lse = -inf`` and ``out = 0`` where it saw no key)."""
-        H, g, q, D = self.acc.shape
-        self.m = lse.reshape(H, g, q).clone()
-        self.l = torch.ones(H, g, q)
-        self.acc = out.float().reshape(q, H, g, D).permute(1, 2, 0, 3).contiguous()
+        self.m = lse.clone()
+        self.l = torch.ones_like(lse)
+        self.acc = out.contiguous()
 
     def update(self, k: torch.Tensor, v: torch.Tensor, rows: slice,
                mask: torch.Tensor | None = None) -> None:
@@ -212,22 +210,33 @@ def local_window(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, ctx:
     """Scaled queries ``[H, g, q, D]`` and the float32 local window ``kw, vw [H, s + q, D]``
     (the ``s = ctx % B`` staged tokens, then the chunk) of a request's step; checks that
     ``packed_ids`` lists the ``ctx // B`` complete blocks."""
-    ql, Hq, D = q.shape
-    H = k_new.shape[1]
-    s, b0 = ctx % block_size, ctx // block_size
+    b0 = ctx // block_size
     if packed_ids.numel() != b0:
         raise ValueError(f"expected {b0} packed block ids, got {packed_ids.numel()}")
-    qs = (q.float() * scale).reshape(ql, H, Hq // H, D).permute(1, 2, 0, 3).contiguous()
+    kw, vw = _window(k_new, v_new, staged, ctx % block_size)
+    return scaled_queries(q, k_new.shape[1], scale), kw, vw
+
+
+def scaled_queries(q: torch.Tensor, num_kv_heads: int, scale: float) -> torch.Tensor:
+    """``q [n, Hq, D]`` times ``scale`` as float32 ``[H, g, n, D]`` (the query heads of each
+    KV head together)."""
+    n, Hq, D = q.shape
+    return (q.float() * scale).reshape(n, num_kv_heads, Hq // num_kv_heads, D).permute(
+        1, 2, 0, 3).contiguous()
+
+
+def _window(k_new: torch.Tensor, v_new: torch.Tensor, staged: StagedBlock,
+            s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``kw, vw [H, s + q, D]``: the first ``s`` staged tokens, then the chunk's."""
     kw = torch.cat([staged.k[:, :s].float(), k_new.float().transpose(0, 1)], dim=1)
     vw = torch.cat([staged.v[:, :s].float(), v_new.float().transpose(0, 1)], dim=1)
-    return qs, kw, vw
+    return kw, vw
 
 
 def run_request_step(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                      ctx: int, packed_ids: torch.Tensor, pages: torch.Tensor,
                      staged: StagedBlock, layout: BlockLayout, rule: SaliencyRule,
-                     scale: float,
-                     packed_part: tuple[torch.Tensor, torch.Tensor] | None = None) -> StepResult:
+                     scale: float) -> StepResult:
     """One request's attention step over packed pages + staging + its own chunk.
 
     Args:
@@ -238,39 +247,43 @@ def run_request_step(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
         pages: uint8 ``[num_blocks, page_bytes]`` the layer's cache.
         staged: the request's staging block (first ``ctx % B`` tokens valid).
         layout: page layout; rule: saliency rule; scale: softmax scale.
-        packed_part: the attention over the packed blocks, ``(out [q, Hq, D], lse [Hq, q])``,
-            when the caller computed it already (see :func:`_apply_chunk`).
     """
-    ql, Hq, D = q.shape
-    H, B = layout.num_kv_heads, layout.block_size
-    g = Hq // H
-    s, b0 = ctx % B, ctx // B
-    qs, kw, vw = local_window(q, k_new, v_new, ctx, packed_ids, staged, B, scale)
-    state = _OnlineSoftmax(qs)
-    row_tiles = [slice(i, min(i + QUERY_TILE, ql)) for i in range(0, ql, QUERY_TILE)]
-
+    qs, kw, vw = local_window(q, k_new, v_new, ctx, packed_ids, staged, layout.block_size, scale)
     # (a1) complete packed blocks: dequantized inside the kernel (C++ on CPU, or the
-    # PyTorch reference a bounded group of pages at a time), then merged by LSE.
-    if packed_part is not None:
-        state.seed(*packed_part)
-    elif b0:
-        state.seed(*attend_packed(q, pages, packed_ids, layout, scale))
+    # PyTorch reference a bounded group of pages at a time), merged below by LSE.
+    prior = None
+    if packed_ids.numel():
+        out_p, lse_p = attend_packed(q, pages, packed_ids, layout, scale)
+        prior = _grouped(out_p, lse_p, layout.num_kv_heads)
+    return _step(qs, kw, vw, ctx, prior, staged, layout, rule)
 
-    # (a2) local window: staged tokens then the chunk, causal.
+
+def _grouped(out: torch.Tensor, lse: torch.Tensor, H: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A partial attention ``out [q, Hq, D]``, ``lse [Hq, q]`` regrouped as ``[H, g, q, D]``,
+    ``[H, g, q]`` (the layout of the scaled queries)."""
+    q, Hq, D = out.shape
+    return (out.float().reshape(q, H, Hq // H, D).permute(1, 2, 0, 3),
+            lse.reshape(H, Hq // H, q))
+
+
+def _step(qs: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, ctx: int,
+          prior: tuple[torch.Tensor, torch.Tensor] | None, staged: StagedBlock,
+          layout: BlockLayout, rule: SaliencyRule) -> StepResult:
+    """The step after the packed part: local window (causal), merged with ``prior`` (the
+    packed part, grouped), saliency, quantization of the blocks that fill, the tail.
+
+    qs ``[H, g, q, D]`` scaled queries, kw/vw ``[H, s + q, D]`` the local window.
+    """
+    H, g, ql, D = qs.shape
+    B = layout.block_size
+    s, b0 = ctx % B, ctx // B
     Lw = s + ql
-    qpos = torch.arange(ql) + s  # local index of each query
-    for kstart in range(0, Lw, KEY_TILE):
-        kend = min(kstart + KEY_TILE, Lw)
-        kidx = torch.arange(kstart, kend)
-        for rows in row_tiles:
-            if int(qpos[rows.stop - 1]) < kstart:
-                continue  # every key of the tile is in these queries' future
-            mask = kidx.unsqueeze(0) <= qpos[rows].unsqueeze(1)
-            state.update(kw[:, kstart:kend], vw[:, kstart:kend], rows, mask)
-    out, lse = state.finish()  # [H, g, q, D], [H, g, q]
-
-    # (b) saliency of the local window's blocks from the queries of the same block.
-    score, count = _block_saliency(qs, kw, lse, s, b0 * B, B, rule)
+    if Lw <= B:  # one local block (every chunk of _apply_chunk, every decode row)
+        out, lse, score, count = _one_block(qs, kw, vw, s, prior, rule, b0 * B, B)
+    else:
+        out, lse = _tiled_attention(qs, kw, vw, s, prior)
+        # (b) saliency of the local window's blocks from the queries of the same block.
+        score, count = _block_saliency(qs, kw, lse, s, b0 * B, B, rule)
     if s:  # only the first s entries of a slot are meaningful (the rest is stale)
         score[0, :, :s] += staged.score[:, :s].float()
         count[0, :s] += staged.count[:s].float()
@@ -291,8 +304,8 @@ def run_request_step(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     # (d) the partial tail goes (back) to staging.
     t0 = n_full * B
     return StepResult(
-        out=out.permute(2, 0, 1, 3).reshape(ql, Hq, D),
-        lse=lse.reshape(Hq, ql),
+        out=out.permute(2, 0, 1, 3).reshape(ql, H * g, D),
+        lse=lse.reshape(H * g, ql),
         pages=new_pages,
         tail_len=tail,
         tail_k=kw[:, t0:Lw],
@@ -300,6 +313,69 @@ def run_request_step(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
         tail_score=score[n_full, :, :tail] if tail else score.new_zeros(H, 0),
         tail_count=count[n_full, :tail] if tail else count.new_zeros(0),
     )
+
+
+def _one_block(qs: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, s: int,
+               prior: tuple[torch.Tensor, torch.Tensor] | None, rule: SaliencyRule,
+               block_start: int, block_size: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention and saliency when the local window is one block (``s + q <= B``): one
+    score matrix per KV head, merged with ``prior`` by log-sum-exp; the probe rows'
+    probabilities ``exp(score - lse)`` are the merged softmax's ``p / l``, not recomputed.
+
+    Returns out ``[H, g, q, D]``, lse ``[H, g, q]``, score ``[1, H, B]``, count ``[1, B]``.
+    """
+    H, g, ql, D = qs.shape
+    Lw = kw.shape[1]
+    logits = torch.matmul(qs, kw.unsqueeze(1).transpose(-1, -2))  # [H, g, q, Lw]
+    visible = torch.arange(Lw) <= (torch.arange(ql) + s).unsqueeze(1)  # [q, Lw]
+    logits.masked_fill_(~visible, float("-inf"))
+    m = logits.amax(-1)  # finite: every query sees its own key
+    if prior is not None:
+        m = torch.maximum(m, prior[1])
+    p = logits.sub_(m.unsqueeze(-1)).exp_()
+    l = p.sum(-1)
+    acc = torch.matmul(p, vw.unsqueeze(1))  # [H, g, q, D]
+    if prior is not None:
+        w = torch.exp(prior[1] - m)  # 0 where the packed part saw no key (lse = -inf)
+        l += w
+        acc += w.unsqueeze(-1) * prior[0]
+    out = acc.div_(l.unsqueeze(-1))
+    lse = m + torch.log(l)
+    score = torch.zeros(1, H, block_size)
+    count = torch.zeros(1, block_size)
+    if rule.source != "random":
+        rows = torch.arange(ql)
+        if rule.probes.strategy != "exact":
+            rows = rows[_probe_mask(block_size, rule.probes, block_start)[s:s + ql]]
+        if rows.numel():
+            probs = p[:, :, rows] / l[:, :, rows].unsqueeze(-1)
+            score[0, :, :Lw] = probs.sum(dim=(1, 2))
+            count[0, :Lw] = visible[rows].sum(0).float()
+    return out, lse, score, count
+
+
+def _tiled_attention(qs: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, s: int,
+                     prior: tuple[torch.Tensor, torch.Tensor] | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention over a local window of several blocks, in tiles of at most
+    ``QUERY_TILE x KEY_TILE`` scores, merged with ``prior``: out ``[H, g, q, D]``, lse ``[H, g, q]``."""
+    ql = qs.shape[2]
+    Lw = kw.shape[1]
+    state = _OnlineSoftmax(qs)
+    if prior is not None:
+        state.seed(*prior)
+    row_tiles = [slice(i, min(i + QUERY_TILE, ql)) for i in range(0, ql, QUERY_TILE)]
+    qpos = torch.arange(ql) + s  # local index of each query
+    for kstart in range(0, Lw, KEY_TILE):
+        kend = min(kstart + KEY_TILE, Lw)
+        kidx = torch.arange(kstart, kend)
+        for rows in row_tiles:
+            if int(qpos[rows.stop - 1]) < kstart:
+                continue  # every key of the tile is in these queries' future
+            mask = kidx.unsqueeze(0) <= qpos[rows].unsqueeze(1)
+            state.update(kw[:, kstart:kend], vw[:, kstart:kend], rows, mask)
+    return state.finish()
 
 
 @dataclass
@@ -353,7 +429,7 @@ def rotate_inputs(layout: BlockLayout, query: torch.Tensor,
     """``query R, key R`` in their dtypes for a layout with rotated keys, else unchanged."""
     if not layout.rotate_keys:
         return query, key
-    return hadamard_rotate(query).to(query.dtype), hadamard_rotate(key).to(key.dtype)
+    return hadamard_rotate(query, query.dtype), hadamard_rotate(key, key.dtype)
 
 
 def apply_step(pool: StagingPool, layer: int, plans: list[RequestPlan], query: torch.Tensor,
@@ -398,25 +474,33 @@ def _apply_chunk(pool: StagingPool, layer: int, plan: RequestPlan, query: torch.
     steps (one prefill chunk, a chunk cut by the token budget, the rest after a
     prefix-cache hit, a recompute of prompt + generated tokens after preemption).
 
-    Speed: the packed prefix is dequantized once per layer (and each block once, as it
-    is packed) and the queries of a block attend it as one dense float32 attention,
-    instead of dequantizing every page again for every few query rows.
+    Speed: the queries are scaled to float32 once per chunk; the packed prefix is
+    dequantized once per layer (and each block once, as it is packed) and the queries
+    of a block attend it as one dense float32 attention, instead of dequantizing every
+    page again for every few query rows.
     """
-    B, slot = layout.block_size, plan.slot
+    B, H, slot = layout.block_size, layout.num_kv_heads, plan.slot
     ctx, filled = plan.ctx, 0
     start, end = plan.q_start, plan.q_start + plan.q_len
     # The Triton path (CUDA) attends the packed pages with its own prefill kernel.
     prefix = None if uses_triton(pages) else _DequantizedPrefix(
         pages, plan.packed_ids, layout, plan.packed_ids.numel() + plan.filled_ids.numel())
     packed = plan.packed_ids
+    qs_all = scaled_queries(query[start:end], H, scale)  # converted once for the chunk
     while start < end:
         n = min(end - start, B - ctx % B)  # up to the end of the current block
         rows = slice(start, start + n)
+        qs = qs_all[:, :, start - plan.q_start:start - plan.q_start + n]
         staged = StagedBlock(pool.k[layer, slot], pool.v[layer, slot],
                              pool.score[layer, slot], pool.count[layer, slot])
-        res = run_request_step(query[rows], key[rows], value[rows], ctx, packed,
-                               pages, staged, layout, rule, scale,
-                               packed_part=prefix.attend(query[rows], scale) if prefix else None)
+        kw, vw = _window(key[rows], value[rows], staged, ctx % B)
+        if prefix is not None:
+            prior = prefix.attend(qs)
+        elif packed.numel():
+            prior = _grouped(*attend_packed(query[rows], pages, packed, layout, scale), H)
+        else:
+            prior = None
+        res = _step(qs, kw, vw, ctx, prior, staged, layout, rule)
         output[rows] = res.out.to(output.dtype)
         if res.pages.shape[0]:  # the block filled: later blocks read it packed
             block = plan.filled_ids[filled:filled + 1]
@@ -463,20 +547,17 @@ class _DequantizedPrefix:
         self._v[:, self.len:self.len + n] = v.transpose(0, 1).flatten(1, 2)
         self.len += n
 
-    def attend(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(out [n, Hq, D], lse [Hq, n])`` of queries ``q [n, Hq, D]`` over the prefix
-        (no mask: every query comes after it); the query heads of a KV group are folded
-        into rows so one float32 flash attention per KV head serves the whole group."""
+    def attend(self, qs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(out [H, g, n, D], lse [H, g, n])`` of scaled queries ``qs [H, g, n, D]`` over
+        the prefix (no mask: every query comes after it); the query heads of a KV group
+        are folded into rows so one float32 flash attention per KV head serves the group."""
         if self.len == 0:
             return None
-        n, Hq, D = q.shape
-        H = self.layout.num_kv_heads
-        g = Hq // H
-        qf = q.float().reshape(n, H, g, D).permute(1, 2, 0, 3).reshape(1, H, g * n, D)
+        H, g, n, D = qs.shape
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qf, self.k.unsqueeze(0), self.v.unsqueeze(0), 0.0, False, scale=scale)[:2]
-        out = out.reshape(H, g, n, D).permute(2, 0, 1, 3).reshape(n, Hq, D)
-        return out, lse.reshape(Hq, n)
+            qs.reshape(1, H, g * n, D), self.k.unsqueeze(0), self.v.unsqueeze(0), 0.0, False,
+            scale=1.0)[:2]
+        return out.reshape(H, g, n, D), lse.reshape(H, g, n)
 
 
 @dataclass
