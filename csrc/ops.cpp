@@ -267,8 +267,18 @@ inline void quant_params(float xmin, float xmax, int bits, c10::Half& m, c10::Ha
   s = fp16_round(step, true);
 }
 
+// std::nearbyint in the default rounding mode (half to even) without a libm call: the
+// portable build has no SSE4.1 `roundss`, and this runs once per packed element. Adding
+// 1.5 * 2^23 rounds |y| < 2^22 to an integer (half to even: the constant is even), and
+// subtracting it back is exact. Codes only need y in [0, 255], so the branch is cold.
+inline float round_half_even(float y) {
+  constexpr float MAGIC = 12582912.f;
+  if (!(std::fabs(y) < 4194304.f)) return std::nearbyint(y);
+  return (y + MAGIC) - MAGIC;
+}
+
 inline uint8_t quantize1(float x, float m, float s, int bits) {
-  float q = std::nearbyint((x - m) / s);
+  float q = round_half_even((x - m) / s);
   const float hi = static_cast<float>((1 << bits) - 1);
   q = q < 0.f ? 0.f : (q > hi ? hi : q);
   return static_cast<uint8_t>(q);
@@ -290,8 +300,8 @@ inline void put_half(uint8_t* dst, int64_t i, c10::Half h) {
   std::memcpy(dst + 2 * i, &h.x, 2);
 }
 
-void pack_head(const float* k, const float* v, const bool* sal, const PageLayout& L, int64_t tok_stride,
-               uint8_t* out) {
+void pack_head(const float* k, const float* v, const bool* sal, const PageLayout& L, int64_t k_tok_stride,
+               int64_t v_tok_stride, uint8_t* out) {
   const int64_t B = L.block_size, D = L.head_size, n_hi = L.n_hi;
   std::vector<int64_t> order;
   order.reserve(B);
@@ -300,8 +310,8 @@ void pack_head(const float* k, const float* v, const bool* sal, const PageLayout
   std::vector<float> ks(B * D), vn(B * D), c(D, 0.f);
   for (int64_t i = 0; i < B; ++i)
     for (int64_t j = 0; j < D; ++j) {
-      ks[i * D + j] = sanitize(k[order[i] * tok_stride + j]);
-      vn[i * D + j] = sanitize(v[order[i] * tok_stride + j]);
+      ks[i * D + j] = sanitize(k[order[i] * k_tok_stride + j]);
+      vn[i * D + j] = sanitize(v[order[i] * v_tok_stride + j]);
       c[j] = std::max(c[j], std::fabs(vn[i * D + j]));
     }
   std::vector<c10::Half> ch(D);
@@ -368,7 +378,10 @@ Tensor quantize_pack(const Tensor& k, const Tensor& v, const Tensor& salient, st
   TORCH_CHECK(salient.scalar_type() == at::kBool && salient.dim() == 3 && salient.size(0) == N &&
                   salient.size(1) == H && salient.size(2) == B,
               "salient must be bool [N, H, B]");
-  Tensor kf = k.to(at::kFloat).contiguous(), vf = v.to(at::kFloat).contiguous();
+  // float32 in the input's strides (a strided view of the staging pool is not copied twice)
+  Tensor kf = k.to(at::kFloat), vf = v.to(at::kFloat);
+  if (kf.stride(3) != 1) kf = kf.contiguous();
+  if (vf.stride(3) != 1) vf = vf.contiguous();
   Tensor sal = salient.contiguous();
   Tensor pages = at::zeros({N, L.page_bytes}, k.options().dtype(at::kByte));
   const float* kp = kf.data_ptr<float>();
@@ -378,8 +391,8 @@ Tensor quantize_pack(const Tensor& k, const Tensor& v, const Tensor& salient, st
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / H, h = i % H;
-      const int64_t base = n * B * H * D + h * D;
-      pack_head(kp + base, vp + base, sp + (n * H + h) * B, L, H * D, op + n * L.page_bytes + h * L.head_bytes);
+      pack_head(kp + n * kf.stride(0) + h * kf.stride(2), vp + n * vf.stride(0) + h * vf.stride(2),
+                sp + (n * H + h) * B, L, kf.stride(1), vf.stride(1), op + n * L.page_bytes + h * L.head_bytes);
     }
   });
   return pages;

@@ -240,6 +240,34 @@ def test_quantize_pack_bit_exact(B, D, bits, dtype):
     assert torch.equal(got, quantize_pack_blocks(k, v, sal, layout))
 
 
+@pytest.mark.parametrize("bits", [(2, 2, 0.0), (4, 2, 0.45), (3, 3, 0.0)])
+def test_quantize_pack_rounds_ties_to_even_like_the_reference(bits):
+    """Channels whose values sit exactly half a step between two codes (min 0, step 1
+    for 2 bits): the C++ rounding must pick the even code, as torch.round does."""
+    layout = layout_for(64, 64, 2, bits)
+    levels = (1 << bits[1]) - 1
+    ties = torch.tensor([0.0, float(levels)] + [i + 0.5 for i in range(levels)])
+    k = torch.randn(2, 64, 2, 64, generator=torch.Generator().manual_seed(5))
+    k[:, :, :, :8] = ties.repeat(64)[:64].view(1, 64, 1, 1)
+    v = k.flip(-1).clone()
+    sal = topk_salient_mask(torch.rand(2, 2, 64, generator=torch.Generator().manual_seed(6)), layout.n_hi)
+    assert torch.equal(kernels.quantize_pack(k, v, sal, layout), quantize_pack_blocks(k, v, sal, layout))
+
+
+def test_quantize_pack_reads_strided_views():
+    """A transposed view of the staging pool ([S, H, B, D] -> [S, B, H, D]) packs to the
+    bytes of its contiguous copy."""
+    layout = layout_for(64, 64, 3, BITS[0])
+    g = torch.Generator().manual_seed(7)
+    pool_k = torch.randn(4, 3, 64, 64, generator=g).to(torch.bfloat16)
+    pool_v = torch.randn(4, 3, 64, 64, generator=g).to(torch.bfloat16)
+    sal = topk_salient_mask(torch.rand(2, 3, 64, generator=g), layout.n_hi)
+    kv = pool_k[1:3].transpose(1, 2), pool_v[[3, 0]].transpose(1, 2)
+    assert not kv[0].is_contiguous()
+    assert torch.equal(kernels.quantize_pack(*kv, sal, layout),
+                       kernels.quantize_pack(kv[0].contiguous(), kv[1].contiguous(), sal, layout))
+
+
 def test_quantize_pack_empty_batch():
     layout = layout_for(64, 64, 2, BITS[0])
     k = torch.zeros(0, 64, 2, 64)
