@@ -6,7 +6,7 @@ import argparse
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("bench", help="benchmarks (kernels vs vLLM's bf16 CPU attention)")
-    bsub = p.add_subparsers(dest="bench_cmd", metavar="{kernels,decode}", required=True)
+    bsub = p.add_subparsers(dest="bench_cmd", metavar="{kernels,prefill,decode,serve}", required=True)
     k = bsub.add_parser(
         "kernels",
         help="decode attention: packed zipcache kernel vs vLLM's bf16 (and fp8) CPU attention",
@@ -29,6 +29,19 @@ def add_parser(subparsers) -> None:
                    "kernels vs bf16 SDPA on a GPU (triton_kernels/bench.py; extra arguments after "
                    "-- go to it, e.g. -- --contexts 1024,32768 --batches 1,16)")
     k.set_defaults(func=_cmd_kernels)
+    pf = bsub.add_parser(
+        "prefill",
+        help="prefill attention of one layer: zipcache's chunk step vs vLLM's CPU attention ops",
+        description="Time one layer's attention work for one request's prompt (same bf16 q/k/v): "
+        "zipcache's backend step (rotation, block-by-block attention over the packed prefix, "
+        "saliency, packing) against vLLM's CPU_ATTN ops (cache write + causal attention, in the "
+        "ISA vLLM picks: amx where the CPU has it), for the SmolLM2 and Llama-like shapes.",
+    )
+    pf.add_argument("--preset", default="zipcache", help="quantizing preset")
+    pf.add_argument("--contexts", default=None, help="comma-separated prompt lengths (default 1024,4096)")
+    pf.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    pf.add_argument("--quick", action="store_true", help="one 512-token prompt per shape, few repetitions")
+    pf.set_defaults(func=_cmd_prefill)
     from zipcache_vllm.bench.serve import add_parser as add_serve_parser
 
     add_serve_parser(bsub)  # `bench serve`: throughput per KV dtype through vllm serve
@@ -65,6 +78,12 @@ def _cmd_kernels(args) -> int:
 
     return main(quick=args.quick, preset=args.preset, contexts=args.contexts, batches=args.batches,
                 threads=args.threads, timer=args.timer)
+
+
+def _cmd_prefill(args) -> int:
+    from zipcache_vllm.bench.prefill import main
+
+    return main(preset=args.preset, contexts=args.contexts, quick=args.quick, threads=args.threads)
 
 
 def _cmd_decode(args) -> int:

@@ -136,6 +136,42 @@ class VllmCpuAttention:
         return call, isa
 
 
+    def prefill_setup(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, B: int,
+                      kv_cache_dtype: str = "auto"):
+        """One request's prefill as the CPU_ATTN backend runs it: the prompt's K/V
+        (``k, v [ctx, Hk, D]``) written into a paged cache, then causal attention of its
+        queries ``q [ctx, Hq, D]``. Returns (call, output, isa)."""
+        import vllm.envs as envs
+
+        ops = self.ops
+        ctx, Hq, D = q.shape
+        Hk = k.shape[1]
+        isa = self.isa(kv_cache_dtype, B, D)
+        nb = -(-ctx // B)
+        dtype = torch.uint8 if kv_cache_dtype.startswith("fp8") else torch.bfloat16
+        kv = torch.zeros(nb, Hk, B, 2 * D, dtype=dtype)
+        kc, vc = kv.view(nb, Hk, 2 * B, D).chunk(2, dim=2)
+        slots = torch.arange(ctx)
+        table = torch.arange(nb, dtype=torch.int32).reshape(1, nb)
+        qsl = torch.tensor([0, ctx], dtype=torch.int32)
+        seq_lens = torch.tensor([ctx], dtype=torch.int32)
+        out = torch.empty_like(q)
+        meta = ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=1, num_heads=Hq, num_kv_heads=Hk, head_dim=D, seq_lens=seq_lens,
+            dtype=torch.bfloat16, query_start_loc=qsl, causal=True, sliding_window_size=-1,
+            isa=isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, kv_cache_dtype=kv_cache_dtype)
+
+        def call():
+            ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, isa, kv_cache_dtype=kv_cache_dtype)
+            ops.cpu_attention_with_kv_cache(
+                query=q, key_cache=kc, value_cache=vc, output=out, query_start_loc=qsl,
+                seq_lens=seq_lens, scale=D ** -0.5, causal=True, alibi_slopes=None,
+                sliding_window=-1, block_table=table, softcap=0.0, scheduler_metadata=meta,
+                s_aux=None, kv_cache_dtype=kv_cache_dtype)
+
+        return call, out, isa
+
+
 def zipcache_setup(Hq: int, Hk: int, D: int, ctx: int, nreq: int, preset_name: str):
     """Packed pages for ``nreq`` requests of ``ctx`` tokens; return (call, bytes read, layout)."""
     from zipcache_vllm.config import load_preset
