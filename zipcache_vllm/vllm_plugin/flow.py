@@ -251,19 +251,21 @@ def run_request_step(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     qs, kw, vw = local_window(q, k_new, v_new, ctx, packed_ids, staged, layout.block_size, scale)
     # (a1) complete packed blocks: dequantized inside the kernel (C++ on CPU, or the
     # PyTorch reference a bounded group of pages at a time), merged below by LSE.
-    prior = None
-    if packed_ids.numel():
-        out_p, lse_p = attend_packed(q, pages, packed_ids, layout, scale)
-        prior = _grouped(out_p, lse_p, layout.num_kv_heads)
+    prior = _packed_part(q, pages, packed_ids, layout, scale)
     return _step(qs, kw, vw, ctx, prior, staged, layout, rule)
 
 
-def _grouped(out: torch.Tensor, lse: torch.Tensor, H: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A partial attention ``out [q, Hq, D]``, ``lse [Hq, q]`` regrouped as ``[H, g, q, D]``,
-    ``[H, g, q]`` (the layout of the scaled queries)."""
-    q, Hq, D = out.shape
-    return (out.float().reshape(q, H, Hq // H, D).permute(1, 2, 0, 3),
-            lse.reshape(H, Hq // H, q))
+def _packed_part(q: torch.Tensor, pages: torch.Tensor, packed_ids: torch.Tensor,
+                 layout: BlockLayout, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Attention of ``q [n, Hq, D]`` over the packed blocks ``packed_ids`` (None if there
+    are none), regrouped as ``out [H, g, n, D]``, ``lse [H, g, n]`` like the scaled queries."""
+    if not packed_ids.numel():
+        return None
+    out, lse = attend_packed(q, pages, packed_ids, layout, scale)
+    n, Hq, D = out.shape
+    H = layout.num_kv_heads
+    return (out.float().reshape(n, H, Hq // H, D).permute(1, 2, 0, 3),
+            lse.reshape(H, Hq // H, n))
 
 
 def _step(qs: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, ctx: int,
@@ -278,7 +280,7 @@ def _step(qs: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, ctx: int,
     B = layout.block_size
     s, b0 = ctx % B, ctx // B
     Lw = s + ql
-    if Lw <= B:  # one local block (every chunk of _apply_chunk, every decode row)
+    if Lw <= B:  # one local block (every chunk of _apply_chunk, every one-token step)
         out, lse, score, count = _one_block(qs, kw, vw, s, prior, rule, b0 * B, B)
     else:
         out, lse = _tiled_attention(qs, kw, vw, s, prior)
@@ -494,12 +496,8 @@ def _apply_chunk(pool: StagingPool, layer: int, plan: RequestPlan, query: torch.
         staged = StagedBlock(pool.k[layer, slot], pool.v[layer, slot],
                              pool.score[layer, slot], pool.count[layer, slot])
         kw, vw = _window(key[rows], value[rows], staged, ctx % B)
-        if prefix is not None:
-            prior = prefix.attend(qs)
-        elif packed.numel():
-            prior = _grouped(*attend_packed(query[rows], pages, packed, layout, scale), H)
-        else:
-            prior = None
+        prior = (prefix.attend(qs) if prefix is not None
+                 else _packed_part(query[rows], pages, packed, layout, scale))
         res = _step(qs, kw, vw, ctx, prior, staged, layout, rule)
         output[rows] = res.out.to(output.dtype)
         if res.pages.shape[0]:  # the block filled: later blocks read it packed
