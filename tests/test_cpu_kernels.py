@@ -275,6 +275,40 @@ def test_quantize_pack_empty_batch():
     assert got.shape == (0, layout.page_bytes)
 
 
+@pytest.mark.parametrize("B,D,bits", [(B, D, bits) for B in BLOCK_SIZES for D in HEAD_SIZES for bits in BITS])
+def test_dequantize_pages_is_bit_exact(B, D, bits):
+    """The prefill's dense prefix: the same float32 bits as the reference's storage order,
+    for every bit width (3-bit codes straddle bytes), all-salient and no-salient pages."""
+    layout = layout_for(B, D, 3, bits)
+    pages = make_pages(layout, 5, seed=B + D)
+    k, v = kernels.dequantize_pages(pages, layout)
+    rk, rv = unpack_dequantize_blocks(pages, layout, order="storage")
+    assert k.shape == v.shape == (5, 3, B, D) and k.dtype == v.dtype == torch.float32
+    assert torch.equal(k, rk) and torch.equal(v, rv)
+
+
+def test_dequantize_pages_of_a_gathered_slice_and_none():
+    layout = layout_for(64, 64, 2, BITS[0])
+    pages = make_pages(layout, 6, seed=3)
+    picked = pages[[4, 1, 1]]
+    assert torch.equal(kernels.dequantize_pages(picked, layout)[1],
+                       unpack_dequantize_blocks(picked, layout, order="storage")[1])
+    k, v = kernels.dequantize_pages(pages[:0], layout)
+    assert k.shape == v.shape == (0, 2, 64, 64)
+
+
+def test_dequantize_pages_rejects_bad_arguments():
+    pages = torch.zeros(2, LAYOUT.page_bytes, dtype=torch.uint8)
+    with pytest.raises(ValueError):
+        kernels.dequantize_pages(pages[:, 1:], LAYOUT)
+    with pytest.raises(ValueError):
+        kernels.dequantize_pages(pages.int(), LAYOUT)
+    with pytest.raises(ValueError):
+        kernels.dequantize_pages(pages[0], LAYOUT)
+    with pytest.raises(ValueError):
+        kernels.dequantize_pages(pages, "layout")
+
+
 # --------------------------------------------------------------------------- errors
 LAYOUT = BlockLayout(64, 64, 2, 4, 2, 29)
 
@@ -373,6 +407,8 @@ def test_fallback_warns_once_and_matches(monkeypatch):
         k = torch.randn(1, 64, 3, 64)
         sal = topk_salient_mask(torch.rand(1, 3, 64), layout.n_hi)
         assert torch.equal(kernels.quantize_pack(k, k, sal, layout), quantize_pack_blocks(k, k, sal, layout))
+        assert torch.equal(kernels.dequantize_pages(pages, layout)[0],
+                           unpack_dequantize_blocks(pages, layout, order="storage")[0])
     msgs = [w for w in caught if "PyTorch reference" in str(w.message)]
     assert len(msgs) == 1 and issubclass(msgs[0].category, RuntimeWarning)
     assert kernels.cpu_isa() == "reference"

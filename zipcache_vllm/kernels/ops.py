@@ -27,6 +27,7 @@ import torch
 from ..layout import BlockLayout
 from ..quant.rotation import hadamard_rotate as hadamard_rotate_reference
 from ..quant.rotation import is_power_of_two
+from ..quant.block import unpack_dequantize_blocks
 from . import build, reference
 
 # Section order expected by csrc/zc_kernels.h (enum SectionIdx).
@@ -264,6 +265,21 @@ def quantize_pack(k: torch.Tensor, v: torch.Tensor, salient: torch.Tensor,
         return reference.quantize_pack_ref(k, v, salient, layout)
     lay, offs = layout_args(layout)
     return torch.ops.zipcache.quantize_pack(k, v, salient, lay, offs)
+
+
+def dequantize_pages(pages: torch.Tensor, layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 keys and values ``[N, H, B, D]`` of pages ``uint8 [N, page_bytes]``, tokens in
+    storage order (salient first): the same bits as
+    ``quant.block.unpack_dequantize_blocks(pages, layout, order="storage")``."""
+    _check_layout(layout)
+    if not isinstance(pages, torch.Tensor) or pages.dtype != torch.uint8 or pages.dim() != 2 \
+            or pages.shape[1] != layout.page_bytes:
+        raise ValueError(f"pages must be uint8 [N, {layout.page_bytes}], got "
+                         f"{getattr(pages, 'dtype', type(pages))} {list(getattr(pages, 'shape', []))}")
+    if pages.is_cpu and not uses_triton(pages) and _use_extension():
+        lay, offs = layout_args(layout)
+        return torch.ops.zipcache.dequantize_pages(pages, lay, offs)
+    return unpack_dequantize_blocks(pages, layout, order="storage")
 
 
 def decode_staged(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,

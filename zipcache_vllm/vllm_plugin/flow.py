@@ -34,8 +34,9 @@ import torch
 
 from ..config import Preset, ProbeConfig
 from ..layout import BlockLayout
-from ..kernels import attend_packed, decode_staged, hadamard_rotate, quantize_pack, uses_triton
-from ..quant.block import topk_salient_mask, unpack_dequantize_blocks
+from ..kernels import (attend_packed, decode_staged, dequantize_pages, hadamard_rotate, quantize_pack,
+                       uses_triton)
+from ..quant.block import topk_salient_mask
 from ..saliency.scores import probe_rows
 from .staging import StagingPool
 
@@ -74,12 +75,13 @@ class StagedBlock:
 class StepResult:
     """What a request's step writes back.
 
-    out: ``[q, Hq, D]`` float32 attention output; lse: ``[Hq, q]``.
+    out_grouped: ``[H, g, q, D]`` float32 attention output (``out``: as ``[q, Hq, D]``);
+    lse: ``[Hq, q]``.
     pages: uint8 ``[n_full, page_bytes]`` for the blocks that filled (in order).
     tail_*: the new partial block (``tail_len`` tokens, may be 0).
     """
 
-    out: torch.Tensor
+    out_grouped: torch.Tensor
     lse: torch.Tensor
     pages: torch.Tensor
     tail_len: int
@@ -87,6 +89,11 @@ class StepResult:
     tail_v: torch.Tensor
     tail_score: torch.Tensor
     tail_count: torch.Tensor
+
+    @property
+    def out(self) -> torch.Tensor:
+        H, g, q, D = self.out_grouped.shape
+        return self.out_grouped.permute(2, 0, 1, 3).reshape(q, H * g, D)
 
 
 class _OnlineSoftmax:
@@ -213,7 +220,7 @@ def local_window(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, ctx:
     b0 = ctx // block_size
     if packed_ids.numel() != b0:
         raise ValueError(f"expected {b0} packed block ids, got {packed_ids.numel()}")
-    kw, vw = _window(k_new, v_new, staged, ctx % block_size)
+    kw, vw = _window(k_new.transpose(0, 1), v_new.transpose(0, 1), staged, ctx % block_size)
     return scaled_queries(q, k_new.shape[1], scale), kw, vw
 
 
@@ -227,9 +234,12 @@ def scaled_queries(q: torch.Tensor, num_kv_heads: int, scale: float) -> torch.Te
 
 def _window(k_new: torch.Tensor, v_new: torch.Tensor, staged: StagedBlock,
             s: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 ``kw, vw [H, s + q, D]``: the first ``s`` staged tokens, then the chunk's."""
-    kw = torch.cat([staged.k[:, :s].float(), k_new.float().transpose(0, 1)], dim=1)
-    vw = torch.cat([staged.v[:, :s].float(), v_new.float().transpose(0, 1)], dim=1)
+    """float32 ``kw, vw [H, s + q, D]``: the first ``s`` staged tokens, then the chunk's
+    (``k_new, v_new [H, q, D]``; returned as they are when nothing is staged)."""
+    if not s:
+        return k_new.float(), v_new.float()
+    kw = torch.cat([staged.k[:, :s].float(), k_new.float()], dim=1)
+    vw = torch.cat([staged.v[:, :s].float(), v_new.float()], dim=1)
     return kw, vw
 
 
@@ -306,7 +316,7 @@ def _step(qs: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, ctx: int,
     # (d) the partial tail goes (back) to staging.
     t0 = n_full * B
     return StepResult(
-        out=out.permute(2, 0, 1, 3).reshape(ql, H * g, D),
+        out_grouped=out,
         lse=lse.reshape(H * g, ql),
         pages=new_pages,
         tail_len=tail,
@@ -322,39 +332,65 @@ def _one_block(qs: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, s: int,
                block_start: int, block_size: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention and saliency when the local window is one block (``s + q <= B``): one
-    score matrix per KV head, merged with ``prior`` by log-sum-exp; the probe rows'
-    probabilities ``exp(score - lse)`` are the merged softmax's ``p / l``, not recomputed.
+    causal attention per KV head over the window, merged with ``prior`` by log-sum-exp;
+    the probe rows then score the window against the merged log-sum-exp.
 
     Returns out ``[H, g, q, D]``, lse ``[H, g, q]``, score ``[1, H, B]``, count ``[1, B]``.
     """
-    H, g, ql, D = qs.shape
-    Lw = kw.shape[1]
-    logits = torch.matmul(qs, kw.unsqueeze(1).transpose(-1, -2))  # [H, g, q, Lw]
-    visible = torch.arange(Lw) <= (torch.arange(ql) + s).unsqueeze(1)  # [q, Lw]
-    logits.masked_fill_(~visible, float("-inf"))
-    m = logits.amax(-1)  # finite: every query sees its own key
+    out, lse = _causal_window(qs, kw, vw, s)
     if prior is not None:
-        m = torch.maximum(m, prior[1])
-    p = logits.sub_(m.unsqueeze(-1)).exp_()
-    l = p.sum(-1)
-    acc = torch.matmul(p, vw.unsqueeze(1))  # [H, g, q, D]
-    if prior is not None:
-        w = torch.exp(prior[1] - m)  # 0 where the packed part saw no key (lse = -inf)
-        l += w
-        acc += w.unsqueeze(-1) * prior[0]
-    out = acc.div_(l.unsqueeze(-1))
-    lse = m + torch.log(l)
-    score = torch.zeros(1, H, block_size)
-    count = torch.zeros(1, block_size)
-    if rule.source != "random":
-        rows = torch.arange(ql)
-        if rule.probes.strategy != "exact":
-            rows = rows[_probe_mask(block_size, rule.probes, block_start)[s:s + ql]]
-        if rows.numel():
-            probs = p[:, :, rows] / l[:, :, rows].unsqueeze(-1)
-            score[0, :, :Lw] = probs.sum(dim=(1, 2))
-            count[0, :Lw] = visible[rows].sum(0).float()
+        out, lse = _merge_grouped(prior[0], prior[1], out, lse)
+    score, count = _block_saliency(qs, kw, lse, s, block_start, block_size, rule)
     return out, lse, score, count
+
+
+@lru_cache(maxsize=64)
+def _causal_bias(ql: int, s: int, g: int) -> torch.Tensor:
+    """float32 ``[g * ql, s + ql]``: 0 where query row ``i`` (of every head of the group)
+    sees local key ``j`` (``j <= s + i``), ``-inf`` elsewhere."""
+    visible = torch.arange(s + ql) <= (torch.arange(ql) + s).unsqueeze(1)
+    return torch.zeros(ql, s + ql).masked_fill_(~visible, float("-inf")).repeat(g, 1)
+
+
+def _causal_window(qs: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, s: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of ``qs [H, g, q, D]`` over a one-block window ``kw, vw
+    [H, s + q, D]`` (query ``i`` sees keys ``0 .. s + i``): out ``[H, g, q, D]``, lse ``[H, g, q]``.
+
+    On the CPU one fused flash-attention call per step (the query heads of a KV group
+    folded into rows, the causal mask as an additive bias); elsewhere dense matmuls."""
+    H, g, ql, D = qs.shape
+    if qs.is_cpu:
+        return _flash_cpu(qs, kw, vw, _causal_bias(ql, s, g))
+    logits = torch.matmul(qs, kw.unsqueeze(1).transpose(-1, -2))  # [H, g, q, Lw]
+    visible = torch.arange(s + ql) <= (torch.arange(ql) + s).unsqueeze(1)
+    logits.masked_fill_(~visible, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)  # finite: every query sees its own key
+    return torch.matmul(logits.sub_(lse.unsqueeze(-1)).exp_(), vw.unsqueeze(1)), lse
+
+
+def _flash_cpu(qs: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ATen's CPU flash attention of scaled queries ``qs [H, g, n, D]`` over ``k, v
+    [H, T, D]`` (float32, scale 1), the ``g * n`` query rows of a KV head in one call;
+    ``bias [g * n, T]`` is added to the scores. Returns out ``[H, g, n, D]``, lse ``[H, g, n]``."""
+    H, g, n, D = qs.shape
+    mask = None if bias is None else bias.unsqueeze(0).unsqueeze(0)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        qs.reshape(1, H, g * n, D), k.unsqueeze(0), v.unsqueeze(0), 0.0, False,
+        attn_mask=mask, scale=1.0)[:2]
+    return out.reshape(H, g, n, D), lse.reshape(H, g, n)
+
+
+def _merge_grouped(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                   lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-sum-exp merge of two attentions over disjoint keys, grouped ``out [H, g, q, D]``,
+    ``lse [H, g, q]``; ``lse_b`` is finite (``lse_a = -inf`` rows saw no key)."""
+    m = torch.maximum(lse_a, lse_b)
+    wa, wb = torch.exp(lse_a - m), torch.exp(lse_b - m)
+    tot = wa + wb
+    out = (out_a * wa.unsqueeze(-1)).add_(out_b * wb.unsqueeze(-1)).div_(tot.unsqueeze(-1))
+    return out, m + torch.log(tot)
 
 
 def _tiled_attention(qs: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, s: int,
@@ -488,18 +524,22 @@ def _apply_chunk(pool: StagingPool, layer: int, plan: RequestPlan, query: torch.
     prefix = None if uses_triton(pages) else _DequantizedPrefix(
         pages, plan.packed_ids, layout, plan.packed_ids.numel() + plan.filled_ids.numel())
     packed = plan.packed_ids
-    qs_all = scaled_queries(query[start:end], H, scale)  # converted once for the chunk
+    # converted once for the chunk: scaled queries [H, g, q, D], keys/values [H, q, D]
+    qs_all = scaled_queries(query[start:end], H, scale)
+    k_all = key[start:end].transpose(0, 1).float().contiguous()
+    v_all = value[start:end].transpose(0, 1).float().contiguous()
+    g = qs_all.shape[1]
     while start < end:
         n = min(end - start, B - ctx % B)  # up to the end of the current block
-        rows = slice(start, start + n)
-        qs = qs_all[:, :, start - plan.q_start:start - plan.q_start + n]
+        rows, i = slice(start, start + n), start - plan.q_start
+        qs = qs_all[:, :, i:i + n]
         staged = StagedBlock(pool.k[layer, slot], pool.v[layer, slot],
                              pool.score[layer, slot], pool.count[layer, slot])
-        kw, vw = _window(key[rows], value[rows], staged, ctx % B)
+        kw, vw = _window(k_all[:, i:i + n], v_all[:, i:i + n], staged, ctx % B)
         prior = (prefix.attend(qs) if prefix is not None
                  else _packed_part(query[rows], pages, packed, layout, scale))
         res = _step(qs, kw, vw, ctx, prior, staged, layout, rule)
-        output[rows] = res.out.to(output.dtype)
+        output[rows].unflatten(1, (H, g)).copy_(res.out_grouped.permute(2, 0, 1, 3))
         if res.pages.shape[0]:  # the block filled: later blocks read it packed
             block = plan.filled_ids[filled:filled + 1]
             pages.index_copy_(0, block, res.pages)
@@ -539,7 +579,7 @@ class _DequantizedPrefix:
         return self._v[:, :self.len]
 
     def extend(self, new_pages: torch.Tensor) -> None:
-        k, v = unpack_dequantize_blocks(new_pages, self.layout, order="storage")  # [n, H, B, D]
+        k, v = dequantize_pages(new_pages, self.layout)  # [n, H, B, D], storage order
         n = k.shape[0] * k.shape[2]
         self._k[:, self.len:self.len + n] = k.transpose(0, 1).flatten(1, 2)
         self._v[:, self.len:self.len + n] = v.transpose(0, 1).flatten(1, 2)
@@ -551,11 +591,7 @@ class _DequantizedPrefix:
         are folded into rows so one float32 flash attention per KV head serves the group."""
         if self.len == 0:
             return None
-        H, g, n, D = qs.shape
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qs.reshape(1, H, g * n, D), self.k.unsqueeze(0), self.v.unsqueeze(0), 0.0, False,
-            scale=1.0)[:2]
-        return out.reshape(H, g, n, D), lse.reshape(H, g, n)
+        return _flash_cpu(qs, self.k, self.v)
 
 
 @dataclass
