@@ -80,3 +80,42 @@ def test_render_a_saved_run_into_results(tmp_path, capsys):
     text = md.read_text()
     assert "--contexts 1024" in text and f"--render {saved}" in text
     assert "1.50x" in capsys.readouterr().out
+
+
+class _FakeEngine:
+    """Enough of vLLM's LLMEngine for ``decode_worker.measure``: every request gets one token
+    per step until ``max_tokens``."""
+
+    def __init__(self):
+        self.live = {}
+
+    def add_request(self, rid, prompt, params):
+        self.live[rid] = [0, params.max_tokens]
+
+    def has_unfinished_requests(self):
+        return bool(self.live)
+
+    def step(self):
+        from types import SimpleNamespace
+
+        outs = []
+        for rid, st in list(self.live.items()):
+            st[0] += 1
+            outs.append(SimpleNamespace(request_id=rid, outputs=[SimpleNamespace(token_ids=[0] * st[0])]))
+            if st[0] >= st[1]:
+                del self.live[rid]
+        return outs
+
+
+def test_prefill_is_the_median_of_the_batch_one_runs():
+    from zipcache_vllm.bench import decode_worker
+
+    row = decode_worker.measure(_FakeEngine(), 64, 1, 4, "t", prefill_reps=3)
+    assert len(row["prefill_samples_s"]) == 3
+    assert row["prefill_s"] == sorted(row["prefill_samples_s"])[1]
+    assert row["prefill_tok_s"] == 64 / row["prefill_s"] and row["decode_tokens"] == 4
+    batch = decode_worker.measure(_FakeEngine(), 64, 2, 4, "t", prefill_reps=3)
+    assert len(batch["prefill_samples_s"]) == 1  # repeated at batch 1 only
+    res = _result()
+    res["info"]["prefill_reps"] = 3
+    assert "batch 1: the median of 3 prompts" in decode.format_table(res)

@@ -47,6 +47,21 @@ def test_markdown_ratios_and_refusal():
     assert "| fp8 | refused by vLLM: FP8" in text
 
 
+def test_ceiling_row_is_labelled_and_not_the_baseline():
+    """The `auto` run with a cache that holds the whole load is reported as the ceiling; the
+    ratios stay against the memory-limited `auto`."""
+    w = {k: getattr(serve.FULL, k) for k in serve.FULL.__dataclass_fields__}
+    lat = {"p50": 0.1, "p90": 0.2, "p99": 0.3}
+    auto = serve.Result("auto", kv_tokens=1000, req_per_s=1.0, ttft_s=lat, itl_s=lat)
+    z = serve.Result("zipcache", kv_tokens=4000, req_per_s=1.5, ttft_s=lat, itl_s=lat)
+    top = serve.Result("auto", kv_tokens=9000, req_per_s=1.6, ttft_s=lat, itl_s=lat, ceiling=True)
+    text = serve.markdown({"workload": w, "rows": [vars(auto), vars(z), vars(top)]}, "cmd", "m")
+    assert "| zipcache | 4,000 | 1.500 | 1.50x |" in text
+    assert "| auto, 512 MiB (ceiling) | 9,000 | 1.600 | 1.60x |" in text
+    assert "The ceiling row" in text
+    assert serve.FULL.ceiling_bytes > serve.FULL.kv_bytes and serve.QUICK.ceiling_bytes == 0
+
+
 def test_bench_serve_parser_builds_without_heavy_imports():
     import argparse
     import sys

@@ -60,6 +60,8 @@ def add_parser(subparsers) -> None:
     d.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,8)")
     d.add_argument("--decode-tokens", type=int, default=32, help="tokens generated per request")
     d.add_argument("--kv-space", default="2", help="VLLM_CPU_KVCACHE_SPACE in GiB for every engine")
+    d.add_argument("--prefill-reps", type=int, default=3,
+                   help="prefills timed at batch 1 per context, the median reported (--quick: 1)")
     d.add_argument("--quick", action="store_true", help="one short context, batch 1 and 2, 8 tokens (~2 min)")
     d.add_argument("--json", default=None, help="also write the raw results here")
     d.add_argument("--update-results", default=None, metavar="MD",
@@ -91,4 +93,5 @@ def _cmd_decode(args) -> int:
 
     return main(model_dir=args.model, dtypes=args.dtypes, contexts=args.contexts, batches=args.batches,
                 decode_tokens=args.decode_tokens, quick=args.quick, kv_space_gib=args.kv_space,
-                json_out=args.json, update=args.update_results, render=args.render)
+                json_out=args.json, update=args.update_results, render=args.render,
+                prefill_reps=args.prefill_reps)

@@ -31,12 +31,13 @@ RESULTS_END = "<!-- bench decode: end -->"
 
 
 def run_worker(model_dir: str, kv_dtype: str, contexts, batches, decode_tokens: int, workdir: Path,
-               kv_space_gib: str, timeout: float = 3600) -> dict:
+               kv_space_gib: str, timeout: float = 3600, prefill_reps: int = 1) -> dict:
     """One engine for ``kv_dtype`` in its own process; its JSON, or why vLLM refused it."""
     out = workdir / f"decode_{kv_dtype}.json"
     cmd = [sys.executable, "-m", "zipcache_vllm.bench.decode_worker", "--model", model_dir,
            "--kv-cache-dtype", kv_dtype, "--contexts", ",".join(map(str, contexts)),
            "--batches", ",".join(map(str, batches)), "--decode-tokens", str(decode_tokens),
+           "--prefill-reps", str(prefill_reps),
            "--max-model-len", str(max(8192, max(contexts) + decode_tokens + 1)), "--out", str(out)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE=kv_space_gib)
     log = workdir / f"decode_{kv_dtype}.log"
@@ -78,7 +79,7 @@ def kv_bytes_per_request(kv_dtype: str, ctx: int, facts: dict) -> int:
 
 
 def run(model_dir: str, dtypes, contexts, batches, decode_tokens: int, kv_space_gib: str,
-        progress: bool = True) -> dict:
+        progress: bool = True, prefill_reps: int = 1) -> dict:
     from tqdm.auto import tqdm
 
     from .kernels import _cpu_name, copy_bandwidth
@@ -87,9 +88,11 @@ def run(model_dir: str, dtypes, contexts, batches, decode_tokens: int, kv_space_
     engines = {}
     with tempfile.TemporaryDirectory() as tmp:
         for d in tqdm(dtypes, desc="engines", disable=not progress):
-            engines[d] = run_worker(model_dir, d, contexts, batches, decode_tokens, Path(tmp), kv_space_gib)
+            engines[d] = run_worker(model_dir, d, contexts, batches, decode_tokens, Path(tmp), kv_space_gib,
+                                    prefill_reps=prefill_reps)
     info = {"cpu": _cpu_name(), "cpus": os.cpu_count(), "bandwidth_gb_s": copy_bandwidth(),
             "load": os.getloadavg()[0], "kv_space_gib": kv_space_gib, "decode_tokens": decode_tokens,
+            "prefill_reps": prefill_reps,
             "model": Path(model_dir).name, **facts}
     return {"info": info, "engines": engines}
 
@@ -138,7 +141,9 @@ def format_table(res: dict) -> str:
             model.append(f"{nbytes / 1e6:.0f}, {nbytes / (bw * 1e9) / step_s:.0%}")
         lines.append(f"| {ctx} | {batch} | " + " | ".join(speeds) + " | " + " | ".join(ratios) + " | "
                      + " | ".join(model) + " |")
-    lines += ["", "Prefill (prompt tokens/s until every request has its first token):", "",
+    reps = info.get("prefill_reps", 1)
+    lines += ["", "Prefill (prompt tokens/s until every request has its first token"
+              + (f"; batch 1: the median of {reps} prompts" if reps > 1 else "") + "):", "",
               "| ctx | batch | " + " | ".join(f"{d} tok/s" for d in ran) + " | "
               + " | ".join(f"{d} / auto" for d in ran if d != "auto") + " |",
               "|" + "---:|" * (2 + len(ran) + len(ran) - 1)]
@@ -166,7 +171,7 @@ def update_results(path: Path, command: str, table: str) -> None:
 
 def main(model_dir: str | None, dtypes: str, contexts: str | None, batches: str | None, decode_tokens: int,
          quick: bool, kv_space_gib: str, json_out: str | None, update: str | None,
-         render: str | None = None) -> int:
+         render: str | None = None, prefill_reps: int = 3) -> int:
     if render:  # a saved run (--json), shown again without running the engines
         res = json.loads(Path(render).read_text())
     else:
@@ -177,8 +182,11 @@ def main(model_dir: str | None, dtypes: str, contexts: str | None, batches: str 
         ctxs = parse(contexts) or list(QUICK_CONTEXTS if quick else CONTEXTS)
         bats = parse(batches) or list(QUICK_BATCHES if quick else BATCHES)
         if quick:
-            decode_tokens = min(decode_tokens, 8)
-        res = run(model_dir, [d.strip() for d in dtypes.split(",")], ctxs, bats, decode_tokens, kv_space_gib)
+            decode_tokens, prefill_reps = min(decode_tokens, 8), 1
+        if prefill_reps < 1:
+            raise ValueError(f"--prefill-reps must be >= 1, got {prefill_reps}")
+        res = run(model_dir, [d.strip() for d in dtypes.split(",")], ctxs, bats, decode_tokens, kv_space_gib,
+                  prefill_reps=prefill_reps)
         res["info"]["command"] = "zipcache-vllm bench decode " + " ".join(sys.argv[3:])
     table = format_table(res)
     print()

@@ -10,7 +10,10 @@ For every (context, batch): ``batch`` requests of ``context`` random prompt toke
 (seeded, distinct, prefix caching off) are added together and stepped to the end
 with greedy sampling and ``ignore_eos``. Prefill time: from adding them until every
 request has its first token; decode speed: tokens generated after that moment
-divided by the time they took (every request decodes in every step then).
+divided by the time they took (every request decodes in every step then). At batch 1
+the prefill is timed ``--prefill-reps`` times in all (the extra runs: other prompts of
+the same length, one output token each) and the median is reported, since one prefill
+is a single sample of a noisy machine.
 """
 from __future__ import annotations
 
@@ -31,7 +34,20 @@ def _prompt(ctx: int, seed: int) -> list[int]:
     return [rng.randrange(*TOKEN_RANGE) for _ in range(ctx)]
 
 
-def measure(engine, ctx: int, batch: int, decode_tokens: int, tag: str) -> dict:
+def _prefill_once(engine, ctx: int, seed: int, rid: str) -> float:
+    """Seconds from adding one prompt of ``ctx`` tokens until its first token."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    t0 = time.perf_counter()
+    engine.add_request(rid, TokensPrompt(prompt_token_ids=_prompt(ctx, seed)),
+                       SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    return time.perf_counter() - t0
+
+
+def measure(engine, ctx: int, batch: int, decode_tokens: int, tag: str, prefill_reps: int = 1) -> dict:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -54,8 +70,13 @@ def measure(engine, ctx: int, batch: int, decode_tokens: int, tag: str) -> dict:
             tokens_at_first = sum(produced.values())
     t_end = time.perf_counter()
     decoded = sum(produced.values()) - tokens_at_first
-    return {"ctx": ctx, "batch": batch, "prefill_s": t_first - t0, "prefill_tok_s": ctx * batch / (t_first - t0),
-            "decode_tokens": decoded, "decode_s": t_end - t_first,
+    samples = [t_first - t0]
+    if batch == 1:
+        samples += [_prefill_once(engine, ctx, 1000 * ctx + 17 + 7919 * (i + 1), f"{tag}-{ctx}-prefill-{i}")
+                    for i in range(prefill_reps - 1)]
+    prefill_s = sorted(samples)[len(samples) // 2]
+    return {"ctx": ctx, "batch": batch, "prefill_s": prefill_s, "prefill_tok_s": ctx * batch / prefill_s,
+            "prefill_samples_s": samples, "decode_tokens": decoded, "decode_s": t_end - t_first,
             "decode_tok_s": decoded / (t_end - t_first), "steps": steps}
 
 
@@ -66,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--contexts", required=True)
     p.add_argument("--batches", required=True)
     p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--prefill-reps", type=int, default=1, help="prefill runs at batch 1 (median reported)")
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--max-num-seqs", type=int, default=8)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
@@ -87,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for ctx in (int(x) for x in args.contexts.split(",")):
         for batch in (int(x) for x in args.batches.split(",")):
-            row = measure(engine, ctx, batch, args.decode_tokens, "bench")
+            row = measure(engine, ctx, batch, args.decode_tokens, "bench", args.prefill_reps)
             print(json.dumps(row), flush=True)
             rows.append(row)
     cfg = llm.llm_engine.vllm_config.cache_config

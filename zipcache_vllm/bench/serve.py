@@ -42,13 +42,16 @@ class Workload:
     max_num_seqs: int  # the same for every dtype (zipcache's default would be 8)
     chunk: int = 512  # --max-num-batched-tokens
     max_model_len: int = 512  # vLLM refuses a cache smaller than one request of this length
+    ceiling_bytes: int = 0  # > 0: one more `auto` run with this budget (memory not the limit)
 
 
 # Sizing (bf16: 23,040 bytes per token of SmolLM2, 2.95 MB per 128-token block; the default
 # preset: 0.64 MB per packed block plus one bf16 staging block, 3.0 MB, per sequence slot):
 # a request of 128 + 384 tokens takes 4 blocks; at 136 MiB `auto` holds 48 blocks (12 such
 # requests), the default preset 105 blocks after 25 staging slots (all 24 sequences run).
-FULL = Workload(requests=48, clients=24, prompt_len=128, output_len=384, kv_bytes=136 * 2**20, max_num_seqs=24)
+# The ceiling run: 512 MiB holds every request of the load in bf16 (24 x 4 blocks = 283 MB).
+FULL = Workload(requests=48, clients=24, prompt_len=128, output_len=384, kv_bytes=136 * 2**20, max_num_seqs=24,
+                ceiling_bytes=512 * 2**20)
 # CI smoke load: 24 MiB holds 8 bf16 blocks; the default preset ~16 after 5 staging slots.
 QUICK = Workload(requests=8, clients=8, prompt_len=128, output_len=64, kv_bytes=24 * 2**20, max_num_seqs=4)
 
@@ -63,7 +66,7 @@ def add_parser(bsub) -> None:
                    help="comma-separated --kv-cache-dtype values (default: auto, fp8, every preset)")
     s.add_argument("--quick", action="store_true", help=f"small load for CI: {QUICK}")
     for name, kind in (("requests", int), ("clients", int), ("prompt-len", int), ("output-len", int),
-                       ("kv-bytes", int), ("max-num-seqs", int), ("chunk", int)):
+                       ("kv-bytes", int), ("max-num-seqs", int), ("chunk", int), ("ceiling-bytes", int)):
         s.add_argument(f"--{name}", type=kind, default=None, help=f"override the workload (full: "
                        f"{getattr(FULL, name.replace('-', '_'))})")
     s.add_argument("--markdown", default=None, help="write the table, command and machine here")
@@ -77,7 +80,8 @@ def _cmd(args) -> int:
 
     base = QUICK if args.quick else FULL
     over = {k: getattr(args, k) for k in ("requests", "clients", "prompt_len", "output_len", "kv_bytes",
-                                           "max_num_seqs", "chunk") if getattr(args, k) is not None}
+                                           "max_num_seqs", "chunk", "ceiling_bytes")
+            if getattr(args, k) is not None}
     w = replace(base, **over)
     names = args.dtypes.split(",") if args.dtypes else default_dtypes()
     model_dir = args.model or str(_default_model())
@@ -169,6 +173,7 @@ class Result:
     mean_running: float = 0.0
     mean_waiting: float = 0.0
     unsupported: str | None = None
+    ceiling: bool = False  # the `auto` run whose cache holds the whole load
 
 
 async def _one(session, url: str, prompt: list[int], w: Workload, out: list) -> None:
@@ -244,10 +249,13 @@ def prompts_for(model_dir: str, w: Workload) -> list[list[int]]:
     return [ids[(i % n) * w.prompt_len:(i % n + 1) * w.prompt_len] for i in range(w.requests)]
 
 
-def bench_one(model_dir: str, name: str, w: Workload, prompts: list[list[int]], progress: bool) -> Result:
+def bench_one(model_dir: str, name: str, w: Workload, prompts: list[list[int]], progress: bool,
+              ceiling: bool = False) -> Result:
+    """One server for ``name`` under the load; ``ceiling``: with ``w.ceiling_bytes`` of cache."""
     import asyncio
+    from dataclasses import replace
 
-    server = start_server(model_dir, name, w)
+    server = start_server(model_dir, name, replace(w, kv_bytes=w.ceiling_bytes) if ceiling else w)
     try:
         try:
             server.wait_ready()
@@ -257,7 +265,7 @@ def bench_one(model_dir: str, name: str, w: Workload, prompts: list[list[int]], 
                 return Result(name, unsupported=refused.group(1))
             raise
         d = asyncio.run(_drive(server.url, prompts, w, progress))
-        res = Result(name, kv_tokens=server.kv_tokens())
+        res = Result(name, kv_tokens=server.kv_tokens(), ceiling=ceiling)
     finally:
         server.stop()
         server.log_path.unlink(missing_ok=True)
@@ -285,7 +293,16 @@ def run(model_dir: str, w: Workload, names: list[str], progress: bool = True) ->
     for name in bar:
         bar.set_postfix_str(name)
         rows.append(asdict(bench_one(model_dir, name, w, prompts, progress)))
+    if w.ceiling_bytes:
+        rows.append(asdict(bench_one(model_dir, BASELINE, w, prompts, progress, ceiling=True)))
     return {"workload": asdict(w), "rows": rows}
+
+
+def row_label(r: dict, w: dict) -> str:
+    """The table's name of a row: the dtype, or the ceiling run's budget."""
+    if r.get("ceiling"):
+        return f"{r['kv_cache_dtype']}, {w['ceiling_bytes'] / 2**20:.0f} MiB (ceiling)"
+    return r["kv_cache_dtype"]
 
 
 def _fmt(x, spec=".2f") -> str:
@@ -294,7 +311,8 @@ def _fmt(x, spec=".2f") -> str:
 
 def markdown(res: dict, command: str, machine: str) -> str:
     w = res["workload"]
-    base = next((r for r in res["rows"] if r["kv_cache_dtype"] == BASELINE and not r["unsupported"]), None)
+    base = next((r for r in res["rows"] if r["kv_cache_dtype"] == BASELINE and not r["unsupported"]
+                 and not r.get("ceiling")), None)
     lines = [f"Command: `{command}`", "", f"Machine: {machine}", "",
              f"Load: {w['requests']} requests, {w['clients']} concurrent streaming clients (aiohttp, "
              f"`/v1/completions`), prompts of {w['prompt_len']} prose tokens, {w['output_len']} greedy tokens each "
@@ -312,11 +330,17 @@ def markdown(res: dict, command: str, machine: str) -> str:
         ratio = f"{r['req_per_s'] / base['req_per_s']:.2f}x" if base else ""
         t, i = r["ttft_s"], r["itl_s"]
         lines.append(
-            f"| {r['kv_cache_dtype']} | {r['kv_tokens']:,} | {r['req_per_s']:.3f} | {ratio} | "
+            f"| {row_label(r, w)} | {r['kv_tokens']:,} | {r['req_per_s']:.3f} | {ratio} | "
             f"{r['out_tok_per_s']:.1f} | {_fmt(t['p50'])} / {_fmt(t['p90'])} / {_fmt(t['p99'])} | "
             f"{_fmt(i['p50'] and i['p50'] * 1e3, '.0f')} / {_fmt(i['p90'] and i['p90'] * 1e3, '.0f')} / "
             f"{_fmt(i['p99'] and i['p99'] * 1e3, '.0f')} | {r['preemptions']:.0f} | "
             f"{r['mean_running']:.1f} / {r['mean_waiting']:.1f} |")
+    if any(r.get("ceiling") for r in res["rows"]):
+        lines += ["", f"The ceiling row is `{BASELINE}` with a cache that holds the whole load "
+                  f"(`--kv-cache-memory-bytes {w['ceiling_bytes']}`): the same server when KV memory is not "
+                  "the limit. A compressed cache runs more requests at once than the limited `auto`, but "
+                  "each step then costs the compute of the larger batch; it can pass the ceiling only by "
+                  "as much as its attention is faster than bf16 attention."]
     return "\n".join(lines) + "\n"
 
 
@@ -327,7 +351,8 @@ def plot(res: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in res["rows"] if not r["unsupported"]]
-    names = [r["kv_cache_dtype"].replace("zipcache_", "zc_") for r in rows]
+    names = [BASELINE + " (ceiling)" if r.get("ceiling") else r["kv_cache_dtype"].replace("zipcache_", "zc_")
+             for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     axes[0].bar(names, [r["req_per_s"] for r in rows], color=["C0" if n == BASELINE else "C3" for n in names])
     axes[0].set_ylabel("requests / s")

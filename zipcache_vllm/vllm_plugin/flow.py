@@ -191,24 +191,40 @@ def _block_saliency(qs: torch.Tensor, kw: torch.Tensor, lse: torch.Tensor, s: in
     count = torch.zeros(nb, B)
     if rule.source == "random":
         return score, count  # ranks come from the position only
+    probes = None if rule.probes.strategy == "exact" else rule.probes.model_dump_json()
     for c in range(nb):
         lo, hi = c * B, min((c + 1) * B, Lw)  # local key range of block c
         r0, r1 = max(lo - s, 0), hi - s  # query rows (chunk index) inside block c
         if r1 <= r0:
             continue
-        rows = torch.arange(r0, r1)
-        if rule.probes.strategy != "exact":
-            probe = _probe_mask(B, rule.probes, first_block_start + lo).to(rows.device)
-            rows = rows[probe[rows + s - lo]]
-            if rows.numel() == 0:
-                continue
-        qpos = rows + s - lo  # position of each query row inside the block
+        rows, hidden, seen = _scoring_rows(B, probes, first_block_start + lo, lo - s, r0, r1, hi - lo)
+        if rows.numel() == 0:
+            continue
         logits = torch.einsum("hgrd,hkd->hgrk", qs[:, :, rows], kw[:, lo:hi])
-        visible = torch.arange(hi - lo).unsqueeze(0) <= qpos.unsqueeze(1)  # [r, k]
-        p = torch.exp(logits - lse[:, :, rows].unsqueeze(-1)).masked_fill(~visible, 0.0)
+        p = logits.sub_(lse[:, :, rows].unsqueeze(-1)).exp_().masked_fill_(hidden, 0.0)
         score[c, :, :hi - lo] = p.sum(dim=(1, 2))
-        count[c, :hi - lo] = visible.sum(0).float()
+        count[c, :hi - lo] = seen
     return score, count
+
+
+@lru_cache(maxsize=1024)
+def _scoring_rows(block_size: int, probes_json: str | None, block_start: int, row_of_first: int,
+                  r0: int, r1: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The query rows that score a block, as a function of positions only (cached).
+
+    The block starts at position ``block_start``, which is chunk row ``row_of_first``;
+    rows ``r0 .. r1 - 1`` of the chunk fall inside it and ``width`` of its tokens are in
+    the window. Returns the scoring rows (probes of the block, or all with
+    ``probes_json=None``), ``hidden [r, width]`` (True where a token is in the row's
+    future) and ``seen [width]`` (how many scoring rows see each token, float32).
+    """
+    rows = torch.arange(r0, r1)
+    if probes_json is not None:
+        probe = _probe_mask_cached(block_size, probes_json, block_start)
+        rows = rows[probe[rows - row_of_first]]
+    qpos = rows - row_of_first  # position of each scoring row inside the block
+    visible = torch.arange(width).unsqueeze(0) <= qpos.unsqueeze(1)
+    return rows, ~visible, visible.sum(0).float()
 
 
 def local_window(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, ctx: int,
@@ -228,8 +244,9 @@ def scaled_queries(q: torch.Tensor, num_kv_heads: int, scale: float) -> torch.Te
     """``q [n, Hq, D]`` times ``scale`` as float32 ``[H, g, n, D]`` (the query heads of each
     KV head together)."""
     n, Hq, D = q.shape
-    return (q.float() * scale).reshape(n, num_kv_heads, Hq // num_kv_heads, D).permute(
-        1, 2, 0, 3).contiguous()
+    g = Hq // num_kv_heads
+    qs = torch.empty(num_kv_heads, g, n, D, dtype=torch.float32, device=q.device)
+    return qs.copy_(q.reshape(n, num_kv_heads, g, D).permute(1, 2, 0, 3)).mul_(scale)
 
 
 def _window(k_new: torch.Tensor, v_new: torch.Tensor, staged: StagedBlock,
@@ -304,12 +321,12 @@ def _step(qs: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, ctx: int,
 
     # (c) quantize every block that filled in this step.
     if n_full:
-        kf = kw[:, :n_full * B].reshape(H, n_full, B, D).permute(1, 2, 0, 3)  # [n, B, H, D]
+        kf = kw[:, :n_full * B].reshape(H, n_full, B, D).permute(1, 2, 0, 3)  # [n, B, H, D] views
         vf = vw[:, :n_full * B].reshape(H, n_full, B, D).permute(1, 2, 0, 3)
         starts = [(b0 + c) * B for c in range(n_full)]
         ranks = block_scores(score[:n_full], count[:n_full], rule, starts)
         salient = topk_salient_mask(ranks, layout.n_hi)
-        new_pages = quantize_pack(kf.contiguous(), vf.contiguous(), salient, layout)
+        new_pages = quantize_pack(kf, vf, salient, layout)
     else:
         new_pages = torch.zeros(0, layout.page_bytes, dtype=torch.uint8)
 
@@ -385,12 +402,11 @@ def _flash_cpu(qs: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def _merge_grouped(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
                    lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-sum-exp merge of two attentions over disjoint keys, grouped ``out [H, g, q, D]``,
-    ``lse [H, g, q]``; ``lse_b`` is finite (``lse_a = -inf`` rows saw no key)."""
-    m = torch.maximum(lse_a, lse_b)
-    wa, wb = torch.exp(lse_a - m), torch.exp(lse_b - m)
-    tot = wa + wb
-    out = (out_a * wa.unsqueeze(-1)).add_(out_b * wb.unsqueeze(-1)).div_(tot.unsqueeze(-1))
-    return out, m + torch.log(tot)
+    ``lse [H, g, q]``; ``lse_b`` is finite (``lse_a = -inf`` rows saw no key). Overwrites
+    ``out_a`` and ``out_b`` (the step's own temporaries) and returns ``out_a``."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    out = out_a.mul_(torch.exp(lse_a - lse).unsqueeze(-1))
+    return out.add_(out_b.mul_(torch.exp(lse_b - lse).unsqueeze(-1))), lse
 
 
 def _tiled_attention(qs: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, s: int,
@@ -512,7 +528,7 @@ def _apply_chunk(pool: StagingPool, layer: int, plan: RequestPlan, query: torch.
     steps (one prefill chunk, a chunk cut by the token budget, the rest after a
     prefix-cache hit, a recompute of prompt + generated tokens after preemption).
 
-    Speed: the queries are scaled to float32 once per chunk; the packed prefix is
+    Speed: the chunk's keys and values are converted to float32 once; the packed prefix is
     dequantized once per layer (and each block once, as it is packed) and the queries
     of a block attend it as one dense float32 attention, instead of dequantizing every
     page again for every few query rows.
@@ -524,15 +540,14 @@ def _apply_chunk(pool: StagingPool, layer: int, plan: RequestPlan, query: torch.
     prefix = None if uses_triton(pages) else _DequantizedPrefix(
         pages, plan.packed_ids, layout, plan.packed_ids.numel() + plan.filled_ids.numel())
     packed = plan.packed_ids
-    # converted once for the chunk: scaled queries [H, g, q, D], keys/values [H, q, D]
-    qs_all = scaled_queries(query[start:end], H, scale)
+    # keys/values converted once for the chunk ([H, q, D] float32); queries once per block
     k_all = key[start:end].transpose(0, 1).float().contiguous()
     v_all = value[start:end].transpose(0, 1).float().contiguous()
-    g = qs_all.shape[1]
+    g = query.shape[1] // H
     while start < end:
         n = min(end - start, B - ctx % B)  # up to the end of the current block
         rows, i = slice(start, start + n), start - plan.q_start
-        qs = qs_all[:, :, i:i + n]
+        qs = scaled_queries(query[rows], H, scale)  # contiguous: [H, g * n, D] is a view
         staged = StagedBlock(pool.k[layer, slot], pool.v[layer, slot],
                              pool.score[layer, slot], pool.count[layer, slot])
         kw, vw = _window(k_all[:, i:i + n], v_all[:, i:i + n], staged, ctx % B)
@@ -543,9 +558,10 @@ def _apply_chunk(pool: StagingPool, layer: int, plan: RequestPlan, query: torch.
         if res.pages.shape[0]:  # the block filled: later blocks read it packed
             block = plan.filled_ids[filled:filled + 1]
             pages.index_copy_(0, block, res.pages)
-            packed = torch.cat([packed, block])
             if prefix is not None:
                 prefix.extend(res.pages)
+            else:
+                packed = torch.cat([packed, block])
             filled += 1
         ctx, start = ctx + n, start + n
         t = res.tail_len
