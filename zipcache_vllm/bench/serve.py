@@ -288,13 +288,12 @@ def run(model_dir: str, w: Workload, names: list[str], progress: bool = True) ->
     if BASELINE in names:
         names = [BASELINE] + [n for n in names if n != BASELINE]
     prompts = prompts_for(model_dir, w)
+    runs = [(name, False) for name in names] + ([(BASELINE, True)] if w.ceiling_bytes else [])
     rows = []
-    bar = tqdm(names, desc="servers", disable=not progress)
-    for name in bar:
-        bar.set_postfix_str(name)
-        rows.append(asdict(bench_one(model_dir, name, w, prompts, progress)))
-    if w.ceiling_bytes:
-        rows.append(asdict(bench_one(model_dir, BASELINE, w, prompts, progress, ceiling=True)))
+    bar = tqdm(runs, desc="servers", disable=not progress)
+    for name, ceiling in bar:
+        bar.set_postfix_str(name + (" (ceiling)" if ceiling else ""))
+        rows.append(asdict(bench_one(model_dir, name, w, prompts, progress, ceiling=ceiling)))
     return {"workload": asdict(w), "rows": rows}
 
 
@@ -354,7 +353,8 @@ def plot(res: dict, path: str) -> None:
     names = [BASELINE + " (ceiling)" if r.get("ceiling") else r["kv_cache_dtype"].replace("zipcache_", "zc_")
              for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    axes[0].bar(names, [r["req_per_s"] for r in rows], color=["C0" if n == BASELINE else "C3" for n in names])
+    colors = ["C7" if r.get("ceiling") else "C0" if r["kv_cache_dtype"] == BASELINE else "C3" for r in rows]
+    axes[0].bar(names, [r["req_per_s"] for r in rows], color=colors)
     axes[0].set_ylabel("requests / s")
     axes[1].bar(names, [r["ttft_s"]["p50"] for r in rows], color="C2")
     axes[1].set_ylabel("TTFT p50 (s)")
