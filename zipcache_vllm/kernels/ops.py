@@ -272,10 +272,7 @@ def dequantize_pages(pages: torch.Tensor, layout: BlockLayout) -> tuple[torch.Te
     storage order (salient first): the same bits as
     ``quant.block.unpack_dequantize_blocks(pages, layout, order="storage")``."""
     _check_layout(layout)
-    if not isinstance(pages, torch.Tensor) or pages.dtype != torch.uint8 or pages.dim() != 2 \
-            or pages.shape[1] != layout.page_bytes:
-        raise ValueError(f"pages must be uint8 [N, {layout.page_bytes}], got "
-                         f"{getattr(pages, 'dtype', type(pages))} {list(getattr(pages, 'shape', []))}")
+    _check_pages(pages, layout)
     if pages.is_cpu and not uses_triton(pages) and _use_extension():
         lay, offs = layout_args(layout)
         return torch.ops.zipcache.dequantize_pages(pages, lay, offs)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import torch
 
@@ -55,6 +55,11 @@ class SaliencyRule:
     @classmethod
     def from_preset(cls, preset: Preset) -> "SaliencyRule":
         return cls(source=preset.saliency_source, probes=preset.probes, n_hi=preset.n_salient)
+
+    @cached_property
+    def probes_json(self) -> str:
+        """The probe config as the key of :func:`_probe_mask` (dumped once per rule, not per block)."""
+        return self.probes.model_dump_json()
 
 
 @dataclass
@@ -134,19 +139,16 @@ class _OnlineSoftmax:
 
 
 @lru_cache(maxsize=4096)
-def _probe_mask_cached(block_size: int, probes_json: str, block_start: int) -> torch.Tensor:
-    mask = torch.zeros(block_size, dtype=torch.bool, device="cpu")
-    mask[probe_rows(block_size, ProbeConfig.model_validate_json(probes_json), seed=block_start)] = True
-    return mask
-
-
-def _probe_mask(block_size: int, probes: ProbeConfig, block_start: int) -> torch.Tensor:
-    """bool ``[B]``: which positions of the block starting at ``block_start`` are probe rows.
+def _probe_mask(block_size: int, probes_json: str, block_start: int) -> torch.Tensor:
+    """bool ``[B]``: which positions of the block starting at ``block_start`` are probe rows
+    (``probes_json``: :attr:`SaliencyRule.probes_json`).
 
     A function of the position only, so a block's probes do not depend on how its
     tokens were split into steps.
     """
-    return _probe_mask_cached(block_size, probes.model_dump_json(), block_start)
+    mask = torch.zeros(block_size, dtype=torch.bool, device="cpu")
+    mask[probe_rows(block_size, ProbeConfig.model_validate_json(probes_json), seed=block_start)] = True
+    return mask
 
 
 def _random_scores(num_kv_heads: int, block_size: int, seed: int, block_start: int) -> torch.Tensor:
@@ -191,7 +193,7 @@ def _block_saliency(qs: torch.Tensor, kw: torch.Tensor, lse: torch.Tensor, s: in
     count = torch.zeros(nb, B)
     if rule.source == "random":
         return score, count  # ranks come from the position only
-    probes = None if rule.probes.strategy == "exact" else rule.probes.model_dump_json()
+    probes = None if rule.probes.strategy == "exact" else rule.probes_json
     for c in range(nb):
         lo, hi = c * B, min((c + 1) * B, Lw)  # local key range of block c
         r0, r1 = max(lo - s, 0), hi - s  # query rows (chunk index) inside block c
@@ -220,7 +222,7 @@ def _scoring_rows(block_size: int, probes_json: str | None, block_start: int, ro
     """
     rows = torch.arange(r0, r1)
     if probes_json is not None:
-        probe = _probe_mask_cached(block_size, probes_json, block_start)
+        probe = _probe_mask(block_size, probes_json, block_start)
         rows = rows[probe[rows - row_of_first]]
     qpos = rows - row_of_first  # position of each scoring row inside the block
     visible = torch.arange(width).unsqueeze(0) <= qpos.unsqueeze(1)
@@ -361,11 +363,17 @@ def _one_block(qs: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, s: int,
     return out, lse, score, count
 
 
+def _causal_visible(ql: int, s: int) -> torch.Tensor:
+    """bool ``[ql, s + ql]``: query row ``i`` of a chunk after ``s`` staged tokens sees
+    local key ``j`` iff ``j <= s + i``."""
+    return torch.arange(s + ql) <= (torch.arange(ql) + s).unsqueeze(1)
+
+
 @lru_cache(maxsize=64)
 def _causal_bias(ql: int, s: int, g: int) -> torch.Tensor:
     """float32 ``[g * ql, s + ql]``: 0 where query row ``i`` (of every head of the group)
-    sees local key ``j`` (``j <= s + i``), ``-inf`` elsewhere."""
-    visible = torch.arange(s + ql) <= (torch.arange(ql) + s).unsqueeze(1)
+    sees local key ``j``, ``-inf`` elsewhere (:func:`_causal_visible`)."""
+    visible = _causal_visible(ql, s)
     return torch.zeros(ql, s + ql).masked_fill_(~visible, float("-inf")).repeat(g, 1)
 
 
@@ -380,8 +388,7 @@ def _causal_window(qs: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, s: int
     if qs.is_cpu:
         return _flash_cpu(qs, kw, vw, _causal_bias(ql, s, g))
     logits = torch.matmul(qs, kw.unsqueeze(1).transpose(-1, -2))  # [H, g, q, Lw]
-    visible = torch.arange(s + ql) <= (torch.arange(ql) + s).unsqueeze(1)
-    logits.masked_fill_(~visible, float("-inf"))
+    logits.masked_fill_(~_causal_visible(ql, s), float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)  # finite: every query sees its own key
     return torch.matmul(logits.sub_(lse.unsqueeze(-1)).exp_(), vw.unsqueeze(1)), lse
 
@@ -642,7 +649,7 @@ class DecodeBatch:
         elif rule.probes.strategy == "exact":
             probe = [1.0] * R
         else:
-            probe = [float(_probe_mask(B, rule.probes, b0[r] * B)[s[r]]) for r in range(R)]
+            probe = [float(_probe_mask(B, rule.probes_json, b0[r] * B)[s[r]]) for r in range(R)]
         table = torch.zeros(R, max(max(b0, default=0), 1), dtype=torch.int64, device=device)
         for r, p in enumerate(plans):
             table[r, :b0[r]] = p.packed_ids
