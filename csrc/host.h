@@ -9,6 +9,13 @@
 
 namespace zc {
 
+// Best kernel ISA of this CPU ("avx512", "avx2" or "scalar"), detected once by CPUID.
+const std::string& best_isa();
+
+// The ISA to run with: `requested` ("" or "auto" = best_isa()), checked to be known and
+// supported by this CPU.
+std::string resolve_isa(const std::string& requested);
+
 // Parse the layout vector and section offsets passed from Python (layout.py).
 PageLayout parse_layout(const std::vector<int64_t>& layout, const std::vector<int64_t>& offsets);
 

@@ -53,9 +53,6 @@ PageLayout parse_layout(const std::vector<int64_t>& layout, const std::vector<in
 
 namespace {
 
-using at::Tensor;
-
-// --------------------------------------------------------------------------- ISA
 std::string detect_isa() {
 #if defined(__x86_64__)
   __builtin_cpu_init();
@@ -69,14 +66,15 @@ std::string detect_isa() {
   return "scalar";
 }
 
+}  // namespace
+
+// --------------------------------------------------------------------------- ISA
 const std::string& best_isa() {
   static const std::string isa = detect_isa();
   return isa;
 }
 
-using AttendFn = void (*)(const AttnArgs&, const Unit*, int64_t);
-
-AttendFn pick(const std::string& requested) {
+std::string resolve_isa(const std::string& requested) {
   const std::string& best = best_isa();
   std::string isa = requested.empty() || requested == "auto" ? best : requested;
   TORCH_CHECK(isa == "scalar" || isa == "avx2" || isa == "avx512", "unknown isa '", isa,
@@ -84,6 +82,17 @@ AttendFn pick(const std::string& requested) {
   const int rank_req = isa == "scalar" ? 0 : isa == "avx2" ? 1 : 2;
   const int rank_best = best == "scalar" ? 0 : best == "avx2" ? 1 : 2;
   TORCH_CHECK(rank_req <= rank_best, "isa '", isa, "' is not supported by this CPU (best: ", best, ")");
+  return isa;
+}
+
+namespace {
+
+using at::Tensor;
+
+using AttendFn = void (*)(const AttnArgs&, const Unit*, int64_t);
+
+AttendFn pick(const std::string& requested) {
+  const std::string isa = resolve_isa(requested);
   if (isa == "avx512") return avx512::attend_units;
   if (isa == "avx2") return avx2::attend_units;
   return scalar::attend_units;
@@ -267,21 +276,18 @@ inline void quant_params(float xmin, float xmax, int bits, c10::Half& m, c10::Ha
   s = fp16_round(step, true);
 }
 
-// std::nearbyint in the default rounding mode (half to even) without a libm call: the
-// portable build has no SSE4.1 `roundss`, and this runs once per packed element. Adding
-// 1.5 * 2^23 rounds |y| < 2^22 to an integer (half to even: the constant is even), and
-// subtracting it back is exact. Codes only need y in [0, 255], so the branch is cold.
-inline float round_half_even(float y) {
+// Code of x for a group with minimum m and step s: clamp(round_half_even((x - m) / s), 0, hi).
+// x is finite (sanitized), m finite and s >= 2^-14, so the quotient is finite. It is
+// clamped to [-1, hi + 1] before rounding, which leaves every clamped code unchanged
+// and keeps |y| < 2^22, where adding and subtracting 1.5 * 2^23 rounds half to even
+// exactly (the portable build has no `roundss`). Branch-free, so loops over a row
+// vectorize (the division too: one per element, the exact IEEE quotient).
+inline float code_of(float x, float m, float s, float hi) {
   constexpr float MAGIC = 12582912.f;
-  if (!(std::fabs(y) < 4194304.f)) return std::nearbyint(y);
-  return (y + MAGIC) - MAGIC;
-}
-
-inline uint8_t quantize1(float x, float m, float s, int bits) {
-  float q = round_half_even((x - m) / s);
-  const float hi = static_cast<float>((1 << bits) - 1);
-  q = q < 0.f ? 0.f : (q > hi ? hi : q);
-  return static_cast<uint8_t>(q);
+  float y = (x - m) / s;
+  y = y < -1.f ? -1.f : (y > hi + 1.f ? hi + 1.f : y);
+  const float q = (y + MAGIC) - MAGIC;
+  return q < 0.f ? 0.f : (q > hi ? hi : q);
 }
 
 inline float sanitize(float x) {
@@ -289,11 +295,27 @@ inline float sanitize(float x) {
   return std::min(std::max(x, -FP16_MAX), FP16_MAX);
 }
 
-// Append code `c` (bits wide) at code index `j` of a little-endian bit stream.
-inline void put_code(uint8_t* row, int64_t j, uint32_t c, int bits) {
-  const int64_t bit = j * bits;
-  row[bit >> 3] |= static_cast<uint8_t>(c << (bit & 7));
-  if ((bit & 7) + bits > 8) row[(bit >> 3) + 1] |= static_cast<uint8_t>(c >> (8 - (bit & 7)));
+// Codes of one row of D elements (x - m[j]) / s[j] (mj = sj = 0 strides for one scalar
+// pair), packed little-endian, `bits` wide, into `row` (zeroed).
+inline void pack_row(const float* x, const float* m, const float* s, int64_t stride, int64_t D,
+                     int bits, uint8_t* row) {
+  const float hi = static_cast<float>((1 << bits) - 1);
+  uint8_t c[MAX_HEAD];
+  for (int64_t j = 0; j < D; ++j) c[j] = static_cast<uint8_t>(code_of(x[j], m[j * stride], s[j * stride], hi));
+  if (bits == 8) {
+    std::memcpy(row, c, static_cast<size_t>(D));
+  } else if (bits == 4) {
+    for (int64_t b = 0; b < D / 2; ++b) row[b] = static_cast<uint8_t>(c[2 * b] | (c[2 * b + 1] << 4));
+  } else if (bits == 2) {
+    for (int64_t b = 0; b < D / 4; ++b)
+      row[b] = static_cast<uint8_t>(c[4 * b] | (c[4 * b + 1] << 2) | (c[4 * b + 2] << 4) | (c[4 * b + 3] << 6));
+  } else {
+    for (int64_t j = 0; j < D; ++j) {  // 3 bits: codes straddle bytes
+      const int64_t bit = j * bits;
+      row[bit >> 3] |= static_cast<uint8_t>(c[j] << (bit & 7));
+      if ((bit & 7) + bits > 8) row[(bit >> 3) + 1] |= static_cast<uint8_t>(c[j] >> (8 - (bit & 7)));
+    }
+  }
 }
 
 inline void put_half(uint8_t* dst, int64_t i, c10::Half h) {
@@ -307,45 +329,58 @@ void pack_head(const float* k, const float* v, const bool* sal, const PageLayout
   order.reserve(B);
   for (int64_t t = 0; t < B; ++t) if (sal[t]) order.push_back(t);
   for (int64_t t = 0; t < B; ++t) if (!sal[t]) order.push_back(t);
-  std::vector<float> ks(B * D), vn(B * D), c(D, 0.f);
-  for (int64_t i = 0; i < B; ++i)
+  std::vector<float> ks(B * D), vn(B * D), c(D, 0.f), chf(D);
+  for (int64_t i = 0; i < B; ++i) {
+    const float* kr = k + order[i] * k_tok_stride;
+    const float* vr = v + order[i] * v_tok_stride;
+    float* ksr = ks.data() + i * D;
+    float* vnr = vn.data() + i * D;
     for (int64_t j = 0; j < D; ++j) {
-      ks[i * D + j] = sanitize(k[order[i] * k_tok_stride + j]);
-      vn[i * D + j] = sanitize(v[order[i] * v_tok_stride + j]);
-      c[j] = std::max(c[j], std::fabs(vn[i * D + j]));
+      ksr[j] = sanitize(kr[j]);
+      vnr[j] = sanitize(vr[j]);
+      c[j] = std::max(c[j], std::fabs(vnr[j]));
     }
-  std::vector<c10::Half> ch(D);
-  for (int64_t j = 0; j < D; ++j) {
-    ch[j] = fp16_round(std::sqrt(c[j]), true);
-    if (static_cast<float>(ch[j]) < EPS) ch[j] = c10::Half(1.f);
-    put_half(out + L.off[V_CHANNEL_SCALE], j, ch[j]);
   }
-  for (int64_t i = 0; i < B; ++i)
-    for (int64_t j = 0; j < D; ++j) vn[i * D + j] = vn[i * D + j] / static_cast<float>(ch[j]);
+  for (int64_t j = 0; j < D; ++j) {
+    c10::Half ch = fp16_round(std::sqrt(c[j]), true);
+    if (static_cast<float>(ch) < EPS) ch = c10::Half(1.f);
+    put_half(out + L.off[V_CHANNEL_SCALE], j, ch);
+    chf[j] = static_cast<float>(ch);
+  }
+  for (int64_t i = 0; i < B; ++i) {
+    float* vnr = vn.data() + i * D;
+    for (int64_t j = 0; j < D; ++j) vnr[j] = vnr[j] / chf[j];
+  }
 
   struct Group { int64_t lo, hi; int bits; int kc, kp, vc; };
   const Group groups[2] = {{0, n_hi, int(L.hi_bits), K_HI_CODES, K_HI_PARAMS, V_HI_CODES},
                            {n_hi, B, int(L.lo_bits), K_LO_CODES, K_LO_PARAMS, V_LO_CODES}};
   uint8_t* vtp = out + L.off[V_TOKEN_PARAMS];
+  std::vector<float> kmn(D), kmx(D), kmf(D), ksf(D);
   for (const Group& gr : groups) {
     if (gr.hi == gr.lo) continue;
     const int64_t row_bytes = D * gr.bits / 8;
-    // keys: channelwise over the group's tokens
-    for (int64_t j = 0; j < D; ++j) {
-      float mn = ks[gr.lo * D + j], mx = mn;
-      for (int64_t i = gr.lo + 1; i < gr.hi; ++i) {
-        mn = std::min(mn, ks[i * D + j]);
-        mx = std::max(mx, ks[i * D + j]);
+    // keys: channelwise over the group's tokens (min / max in token order, per channel)
+    std::copy(ks.begin() + gr.lo * D, ks.begin() + (gr.lo + 1) * D, kmn.begin());
+    std::copy(kmn.begin(), kmn.end(), kmx.begin());
+    for (int64_t i = gr.lo + 1; i < gr.hi; ++i) {
+      const float* x = ks.data() + i * D;
+      for (int64_t j = 0; j < D; ++j) {
+        kmn[j] = std::min(kmn[j], x[j]);
+        kmx[j] = std::max(kmx[j], x[j]);
       }
+    }
+    for (int64_t j = 0; j < D; ++j) {
       c10::Half m, s;
-      quant_params(mn, mx, gr.bits, m, s);
+      quant_params(kmn[j], kmx[j], gr.bits, m, s);
       put_half(out + L.off[gr.kp], j, m);
       put_half(out + L.off[gr.kp], D + j, s);
-      const float mf = static_cast<float>(m), sf = static_cast<float>(s);
-      for (int64_t i = gr.lo; i < gr.hi; ++i)
-        put_code(out + L.off[gr.kc] + (i - gr.lo) * row_bytes, j, quantize1(ks[i * D + j], mf, sf, gr.bits),
-                 gr.bits);
+      kmf[j] = static_cast<float>(m);
+      ksf[j] = static_cast<float>(s);
     }
+    for (int64_t i = gr.lo; i < gr.hi; ++i)
+      pack_row(ks.data() + i * D, kmf.data(), ksf.data(), 1, D, gr.bits,
+               out + L.off[gr.kc] + (i - gr.lo) * row_bytes);
     // values: per token over the channels of v / c
     for (int64_t i = gr.lo; i < gr.hi; ++i) {
       const float* x = vn.data() + i * D;
@@ -359,8 +394,7 @@ void pack_head(const float* k, const float* v, const bool* sal, const PageLayout
       put_half(vtp, i, m);
       put_half(vtp, B + i, s);
       const float mf = static_cast<float>(m), sf = static_cast<float>(s);
-      uint8_t* row = out + L.off[gr.vc] + (i - gr.lo) * row_bytes;
-      for (int64_t j = 0; j < D; ++j) put_code(row, j, quantize1(x[j], mf, sf, gr.bits), gr.bits);
+      pack_row(x, &mf, &sf, 0, D, gr.bits, out + L.off[gr.vc] + (i - gr.lo) * row_bytes);
     }
   }
   if (n_hi > 0 && n_hi < B)

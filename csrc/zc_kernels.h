@@ -59,4 +59,14 @@ ZC_DECLARE_ISA(avx2)
 ZC_DECLARE_ISA(avx512)
 #undef ZC_DECLARE_ISA
 
+// Element type of a rotation's input or output row.
+enum class FloatKind { f32, bf16, f16 };
+
+namespace avx512 {
+// One row of the Hadamard rotation (rotate.cpp): y = x H / sqrt(D), float64 butterfly.
+// Returns false, having maybe written part of y, when it cannot give the portable
+// loop's bits (D not a power of two in [8, 256], or a NaN into a half output).
+bool rotate_row(const void* x, FloatKind in, void* y, FloatKind out, int64_t D);
+}  // namespace avx512
+
 }  // namespace zc

@@ -319,13 +319,18 @@ def _valid():
 
 
 # -- hadamard_rotate: the C++ butterfly must give the float64 reference's bits -----------
+# "scalar": the portable loop; "auto": the best ISA of this CPU (AVX-512 registers where present)
+ROTATE_ISAS = ["scalar", "auto"]
 
-@pytest.mark.parametrize("D", [1, 2, 64, 128, 256])
+
+@pytest.mark.parametrize("isa", ROTATE_ISAS)
+@pytest.mark.parametrize("D", [1, 2, 8, 64, 128, 256])
 @pytest.mark.parametrize("src", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dst", [torch.float32, torch.bfloat16, torch.float16])
-def test_hadamard_rotate_is_bit_exact(D, src, dst):
+def test_hadamard_rotate_is_bit_exact(D, src, dst, isa, monkeypatch):
     from zipcache_vllm.quant.rotation import hadamard_rotate as rotate_ref
 
+    monkeypatch.setenv("ZIPCACHE_VLLM_KERNEL_ISA", isa)
     g = torch.Generator().manual_seed(D)
     # rows that mix magnitudes 10^-3..10^3 (activations with outlier channels)
     x = (torch.randn(37, 3, D, generator=g) * torch.logspace(-3, 3, D)).to(src)
@@ -335,6 +340,26 @@ def test_hadamard_rotate_is_bit_exact(D, src, dst):
     # a row's bits do not depend on the rows beside it, nor on strides
     assert torch.equal(kernels.hadamard_rotate(x[5:6, 1:2], dst), y[5:6, 1:2])
     assert torch.equal(kernels.hadamard_rotate(x.transpose(0, 1), dst), y.transpose(0, 1))
+
+
+@pytest.mark.parametrize("dst", [torch.float32, torch.bfloat16, torch.float16])
+def test_hadamard_rotate_non_finite_rows_agree_across_isas(dst, monkeypatch):
+    """A NaN or inf spreads over its row as in the reference; the vector path's bits are
+    the portable loop's (a NaN into half output takes the portable conversion)."""
+    from zipcache_vllm.quant.rotation import hadamard_rotate as rotate_ref
+
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(3))
+    x[1, 5], x[3, 0], x[4, 9] = float("nan"), float("inf"), float("-inf")
+    ys = {}
+    for isa in ROTATE_ISAS:
+        monkeypatch.setenv("ZIPCACHE_VLLM_KERNEL_ISA", isa)
+        ys[isa] = kernels.hadamard_rotate(x, dst)
+    ref = rotate_ref(x).to(dst)
+    for y in ys.values():
+        assert torch.equal(torch.isnan(y), torch.isnan(ref))
+        assert torch.equal(y[[0, 2, 5]], ref[[0, 2, 5]])
+    bits = torch.int32 if dst == torch.float32 else torch.int16
+    assert len({tuple(y.view(bits).flatten().tolist()) for y in ys.values()}) == 1
 
 
 def test_hadamard_rotate_rejects_bad_arguments():

@@ -149,3 +149,35 @@ def test_rejects_bad_arguments(what, fix):
     out = torch.zeros(args[0].shape)
     with pytest.raises(ValueError):
         kernels.decode_staged(*args, *pool, out, layout, 0.125)
+
+
+def test_plan_once_run_per_layer_equals_one_shot_calls():
+    """A step's plan (index tensors checked once) run for two layers leaves the same state
+    as two one-shot :func:`decode_staged` calls."""
+    layout, args, pool = _case(64, 9, 3, 16, R=3, dtype=torch.bfloat16, pool_dtype=torch.bfloat16,
+                               seed=11)
+    q, k, v, rows, pages, table, num_blocks, slots, staged, probe = args
+    plan = kernels.DecodePlan.create(rows, table, num_blocks, slots, staged, probe, layout.block_size)
+    layers = [tuple(t.clone() for t in pool) for _ in range(2)]
+    outs = [torch.full(q.shape, 7.0) for _ in range(2)]  # as _run starts them
+    for lp, out in zip(layers, outs):
+        plan.run(q, k, v, pages, *lp, out, layout, 0.125)
+    for lp, out in zip(layers, outs):
+        out_1, pool_1 = _run(kernels.decode_staged, layout, args, pool, torch.float32)
+        assert torch.equal(out, out_1)
+        assert all(torch.equal(a, b) for a, b in zip(lp, pool_1))
+
+
+def test_plan_checks_the_step_and_run_checks_the_layer():
+    layout, args, pool = _valid_args()
+    q, k, v, rows, pages, table, num_blocks, slots, staged, probe = args
+    with pytest.raises(ValueError, match="rows"):
+        kernels.DecodePlan.create(rows.int(), table, num_blocks, slots, staged, probe, 16)
+    with pytest.raises(ValueError, match="block_table"):
+        kernels.DecodePlan.create(rows, table[0], num_blocks, slots, staged, probe, 16)
+    plan = kernels.DecodePlan.create(rows, table, num_blocks, slots, staged, probe, 16)
+    with pytest.raises(ValueError, match="pool"):
+        plan.run(q, k, v, pages, pool[0], pool[1], pool[2][:, :, :8], pool[3], torch.zeros(q.shape),
+                 layout, 0.125)
+    with pytest.raises(ValueError, match="pages"):
+        plan.run(q, k, v, pages.int(), *pool, torch.zeros(q.shape), layout, 0.125)

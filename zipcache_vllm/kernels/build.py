@@ -26,7 +26,7 @@ from pathlib import Path
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 PKG_DIR = Path(__file__).resolve().parents[1]
 INSTALLED_KEY = PKG_DIR / "_C.buildkey"  # written by setup.py next to the extension it built
-SOURCES = ("ops.cpp", "decode.cpp", "rotate.cpp", "dequant.cpp", "attend_scalar.cpp", "attend_avx2.cpp", "attend_avx512.cpp")
+SOURCES = ("ops.cpp", "decode.cpp", "rotate.cpp", "rotate_avx512.cpp", "dequant.cpp", "attend_scalar.cpp", "attend_avx2.cpp", "attend_avx512.cpp")
 HEADERS = ("zc_kernels.h", "host.h", "attend_impl.h")
 CFLAGS = ("-O3", "-fopenmp", "-Wno-psabi", "-fno-math-errno")  # cpp_extension adds -std=c++20
 LDFLAGS = ("-fopenmp",)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -93,12 +94,14 @@ def _arange(n: int) -> torch.Tensor:
 
 
 @lru_cache(maxsize=256)
-def layout_args(layout: BlockLayout) -> tuple[list[int], list[int]]:
-    """The integer layout vector and section offsets passed to the C++ ops."""
+@lru_cache(maxsize=64)
+def layout_args(layout: BlockLayout) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The integer layout vector and section offsets passed to the C++ ops (computed once
+    per layout)."""
     offs = {s.name: s.offset for s in layout.sections}
-    return ([layout.block_size, layout.head_size, layout.num_kv_heads, layout.hi_bits,
-             layout.lo_bits, layout.n_hi, layout.head_bytes, layout.page_bytes],
-            [offs[name] for name in SECTION_ORDER])
+    return ((layout.block_size, layout.head_size, layout.num_kv_heads, layout.hi_bits,
+             layout.lo_bits, layout.n_hi, layout.head_bytes, layout.page_bytes),
+            tuple(offs[name] for name in SECTION_ORDER))
 
 
 def _check_layout(layout: BlockLayout) -> None:
@@ -298,63 +301,107 @@ def decode_staged(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch
         pool_k, pool_v: ``[S, H, B, D]`` one layer of the staging pool (any float dtype;
             the new K/V are rounded to it);
         pool_score float32 ``[S, H, B]``, pool_count float32 ``[S, B]``.
-    See :func:`.reference.decode_staged_ref` for the semantics.
+    See :func:`.reference.decode_staged_ref` for the semantics. A step that runs every
+    layer over the same rows plans once (:class:`DecodePlan`) and runs it per layer.
     """
     _check_layout(layout)
-    tensors = dict(q=q, k=k, v=v, rows=rows, pages=pages, block_table=block_table,
-                   num_blocks=num_blocks, slots=slots, staged=staged, probe=probe, pool_k=pool_k,
-                   pool_v=pool_v, pool_score=pool_score, pool_count=pool_count, out=out)
-    if uses_triton(q):
-        _check_same_device(**tensors)
-    else:
-        _check_cpu(**tensors)
-    _check_q(q, layout)
-    _check_pages(pages, layout)
-    H, B, D = layout.num_kv_heads, layout.block_size, layout.head_size
-    T = q.shape[0]
-    if tuple(k.shape) != (T, H, D) or v.shape != k.shape or out.shape != q.shape:
-        raise ValueError(f"k, v must be [{T}, {H}, {D}] and out like q {list(q.shape)}, got "
-                         f"{list(k.shape)}, {list(v.shape)}, {list(out.shape)}")
-    if len({q.dtype, k.dtype, v.dtype}) != 1 or pool_v.dtype != pool_k.dtype:
-        raise ValueError("q, k and v must share one dtype, and pool_k and pool_v another")
-    if out.dtype not in (q.dtype, torch.float32):
-        raise ValueError(f"out must be {q.dtype} or float32, got {out.dtype}")
-    if any(t.stride(-1) != 1 for t in (q, k, v, out, pool_k)):
-        raise ValueError("q, k, v, out and the pool need a unit inner stride")
-    if pool_k.dtype not in Q_DTYPES:
-        raise ValueError(f"pool_k/pool_v must be one of {Q_DTYPES}, got {pool_k.dtype}")
-    S = pool_k.shape[0]
-    if (pool_k.dim() != 4 or tuple(pool_k.shape[1:]) != (H, B, D) or pool_v.shape != pool_k.shape
-            or tuple(pool_score.shape) != (S, H, B) or tuple(pool_count.shape) != (S, B)
-            or pool_score.dtype != torch.float32 or pool_count.dtype != torch.float32):
-        raise ValueError(f"pool must be k/v [S, {H}, {B}, {D}], score float32 [S, {H}, {B}], "
-                         f"count float32 [S, {B}]")
-    R = rows.shape[0]
-    for name, t in (("rows", rows), ("num_blocks", num_blocks), ("slots", slots), ("staged", staged)):
-        if t.dtype != torch.int64 or tuple(t.shape) != (R,):
-            raise ValueError(f"{name} must be int64 [{R}], got {t.dtype} {list(t.shape)}")
-    if probe.dtype != torch.float32 or tuple(probe.shape) != (R,):
-        raise ValueError(f"probe must be float32 [{R}], got {probe.dtype} {list(probe.shape)}")
-    if block_table.dtype != torch.int64 or block_table.dim() != 2 or block_table.shape[0] != R:
-        raise ValueError(f"block_table must be int64 [{R}, max_blocks], got {list(block_table.shape)}")
-    if uses_triton(q):
-        from . import gpu
+    plan = DecodePlan.create(rows, block_table, num_blocks, slots, staged, probe, layout.block_size)
+    plan.run(q, k, v, pages, pool_k, pool_v, pool_score, pool_count, out, layout, scale)
 
-        gpu.decode_staged(q, k, v, rows, pages, block_table, num_blocks, slots, staged, probe,
-                          pool_k, pool_v, pool_score, pool_count, out, layout, float(scale))
-        return
-    if not _use_extension():
-        if R and (int(staged.min()) < 0 or int(staged.max()) >= B):
-            raise ValueError(f"staged must be in [0, {B}), got {staged.tolist()}")
-        reference.decode_staged_ref(q, k, v, rows, pages, block_table, num_blocks, slots, staged,
-                                    probe, pool_k, pool_v, pool_score, pool_count, out, layout,
-                                    float(scale))
-        return
-    lay, offs = layout_args(layout)
-    torch.ops.zipcache.decode_staged(q, k, v, rows, pages, block_table.contiguous(), num_blocks,
-                                     slots, staged, probe, pool_k, pool_v, pool_score, pool_count,
-                                     out, lay, offs, float(scale),
-                                     os.environ.get("ZIPCACHE_VLLM_KERNEL_ISA", ""))
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """The decode rows of a step, checked once (flashinfer's plan / run split).
+
+    :meth:`create` checks the per-step index tensors (see :func:`decode_staged`) and
+    picks the kernel path; :meth:`run`, called once per layer, checks only that
+    layer's tensors and launches.
+    """
+
+    rows: torch.Tensor
+    block_table: torch.Tensor
+    num_blocks: torch.Tensor
+    slots: torch.Tensor
+    staged: torch.Tensor
+    probe: torch.Tensor
+    path: str  # "triton", "cpp" or "reference"
+    isa: str  # ZIPCACHE_VLLM_KERNEL_ISA at plan time ("" = the CPU's best)
+
+    @classmethod
+    def create(cls, rows: torch.Tensor, block_table: torch.Tensor, num_blocks: torch.Tensor,
+               slots: torch.Tensor, staged: torch.Tensor, probe: torch.Tensor,
+               block_size: int) -> "DecodePlan":
+        tensors = dict(rows=rows, block_table=block_table, num_blocks=num_blocks, slots=slots,
+                       staged=staged, probe=probe)
+        for name, t in tensors.items():
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+        triton = uses_triton(rows)
+        if triton:
+            _check_same_device(**tensors)
+        else:
+            _check_cpu(**tensors)
+        R = rows.shape[0]
+        for name, t in (("rows", rows), ("num_blocks", num_blocks), ("slots", slots),
+                        ("staged", staged)):
+            if t.dtype != torch.int64 or tuple(t.shape) != (R,):
+                raise ValueError(f"{name} must be int64 [{R}], got {t.dtype} {list(t.shape)}")
+        if probe.dtype != torch.float32 or tuple(probe.shape) != (R,):
+            raise ValueError(f"probe must be float32 [{R}], got {probe.dtype} {list(probe.shape)}")
+        if block_table.dtype != torch.int64 or block_table.dim() != 2 or block_table.shape[0] != R:
+            raise ValueError(f"block_table must be int64 [{R}, max_blocks], got "
+                             f"{list(block_table.shape)}")
+        path = "triton" if triton else "cpp" if _use_extension() else "reference"
+        if path == "reference" and R and (int(staged.min()) < 0 or int(staged.max()) >= block_size):
+            raise ValueError(f"staged must be in [0, {block_size}), got {staged.tolist()}")
+        return cls(rows, block_table.contiguous(), num_blocks, slots, staged, probe, path,
+                   os.environ.get("ZIPCACHE_VLLM_KERNEL_ISA", ""))
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor,
+            pool_k: torch.Tensor, pool_v: torch.Tensor, pool_score: torch.Tensor,
+            pool_count: torch.Tensor, out: torch.Tensor, layout: BlockLayout,
+            scale: float) -> None:
+        """One layer's fused decode step over the planned rows (arguments as in
+        :func:`decode_staged`)."""
+        _check_layout(layout)
+        tensors = dict(q=q, k=k, v=v, pages=pages, pool_k=pool_k, pool_v=pool_v,
+                       pool_score=pool_score, pool_count=pool_count, out=out)
+        if self.path == "triton":
+            _check_same_device(rows=self.rows, **tensors)
+        else:
+            _check_cpu(**tensors)
+        _check_q(q, layout)
+        _check_pages(pages, layout)
+        H, B, D = layout.num_kv_heads, layout.block_size, layout.head_size
+        T = q.shape[0]
+        if tuple(k.shape) != (T, H, D) or v.shape != k.shape or out.shape != q.shape:
+            raise ValueError(f"k, v must be [{T}, {H}, {D}] and out like q {list(q.shape)}, got "
+                             f"{list(k.shape)}, {list(v.shape)}, {list(out.shape)}")
+        if len({q.dtype, k.dtype, v.dtype}) != 1 or pool_v.dtype != pool_k.dtype:
+            raise ValueError("q, k and v must share one dtype, and pool_k and pool_v another")
+        if out.dtype not in (q.dtype, torch.float32):
+            raise ValueError(f"out must be {q.dtype} or float32, got {out.dtype}")
+        if any(t.stride(-1) != 1 for t in (q, k, v, out, pool_k)):
+            raise ValueError("q, k, v, out and the pool need a unit inner stride")
+        if pool_k.dtype not in Q_DTYPES:
+            raise ValueError(f"pool_k/pool_v must be one of {Q_DTYPES}, got {pool_k.dtype}")
+        S = pool_k.shape[0]
+        if (pool_k.dim() != 4 or tuple(pool_k.shape[1:]) != (H, B, D) or pool_v.shape != pool_k.shape
+                or tuple(pool_score.shape) != (S, H, B) or tuple(pool_count.shape) != (S, B)
+                or pool_score.dtype != torch.float32 or pool_count.dtype != torch.float32):
+            raise ValueError(f"pool must be k/v [S, {H}, {B}, {D}], score float32 [S, {H}, {B}], "
+                             f"count float32 [S, {B}]")
+        meta = (self.rows, pages, self.block_table, self.num_blocks, self.slots, self.staged,
+                self.probe, pool_k, pool_v, pool_score, pool_count, out)
+        if self.path == "triton":
+            from . import gpu
+
+            gpu.decode_staged(q, k, v, *meta, layout, float(scale))
+        elif self.path == "reference":
+            reference.decode_staged_ref(q, k, v, *meta, layout, float(scale))
+        else:
+            lay, offs = layout_args(layout)
+            torch.ops.zipcache.decode_staged(q, k, v, *meta, lay, offs, float(scale), self.isa)
 
 
 def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
@@ -376,8 +423,8 @@ def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tenso
 def hadamard_rotate(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``x R`` along the last dimension (:mod:`zipcache_vllm.quant.rotation`), in ``dtype``
     (default float32): the same bits as the float64 reference rounded to float32 and then
-    to ``dtype``, from one pass of the C++ butterfly on the CPU (the reference elsewhere,
-    or for float64 input)."""
+    to ``dtype``, from one pass of the C++ butterfly on the CPU (eight doubles per
+    register on AVX-512; the reference elsewhere, or for float64 input)."""
     dtype = torch.float32 if dtype is None else dtype
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError("x must be a tensor with a last dimension to rotate")
@@ -386,5 +433,5 @@ def hadamard_rotate(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.
     if dtype not in Q_DTYPES:
         raise ValueError(f"dtype must be one of {Q_DTYPES}, got {dtype}")
     if x.is_cpu and x.dtype in Q_DTYPES and not uses_triton(x) and _use_extension():
-        return torch.ops.zipcache.hadamard_rotate(x, dtype)
+        return torch.ops.zipcache.hadamard_rotate(x, dtype, os.environ.get("ZIPCACHE_VLLM_KERNEL_ISA", ""))
     return hadamard_rotate_reference(x).to(dtype)

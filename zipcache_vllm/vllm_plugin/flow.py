@@ -34,7 +34,7 @@ import torch
 
 from ..config import Preset, ProbeConfig
 from ..layout import BlockLayout
-from ..kernels import (attend_packed, decode_staged, dequantize_pages, hadamard_rotate, quantize_pack,
+from ..kernels import (DecodePlan, attend_packed, dequantize_pages, hadamard_rotate, quantize_pack,
                        uses_triton)
 from ..quant.block import topk_salient_mask
 from ..saliency.scores import probe_rows
@@ -621,18 +621,13 @@ class _DequantizedPrefix:
 class DecodeBatch:
     """The decode rows (one new token each) of a step, as tensors built once per step.
 
-    rows: query rows; slots / staged: staging slot and its staged count ``s`` (the new
-    token goes to index ``s``); probe: 1.0 where the token scores its block; the packed
-    blocks of each row (``block_table`` / ``num_blocks``); and, for the rows whose
-    block fills with this token (``s == B - 1``), where it is packed.
+    kernel: the fused kernel's plan (checked once per step, run per layer): query rows,
+    staging slot and staged count ``s`` of each row (the new token goes to index ``s``),
+    probe (1.0 where the token scores its block) and the row's packed blocks; and, for
+    the rows whose block fills with this token (``s == B - 1``), where it is packed.
     """
 
-    rows: torch.Tensor
-    slots: torch.Tensor
-    staged: torch.Tensor
-    probe: torch.Tensor
-    block_table: torch.Tensor
-    num_blocks: torch.Tensor
+    kernel: DecodePlan
     full: list[int]  # indices (into the rows) of the rows whose block fills
     full_slots: torch.Tensor
     full_ids: torch.Tensor  # block id each full row's page is written to
@@ -658,10 +653,10 @@ class DecodeBatch:
         def ints(xs: list[int]) -> torch.Tensor:
             return torch.tensor(xs, dtype=torch.int64, device=device)
 
-        return cls(rows=ints([p.q_start for p in plans]), slots=ints([p.slot for p in plans]),
-                   staged=ints(s), probe=torch.tensor(probe, dtype=torch.float32, device=device),
-                   block_table=table, num_blocks=ints(b0),
-                   full=full, full_slots=ints([plans[r].slot for r in full]),
+        kernel = DecodePlan.create(ints([p.q_start for p in plans]), table, ints(b0),
+                                   ints([p.slot for p in plans]), ints(s),
+                                   torch.tensor(probe, dtype=torch.float32, device=device), B)
+        return cls(kernel=kernel, full=full, full_slots=ints([plans[r].slot for r in full]),
                    full_ids=(torch.cat([plans[r].filled_ids for r in full]) if full else ints([])),
                    full_starts=[b0[r] * B for r in full])
 
@@ -672,14 +667,14 @@ def apply_decode_rows(pool: StagingPool, layer: int, batch: DecodeBatch, query: 
                       output: torch.Tensor) -> None:
     """All decode rows of a step at once: same math as :func:`run_request_step` with q = 1.
 
-    One fused kernel call (:func:`zipcache_vllm.kernels.decode_staged`: attention over
+    One fused kernel call (:class:`zipcache_vllm.kernels.DecodePlan`, as
+    :func:`~zipcache_vllm.kernels.decode_staged`: attention over
     the packed pages and the staged tokens merged by log-sum-exp, the new token appended
     to its staging slot, the slot's saliency accumulated); then each row whose block
     filled is packed from its slot into its page.
     """
-    decode_staged(query, key, value, batch.rows, pages, batch.block_table, batch.num_blocks,
-                  batch.slots, batch.staged, batch.probe, pool.k[layer], pool.v[layer],
-                  pool.score[layer], pool.count[layer], output, layout, scale)
+    batch.kernel.run(query, key, value, pages, pool.k[layer], pool.v[layer], pool.score[layer],
+                     pool.count[layer], output, layout, scale)
     if batch.full:
         fs = batch.full_slots
         ranks = block_scores(pool.score[layer].index_select(0, fs),
