@@ -547,9 +547,10 @@ def _apply_chunk(pool: StagingPool, layer: int, plan: RequestPlan, query: torch.
     prefix = None if uses_triton(pages) else _DequantizedPrefix(
         pages, plan.packed_ids, layout, plan.packed_ids.numel() + plan.filled_ids.numel())
     packed = plan.packed_ids
-    # keys/values converted once for the chunk ([H, q, D] float32); queries once per block
-    k_all = key[start:end].transpose(0, 1).float().contiguous()
-    v_all = value[start:end].transpose(0, 1).float().contiguous()
+    # keys/values converted once for the chunk (float32 [H, q, D] views of [q, H, D]: a
+    # transposing conversion costs several times a straight one); queries once per block
+    k_all = key[start:end].float().transpose(0, 1)
+    v_all = value[start:end].float().transpose(0, 1)
     g = query.shape[1] // H
     while start < end:
         n = min(end - start, B - ctx % B)  # up to the end of the current block
