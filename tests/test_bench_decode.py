@@ -119,3 +119,31 @@ def test_prefill_is_the_median_of_the_batch_one_runs():
     res = _result()
     res["info"]["prefill_reps"] = 3
     assert "batch 1: the median of 3 prompts" in decode.format_table(res)
+
+
+def test_engines_run_context_by_context_and_merge_per_dtype(monkeypatch, tmp_path):
+    """Every dtype runs once per context, dtypes in turn within a context; rows merge per
+    dtype in context order, and a refused dtype stays refused."""
+    from zipcache_vllm.bench import decode
+
+    calls = []
+
+    def fake_worker(model_dir, d, ctxs, batches, decode_tokens, workdir, kv_space, prefill_reps=1):
+        calls.append((ctxs[0], d))
+        if d == "fp8":
+            return {"kv_cache_dtype": d, "unsupported": "FP8 KV cache on CPU requires AVX-512"}
+        return {"kv_cache_dtype": d, "num_gpu_blocks": 7, "block_size": 16,
+                "rows": [{"ctx": ctxs[0], "batch": b} for b in batches]}
+
+    monkeypatch.setattr(decode, "run_worker", fake_worker)
+    monkeypatch.setattr(decode, "model_facts", lambda m: {"layers": 1})
+    monkeypatch.setattr("zipcache_vllm.bench.kernels.copy_bandwidth", lambda: 1.0)
+    res = decode.run(str(tmp_path), ["auto", "fp8", "zipcache"], [1024, 4096], [1, 8], 4, "1",
+                     progress=False)
+    assert calls == [(1024, "auto"), (1024, "fp8"), (1024, "zipcache"),
+                     (4096, "auto"), (4096, "fp8"), (4096, "zipcache")]
+    assert list(res["engines"]) == ["auto", "fp8", "zipcache"]
+    assert [(r["ctx"], r["batch"]) for r in res["engines"]["zipcache"]["rows"]] == [
+        (1024, 1), (1024, 8), (4096, 1), (4096, 8)]
+    assert res["engines"]["zipcache"]["num_gpu_blocks"] == 7
+    assert "unsupported" in res["engines"]["fp8"]

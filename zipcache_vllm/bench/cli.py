@@ -49,8 +49,10 @@ def add_parser(subparsers) -> None:
     d = bsub.add_parser(
         "decode",
         help="engine decode/prefill tokens/s per KV dtype through vLLM, ratios vs auto",
-        description="Start the real vLLM engine once per KV dtype (same model and engine "
-        "arguments) and measure decode tokens/s at each context and batch and prefill tokens/s; "
+        description="Start the real vLLM engine once per KV dtype and context (same model and "
+        "engine arguments; every dtype in turn for each context, so a slow spell of a shared "
+        "machine falls on all dtypes of a row) and measure decode tokens/s at each context and "
+        "batch and prefill tokens/s; "
         "prints ratios against `auto` from the same run and a bytes-read model next to a "
         "measured copy bandwidth. fp8 is reported as refused where vLLM refuses it.",
     )

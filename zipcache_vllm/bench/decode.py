@@ -1,9 +1,12 @@
 """Engine-level speed: decode and prefill tokens/s of each KV dtype through vLLM.
 
 ``zipcache-vllm bench decode`` starts the real engine once per KV dtype (``auto``,
-``fp8``, the zipcache presets asked for; same model, same engine arguments, one
-after the other on the same machine), runs :mod:`.decode_worker` in it, and
-prints ratios against ``auto`` measured in the same run.
+``fp8``, the zipcache presets asked for; same model, same engine arguments) and
+context, runs :mod:`.decode_worker` in it, and prints ratios against ``auto`` measured
+in the same run. The engines run context by context, every dtype in turn for each
+context, so the dtypes of one table row are measured minutes apart, not a whole
+dtype's run apart: on a shared machine whose speed drifts over tens of minutes, a slow
+spell then falls on all of them.
 
 Bytes model: a decode step reads the model weights once and every running
 request's KV cache once per layer. Per request and layer, ``auto`` reads
@@ -85,16 +88,30 @@ def run(model_dir: str, dtypes, contexts, batches, decode_tokens: int, kv_space_
     from .kernels import _cpu_name, copy_bandwidth
 
     facts = model_facts(model_dir)
-    engines = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for d in tqdm(dtypes, desc="engines", disable=not progress):
-            engines[d] = run_worker(model_dir, d, contexts, batches, decode_tokens, Path(tmp), kv_space_gib,
-                                    prefill_reps=prefill_reps)
+        runs = [(c, d) for c in contexts for d in dtypes]
+        parts = [run_worker(model_dir, d, [c], batches, decode_tokens, Path(tmp), kv_space_gib,
+                            prefill_reps=prefill_reps)
+                 for c, d in tqdm(runs, desc="engines (context, dtype)", disable=not progress)]
+    engines = merge_runs(dtypes, [d for _, d in runs], parts)
     info = {"cpu": _cpu_name(), "cpus": os.cpu_count(), "bandwidth_gb_s": copy_bandwidth(),
             "load": os.getloadavg()[0], "kv_space_gib": kv_space_gib, "decode_tokens": decode_tokens,
             "prefill_reps": prefill_reps,
             "model": Path(model_dir).name, **facts}
     return {"info": info, "engines": engines}
+
+
+def merge_runs(dtypes, run_dtypes, parts) -> dict:
+    """One result per dtype from its engine runs (one per context): rows in context order;
+    a dtype vLLM refused keeps the refusal."""
+    engines: dict = {}
+    for d, part in zip(run_dtypes, parts):
+        if "unsupported" in part:
+            engines[d] = part
+        elif "unsupported" not in engines.get(d, {}):
+            merged = engines.setdefault(d, {**part, "rows": []})
+            merged["rows"] = merged["rows"] + part["rows"]
+    return {d: engines[d] for d in dtypes if d in engines}
 
 
 def _row(res: dict, d: str, ctx: int, batch: int) -> dict | None:
