@@ -37,3 +37,12 @@ def test_quick_run_builds_the_table():
     table = prefill.format_table(res)
     assert table.count("\n| ") == 3  # header + 2 rows
     assert "zipcache / vLLM speed" in table
+
+
+def test_profile_table_names_the_step_s_ops():
+    table = prefill.profile_table("zipcache", 9, 3, 64, 300, rows=5)
+    lines = table.splitlines()
+    assert lines[0].startswith("| op | self ms | calls | share of ") and len(lines) == 2 + 5
+    assert any("flash_attention" in line for line in lines[2:])  # the prefix / window attention
+    shares = [int(line.rsplit("|", 2)[1].strip().rstrip("%")) for line in lines[2:]]
+    assert shares == sorted(shares, reverse=True) and sum(shares) <= 101

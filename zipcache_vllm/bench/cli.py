@@ -41,6 +41,9 @@ def add_parser(subparsers) -> None:
     pf.add_argument("--contexts", default=None, help="comma-separated prompt lengths (default 1024,4096)")
     pf.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     pf.add_argument("--quick", action="store_true", help="one 512-token prompt per shape, few repetitions")
+    pf.add_argument("--profile", action="store_true",
+                    help="then run zipcache's step once more under torch's profiler and print where "
+                    "its time goes (top ops by self time) for each shape and context")
     pf.set_defaults(func=_cmd_prefill)
     from zipcache_vllm.bench.serve import add_parser as add_serve_parser
 
@@ -87,7 +90,8 @@ def _cmd_kernels(args) -> int:
 def _cmd_prefill(args) -> int:
     from zipcache_vllm.bench.prefill import main
 
-    return main(preset=args.preset, contexts=args.contexts, quick=args.quick, threads=args.threads)
+    return main(preset=args.preset, contexts=args.contexts, quick=args.quick, threads=args.threads,
+                profile=args.profile)
 
 
 def _cmd_decode(args) -> int:

@@ -97,12 +97,35 @@ def format_table(res: dict) -> str:
     return "\n".join(out)
 
 
+def profile_table(preset: str, Hq: int, Hk: int, D: int, ctx: int, rows: int = 8) -> str:
+    """zipcache's step for one prompt under torch's profiler: the ``rows`` ops with the most
+    self time (milliseconds, calls), after one unprofiled warm-up call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    call = zipcache_call(*inputs(Hq, Hk, D, ctx), preset)[0]
+    call()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        call()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) / 1e3
+    out = [f"| op | self ms | calls | share of {total:.1f} ms |", "|---|---:|---:|---:|"]
+    for e in events[:rows]:
+        ms = e.self_cpu_time_total / 1e3
+        out.append(f"| `{e.key}` | {ms:.2f} | {e.count} | {ms / total:.0%} |")
+    return "\n".join(out)
+
+
 def main(preset: str = "zipcache", contexts: str | None = None, quick: bool = False,
-         threads: int | None = None) -> int:
+         threads: int | None = None, profile: bool = False) -> int:
     if threads:
         torch.set_num_threads(threads)
     res = run(preset=preset, contexts=[int(x) for x in contexts.split(",")] if contexts else None,
               quick=quick)
     print()
     print(format_table(res))
+    if profile:
+        for r in res["rows"]:
+            print(f"\nzipcache step, {r['shape']} ({r['Hq']}/{r['Hk']}/{r['D']}), ctx {r['ctx']}, "
+                  f"{torch.get_num_threads()} threads (torch profiler, self time):\n")
+            print(profile_table(preset, r["Hq"], r["Hk"], r["D"], r["ctx"]))
     return 0
