@@ -295,8 +295,9 @@ inline float sanitize(float x) {
   return std::min(std::max(x, -FP16_MAX), FP16_MAX);
 }
 
-// Codes of one row of D elements (x - m[j]) / s[j] (mj = sj = 0 strides for one scalar
-// pair), packed little-endian, `bits` wide, into `row` (zeroed).
+// Codes of one row of D elements, (x[j] - m[j * stride]) / s[j * stride] (stride 1: one
+// (m, s) per channel; stride 0: one for the whole row), packed little-endian, `bits`
+// wide, into `row` (zeroed).
 inline void pack_row(const float* x, const float* m, const float* s, int64_t stride, int64_t D,
                      int bits, uint8_t* row) {
   const float hi = static_cast<float>((1 << bits) - 1);

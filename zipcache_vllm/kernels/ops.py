@@ -79,12 +79,16 @@ def kernels_available() -> bool:
         return False
 
 
+def _requested_isa() -> str:
+    """``ZIPCACHE_VLLM_KERNEL_ISA`` ("" = the CPU's best), passed to the C++ ops."""
+    return os.environ.get("ZIPCACHE_VLLM_KERNEL_ISA", "")
+
+
 def cpu_isa() -> str:
     """ISA variant the kernels run with: ``avx512``, ``avx2`` or ``scalar`` (or ``reference``)."""
     if not _use_extension():
         return "reference"
-    forced = os.environ.get("ZIPCACHE_VLLM_KERNEL_ISA", "")
-    return forced or torch.ops.zipcache.cpu_isa()
+    return _requested_isa() or torch.ops.zipcache.cpu_isa()
 
 
 @lru_cache(maxsize=64)
@@ -94,7 +98,6 @@ def _arange(n: int) -> torch.Tensor:
 
 
 @lru_cache(maxsize=256)
-@lru_cache(maxsize=64)
 def layout_args(layout: BlockLayout) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The integer layout vector and section offsets passed to the C++ ops (computed once
     per layout)."""
@@ -199,8 +202,7 @@ def attend_packed_varlen(q: torch.Tensor, pages: torch.Tensor, block_table: torc
                                                   query_start_loc, layout, float(scale))
     lay, offs = layout_args(layout)
     return torch.ops.zipcache.attend_packed(q, pages, block_table, num_blocks, query_start_loc,
-                                            lay, offs, float(scale),
-                                            os.environ.get("ZIPCACHE_VLLM_KERNEL_ISA", ""))
+                                            lay, offs, float(scale), _requested_isa())
 
 
 def attend_packed(q: torch.Tensor, pages: torch.Tensor, block_ids: torch.Tensor,
@@ -333,9 +335,6 @@ class DecodePlan:
                block_size: int) -> "DecodePlan":
         tensors = dict(rows=rows, block_table=block_table, num_blocks=num_blocks, slots=slots,
                        staged=staged, probe=probe)
-        for name, t in tensors.items():
-            if not isinstance(t, torch.Tensor):
-                raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
         triton = uses_triton(rows)
         if triton:
             _check_same_device(**tensors)
@@ -355,7 +354,7 @@ class DecodePlan:
         if path == "reference" and R and (int(staged.min()) < 0 or int(staged.max()) >= block_size):
             raise ValueError(f"staged must be in [0, {block_size}), got {staged.tolist()}")
         return cls(rows, block_table.contiguous(), num_blocks, slots, staged, probe, path,
-                   os.environ.get("ZIPCACHE_VLLM_KERNEL_ISA", ""))
+                   _requested_isa())
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor,
             pool_k: torch.Tensor, pool_v: torch.Tensor, pool_score: torch.Tensor,
@@ -433,5 +432,5 @@ def hadamard_rotate(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.
     if dtype not in Q_DTYPES:
         raise ValueError(f"dtype must be one of {Q_DTYPES}, got {dtype}")
     if x.is_cpu and x.dtype in Q_DTYPES and not uses_triton(x) and _use_extension():
-        return torch.ops.zipcache.hadamard_rotate(x, dtype, os.environ.get("ZIPCACHE_VLLM_KERNEL_ISA", ""))
+        return torch.ops.zipcache.hadamard_rotate(x, dtype, _requested_isa())
     return hadamard_rotate_reference(x).to(dtype)
