@@ -11,6 +11,7 @@
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")
 #define ZC_F16C 1
 #define ZC_ACC_REGS 16
+#define ZC_PAIR16 1  // two tokens per 512-bit register (attend_impl.h)
 #define ZC_NS zc_impl_avx512
 #define ZC_ISA avx512
 #include "attend_impl.h"

@@ -171,6 +171,46 @@ struct Codes<BITS, true> {  // 2 or 4 bits: 8 bytes -> 8/BITS vectors, lane i = 
 // Byte-lane order needs whole 8-byte steps per row.
 static inline bool byte_lanes(int bits, int64_t D) { return (bits == 2 || bits == 4) && (D * bits) % 64 == 0; }
 
+#ifdef ZC_PAIR16
+// AVX-512: two tokens per 16-lane register, token t in lanes 0-7 and token t + 1 in
+// lanes 8-15, each half in the 8-lane order above. Per lane the arithmetic is the
+// 8-lane path's, so key scores keep their bits; value sums add the two halves at the
+// end (a different summation order, same terms).
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+static inline v16f load16(const float* p) {
+  v16f r;
+  __builtin_memcpy(&r, p, sizeof(r));
+  return r;
+}
+static inline v16f join8(v8f a, v8f b) {
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+static inline v8f low8(v16f v) { return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7); }
+static inline v8f high8(v16f v) { return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15); }
+
+template <int BITS, bool BYTE_LANES>
+struct CodesPair {  // any order: each row unpacked as in Codes, then joined
+  using C = Codes<BITS, BYTE_LANES>;
+  static inline void unpack(const uint8_t* p0, const uint8_t* p1, v16f* x) {
+    v8f a[C::NV], b[C::NV];
+    C::unpack(p0, a);
+    C::unpack(p1, b);
+    for (int k = 0; k < C::NV; ++k) x[k] = join8(a[k], b[k]);
+  }
+};
+template <int BITS>
+struct CodesPair<BITS, true> {  // byte lanes: 8 bytes of each row -> 16 int32 lanes at once
+  static constexpr int NV = 8 / BITS;
+  static inline void unpack(const uint8_t* p0, const uint8_t* p1, v16f* x) {
+    const __m128i b = _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i*)p0), _mm_loadl_epi64((const __m128i*)p1));
+    const v16i w = (v16i)_mm512_cvtepu8_epi32(b);
+    for (int k = 0; k < NV; ++k) x[k] = __builtin_convertvector(w & (((1 << BITS) - 1) << (k * BITS)), v16f);
+  }
+};
+#endif
+
 // perm[p] = channel held by vector position p (p = (s * NV + k) * 8 + i).
 template <int BITS, bool BL>
 static void fill_perm(int64_t D, int16_t* perm) {
@@ -240,6 +280,57 @@ static void key_scores(const uint8_t* codes, int64_t ntok, int64_t D, const floa
     for (int h = 0; h < G; ++h) acc[h] = a2[0][h] + a2[1][h];
   };
   int64_t t = 0;
+#ifdef ZC_PAIR16
+  // The queries twice per 16 lanes: qd[h][16 j + i] = qd[h][16 j + 8 + i] = qs[h][8 j + i].
+  alignas(64) float qd[G * 2 * zc::MAX_HEAD];
+  for (int h = 0; h < G; ++h)
+    for (int64_t j = 0; j < D; j += 8) {
+      store8(qd + h * 2 * D + 2 * j, load8(qs + h * D + j));
+      store8(qd + h * 2 * D + 2 * j + 8, load8(qs + h * D + j));
+    }
+  using CP = CodesPair<BITS, BL>;
+  auto row_dot2 = [&](const uint8_t* r0, const uint8_t* r1, v16f* acc) {
+    v16f a2[2][G];
+    for (int h = 0; h < G; ++h) a2[0][h] = a2[1][h] = (v16f){};
+    if constexpr (NV >= 2) {
+      for (int64_t st = 0; st < steps; ++st) {
+        v16f x[NV];
+        CP::unpack(r0 + st * C::STEP_BYTES, r1 + st * C::STEP_BYTES, x);
+        for (int k = 0; k < NV; ++k)
+          for (int h = 0; h < G; ++h) a2[k & 1][h] += load16(qd + h * 2 * D + (st * NV + k) * 16) * x[k];
+      }
+    } else {
+      int64_t st = 0;
+      for (; st + 2 <= steps; st += 2) {
+        v16f x0[1], x1[1];
+        CP::unpack(r0 + st * C::STEP_BYTES, r1 + st * C::STEP_BYTES, x0);
+        CP::unpack(r0 + (st + 1) * C::STEP_BYTES, r1 + (st + 1) * C::STEP_BYTES, x1);
+        for (int h = 0; h < G; ++h) {
+          a2[0][h] += load16(qd + h * 2 * D + st * 16) * x0[0];
+          a2[1][h] += load16(qd + h * 2 * D + (st + 1) * 16) * x1[0];
+        }
+      }
+      if (st < steps) {
+        v16f x0[1];
+        CP::unpack(r0 + st * C::STEP_BYTES, r1 + st * C::STEP_BYTES, x0);
+        for (int h = 0; h < G; ++h) a2[0][h] += load16(qd + h * 2 * D + st * 16) * x0[0];
+      }
+    }
+    for (int h = 0; h < G; ++h) acc[h] = a2[0][h] + a2[1][h];
+  };
+  for (; t + 8 <= ntok; t += 8) {  // 8 tokens as 4 pairs, then one shuffle tree per row
+    v8f red[G][8];
+    for (int tt = 0; tt < 8; tt += 2) {
+      v16f acc[G];
+      row_dot2(codes + (t + tt) * row_bytes, codes + (t + tt + 1) * row_bytes, acc);
+      for (int h = 0; h < G; ++h) {
+        red[h][tt] = low8(acc[h]);
+        red[h][tt + 1] = high8(acc[h]);
+      }
+    }
+    for (int h = 0; h < G; ++h) store8(sc + h * ld + t, reduce8(red[h]) + splat(c0[h]));
+  }
+#else
   for (; t + 8 <= ntok; t += 8) {  // 8 tokens, then one shuffle tree per row
     v8f red[G][8];
     for (int tt = 0; tt < 8; ++tt) {
@@ -249,6 +340,7 @@ static void key_scores(const uint8_t* codes, int64_t ntok, int64_t D, const floa
     }
     for (int h = 0; h < G; ++h) store8(sc + h * ld + t, reduce8(red[h]) + splat(c0[h]));
   }
+#endif
   for (; t < ntok; ++t) {
     v8f acc[G];
     row_dot(codes + t * row_bytes, acc);
@@ -256,17 +348,29 @@ static void key_scores(const uint8_t* codes, int64_t ntok, int64_t D, const floa
   }
 }
 
+constexpr int64_t VALUE_PART = 128;
+
 // accblk[h][p] += sum_t w[h * ld + t] * code_t[perm p] for ntok tokens of one group
 // (accblk in the codes' lane order). Rows go in tiles of HT so the NV * HT
 // accumulators stay in registers.
 template <int BITS, bool BL, int G>
-static void value_accum(const uint8_t* codes, int64_t ntok, int64_t D, const float* w,
-                        int64_t ld, float* accblk) {
+static void value_accum_part(const uint8_t* codes, int64_t ntok, int64_t D, const float* w,
+                             int64_t ld, float* accblk) {
   using C = Codes<BITS, BL>;
   constexpr int NV = C::NV;
   constexpr int HT0 = ZC_ACC_REGS / NV > 0 ? ZC_ACC_REGS / NV : 1;
   constexpr int HT = HT0 < G ? HT0 : G;
   const int64_t row_bytes = D * BITS / 8, steps = row_bytes / C::STEP_BYTES;
+#ifdef ZC_PAIR16
+  // The weights of each token pair as one 16-lane vector, built once for all steps.
+  alignas(64) float wpair[G * VALUE_PART / 2 * 16];
+  for (int h = 0; h < G; ++h)
+    for (int64_t t = 0; t + 2 <= ntok; t += 2) {
+      const float* wr = w + h * ld + t;
+      const v16f wv = join8(splat(wr[0]), splat(wr[1]));
+      __builtin_memcpy(wpair + (h * (ntok / 2) + t / 2) * 16, &wv, sizeof(wv));
+    }
+#endif
   for (int h0 = 0; h0 < G; h0 += HT) {
     const int nh = G - h0 < HT ? G - h0 : HT;
     for (int64_t st = 0; st < steps; ++st) {
@@ -274,7 +378,26 @@ static void value_accum(const uint8_t* codes, int64_t ntok, int64_t D, const flo
       for (int k = 0; k < NV; ++k)
         for (int h = 0; h < HT; ++h) acc[k][h] = splat(0.f);
       const uint8_t* col = codes + st * C::STEP_BYTES;
-      for (int64_t t = 0; t < ntok; ++t) {
+      int64_t t = 0;
+#ifdef ZC_PAIR16
+      {
+        v16f acc2[NV][HT];
+        for (int k = 0; k < NV; ++k)
+          for (int h = 0; h < HT; ++h) acc2[k][h] = (v16f){};
+        for (; t + 2 <= ntok; t += 2) {
+          v16f x[NV];
+          CodesPair<BITS, BL>::unpack(col + t * row_bytes, col + (t + 1) * row_bytes, x);
+          for (int h = 0; h < HT; ++h) {
+            if (h >= nh) break;
+            const v16f wv = load16(wpair + ((h0 + h) * (ntok / 2) + t / 2) * 16);
+            for (int k = 0; k < NV; ++k) acc2[k][h] += wv * x[k];
+          }
+        }
+        for (int k = 0; k < NV; ++k)
+          for (int h = 0; h < HT; ++h) acc[k][h] = low8(acc2[k][h]) + high8(acc2[k][h]);
+      }
+#endif
+      for (; t < ntok; ++t) {
         v8f x[NV];
         C::unpack(col + t * row_bytes, x);
         for (int h = 0; h < HT; ++h) {
@@ -290,6 +413,16 @@ static void value_accum(const uint8_t* codes, int64_t ntok, int64_t D, const flo
         }
     }
   }
+}
+
+// value_accum_part over pieces of at most VALUE_PART tokens (its pair weights live on the stack).
+template <int BITS, bool BL, int G>
+static void value_accum(const uint8_t* codes, int64_t ntok, int64_t D, const float* w,
+                        int64_t ld, float* accblk) {
+  const int64_t row_bytes = D * BITS / 8;
+  for (int64_t t = 0; t < ntok; t += VALUE_PART)
+    value_accum_part<BITS, BL, G>(codes + t * row_bytes, ntok - t < VALUE_PART ? ntok - t : VALUE_PART, D, w + t,
+                                  ld, accblk);
 }
 
 typedef void (*KeyFn)(const uint8_t*, int64_t, int64_t, const float*, const float*, float*, int64_t);
@@ -359,12 +492,13 @@ static void run_unit(const AttnArgs& a, const Unit& u) {
   const int64_t g = a.group, Hq = a.num_q_heads;
   constexpr int RD = zc::MAX_ROWS * zc::MAX_HEAD;
   alignas(32) float q[RD], qp_hi[RD], qp_lo[RD], qs_hi[RD], qs_lo[RD];
-  alignas(32) float acc[RD], acc_hi[RD], acc_lo[RD];
+  alignas(32) float acc[RD], acc_hi[RD], acc_lo[RD], sum_hi[RD], sum_lo[RD], sum_min[RD];
+  alignas(32) float c_hi[zc::MAX_HEAD], c_lo[zc::MAX_HEAD];
   alignas(32) float sc[zc::MAX_ROWS * zc::MAX_BLOCK];
   alignas(32) float tmin[zc::MAX_BLOCK], tstep[zc::MAX_BLOCK];
   alignas(32) float cbuf[zc::MAX_HEAD], mbuf[zc::MAX_HEAD], sbuf[zc::MAX_HEAD], sperm[zc::MAX_HEAD];
   int16_t perm_hi[zc::MAX_HEAD], perm_lo[zc::MAX_HEAD], inv_hi[zc::MAX_HEAD], inv_lo[zc::MAX_HEAD];
-  float ls_hi[zc::MAX_HEAD], ls_lo[zc::MAX_HEAD], vs_hi[zc::MAX_HEAD], vs_lo[zc::MAX_HEAD];
+  float ls_hi[zc::MAX_HEAD], ls_lo[zc::MAX_HEAD];
   float c0_hi[zc::MAX_ROWS], c0_lo[zc::MAX_ROWS], m[zc::MAX_ROWS], l[zc::MAX_ROWS];
   float alpha[zc::MAX_ROWS], amin[zc::MAX_ROWS];
   int64_t out_row[zc::MAX_ROWS];
@@ -377,17 +511,13 @@ static void run_unit(const AttnArgs& a, const Unit& u) {
     m[r] = -__builtin_inff();
     l[r] = 0.f;
   }
-  for (int64_t i = 0; i < G * D; ++i) acc[i] = 0.f;
+  for (int64_t i = 0; i < G * D; ++i) sum_hi[i] = sum_lo[i] = sum_min[i] = 0.f;
   // Lane order of each group's codes; queries permuted once per unit.
   channel_perm((int)L.hi_bits, D, perm_hi, ls_hi);
   channel_perm((int)L.lo_bits, D, perm_lo, ls_lo);
   for (int64_t p = 0; p < D; ++p) {
     inv_hi[perm_hi[p]] = (int16_t)p;
     inv_lo[perm_lo[p]] = (int16_t)p;
-  }
-  for (int64_t j = 0; j < D; ++j) {  // value sums per channel j: scale of its lane
-    vs_hi[j] = ls_hi[inv_hi[j]];
-    vs_lo[j] = ls_lo[inv_lo[j]];
   }
   for (int r = 0; r < G; ++r)
     for (int64_t p = 0; p < D; ++p) {
@@ -453,20 +583,31 @@ static void run_unit(const AttnArgs& a, const Unit& u) {
       for (int64_t i = 0; i < G * D; ++i) acc_lo[i] = 0.f;
       vlo(hp + L.off[zc::V_LO_CODES], n_lo, D, sc + n_hi, B, acc_lo);
     }
+    //     Kept as three running sums, each in its own order: sum_hi and sum_lo in their
+    //     groups' lane orders (the channel scale permuted once per block, no gather per
+    //     row), sum_min per channel; they meet once, after the last block.
     halves_to_floats(hp + L.off[zc::V_CHANNEL_SCALE], cbuf, D);
+    for (int64_t p = 0; p < D; ++p) {
+      c_hi[p] = cbuf[perm_hi[p]] * ls_hi[p];
+      c_lo[p] = cbuf[perm_lo[p]] * ls_lo[p];
+    }
     for (int r = 0; r < G; ++r) {
-      const float al = alpha[r], am = amin[r];
-      const float* ah = acc_hi + r * D;
-      const float* alo = acc_lo + r * D;
-      float* ap = acc + r * D;
-      for (int64_t j = 0; j < D; ++j) {
-        float v = am;
-        if (n_hi) v += ah[inv_hi[j]] * vs_hi[j];
-        if (n_lo) v += alo[inv_lo[j]] * vs_lo[j];
-        ap[j] = ap[j] * al + cbuf[j] * v;
+      const v8f al = splat(alpha[r]), am = splat(amin[r]);
+      for (int64_t j = 0; j < D; j += 8) {
+        const int64_t i = r * D + j;
+        store8(sum_min + i, load8(sum_min + i) * al + load8(cbuf + j) * am);
+        if (n_hi) store8(sum_hi + i, load8(sum_hi + i) * al + load8(c_hi + j) * load8(acc_hi + i));
+        if (n_lo) store8(sum_lo + i, load8(sum_lo + i) * al + load8(c_lo + j) * load8(acc_lo + i));
       }
     }
   }
+  for (int r = 0; r < G; ++r)
+    for (int64_t j = 0; j < D; ++j) {
+      float v = sum_min[r * D + j];
+      if (n_hi) v += sum_hi[r * D + inv_hi[j]];
+      if (n_lo) v += sum_lo[r * D + inv_lo[j]];
+      acc[r * D + j] = v;
+    }
   // Partial result of this split: (m, l, acc) per row.
   float* part = a.partial + u.split * a.partial_split_stride;
   for (int r = 0; r < G; ++r) {

@@ -171,35 +171,35 @@ void decode_staged(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
   const PageLayout L = parse_layout(layout, offsets);
   const int64_t H = L.num_kv_heads, D = L.head_size, B = L.block_size;
   const auto dt = q.scalar_type();
-  TORCH_CHECK(q.dim() == 3 && q.size(2) == D && q.size(1) % H == 0 && q.stride(2) == 1,
+  TORCH_CHECK_VALUE(q.dim() == 3 && q.size(2) == D && q.size(1) % H == 0 && q.stride(2) == 1,
               "q must be [T, Hq, D] with unit inner stride");
-  TORCH_CHECK(k.dim() == 3 && k.size(1) == H && k.size(2) == D && k.stride(2) == 1 && v.sizes() == k.sizes() &&
+  TORCH_CHECK_VALUE(k.dim() == 3 && k.size(1) == H && k.size(2) == D && k.stride(2) == 1 && v.sizes() == k.sizes() &&
                   v.stride(2) == 1 && k.size(0) == q.size(0),
               "k and v must be [T, H, D] with unit inner stride");
-  TORCH_CHECK(out.sizes() == q.sizes() && out.stride(2) == 1, "out must be shaped like q");
-  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, "q, k and v must share one dtype");
-  TORCH_CHECK(out.scalar_type() == dt || out.scalar_type() == at::kFloat, "out must have q's dtype or float32");
-  TORCH_CHECK(pool_v.scalar_type() == pool_k.scalar_type(), "pool_k and pool_v must share one dtype");
-  TORCH_CHECK(pool_k.dim() == 4 && pool_k.size(1) == H && pool_k.size(2) == B && pool_k.size(3) == D &&
+  TORCH_CHECK_VALUE(out.sizes() == q.sizes() && out.stride(2) == 1, "out must be shaped like q");
+  TORCH_CHECK_VALUE(k.scalar_type() == dt && v.scalar_type() == dt, "q, k and v must share one dtype");
+  TORCH_CHECK_VALUE(out.scalar_type() == dt || out.scalar_type() == at::kFloat, "out must have q's dtype or float32");
+  TORCH_CHECK_VALUE(pool_v.scalar_type() == pool_k.scalar_type(), "pool_k and pool_v must share one dtype");
+  TORCH_CHECK_VALUE(pool_k.dim() == 4 && pool_k.size(1) == H && pool_k.size(2) == B && pool_k.size(3) == D &&
                   pool_k.stride(3) == 1 && pool_v.sizes() == pool_k.sizes() && pool_v.strides() == pool_k.strides(),
               "pool_k/pool_v must be [S, H, B, D] with unit inner stride");
   const int64_t S = pool_k.size(0);
-  TORCH_CHECK(pool_score.scalar_type() == at::kFloat && pool_score.is_contiguous() && pool_score.dim() == 3 &&
+  TORCH_CHECK_VALUE(pool_score.scalar_type() == at::kFloat && pool_score.is_contiguous() && pool_score.dim() == 3 &&
                   pool_score.size(0) == S && pool_score.size(1) == H && pool_score.size(2) == B,
               "pool_score must be contiguous float32 [S, H, B]");
-  TORCH_CHECK(pool_count.scalar_type() == at::kFloat && pool_count.is_contiguous() && pool_count.dim() == 2 &&
+  TORCH_CHECK_VALUE(pool_count.scalar_type() == at::kFloat && pool_count.is_contiguous() && pool_count.dim() == 2 &&
                   pool_count.size(0) == S && pool_count.size(1) == B,
               "pool_count must be contiguous float32 [S, B]");
-  TORCH_CHECK(pages.scalar_type() == at::kByte && pages.dim() == 2 && pages.size(1) >= L.page_bytes &&
-                  pages.stride(1) == 1,
-              "pages must be uint8 [num_pages, page_bytes] with unit inner stride");
+  TORCH_CHECK_VALUE(pages.scalar_type() == at::kByte && pages.dim() == 2 && pages.size(1) == L.page_bytes &&
+                  pages.stride(1) == 1 && pages.stride(0) >= L.page_bytes,
+              "pages must be uint8 [num_pages, page_bytes] with rows of contiguous bytes");
   const int64_t R = rows.size(0);
   for (const Tensor* t : {&rows, &num_blocks, &slots, &staged})
-    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->dim() == 1 && t->size(0) == R,
+    TORCH_CHECK_VALUE(t->scalar_type() == at::kLong && t->is_contiguous() && t->dim() == 1 && t->size(0) == R,
                 "rows, num_blocks, slots and staged must be contiguous int64 [R]");
-  TORCH_CHECK(probe.scalar_type() == at::kFloat && probe.is_contiguous() && probe.dim() == 1 && probe.size(0) == R,
+  TORCH_CHECK_VALUE(probe.scalar_type() == at::kFloat && probe.is_contiguous() && probe.dim() == 1 && probe.size(0) == R,
               "probe must be contiguous float32 [R]");
-  TORCH_CHECK(block_table.scalar_type() == at::kLong && block_table.is_contiguous() && block_table.dim() == 2 &&
+  TORCH_CHECK_VALUE(block_table.scalar_type() == at::kLong && block_table.is_contiguous() && block_table.dim() == 2 &&
                   block_table.size(0) == R,
               "block_table must be contiguous int64 [R, max_blocks]");
   const int64_t* rp = rows.data_ptr<int64_t>();
@@ -236,14 +236,14 @@ void decode_staged(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
       case at::kFloat: return run(q_tag, float{});
       case at::kBFloat16: return run(q_tag, c10::BFloat16{});
       case at::kHalf: return run(q_tag, c10::Half{});
-      default: TORCH_CHECK(false, "staging pool must be float32, bfloat16 or float16, got ", pool_k.scalar_type());
+      default: TORCH_CHECK_VALUE(false, "staging pool must be float32, bfloat16 or float16, got ", pool_k.scalar_type());
     }
   };
   switch (dt) {
     case at::kFloat: return with_pool(float{});
     case at::kBFloat16: return with_pool(c10::BFloat16{});
     case at::kHalf: return with_pool(c10::Half{});
-    default: TORCH_CHECK(false, "q must be float32, bfloat16 or float16, got ", dt);
+    default: TORCH_CHECK_VALUE(false, "q must be float32, bfloat16 or float16, got ", dt);
   }
 }
 

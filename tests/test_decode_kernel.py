@@ -181,3 +181,57 @@ def test_plan_checks_the_step_and_run_checks_the_layer():
                  layout, 0.125)
     with pytest.raises(ValueError, match="pages"):
         plan.run(q, k, v, pages.int(), *pool, torch.zeros(q.shape), layout, 0.125)
+    with pytest.raises(ValueError, match="layout"):
+        plan.run(q, k, v, pages, *pool, torch.zeros(q.shape), "not a layout", 0.125)
+
+
+BAD_LAYER_TENSORS = {
+    "q dtype": lambda t: dict(q=t["q"].double()),
+    "k shape": lambda t: dict(k=t["k"][:, :1]),
+    "v dtype": lambda t: dict(v=t["v"].bfloat16()),
+    "out shape": lambda t: dict(out=t["out"][:, :1]),
+    "pages width": lambda t: dict(pages=t["pages"][:, 1:]),
+    "pool_k heads": lambda t: dict(pool_k=t["pool_k"][:, :1]),
+    "pool_count dtype": lambda t: dict(pool_count=t["pool_count"].double()),
+}
+
+
+@pytest.mark.parametrize("what", sorted(BAD_LAYER_TENSORS))
+@pytest.mark.parametrize("path", ["cpp", "reference"])
+def test_run_checks_every_layer_tensor_on_each_path(path, what, monkeypatch):
+    """The C++ path leaves the per-layer checks to the op itself: bad layer tensors still
+    raise ValueError there, as on the reference path that checks them in Python."""
+    if path == "reference":
+        monkeypatch.setenv("ZIPCACHE_VLLM_KERNELS", "reference")
+    layout, args, pool = _valid_args()
+    q, k, v, rows, pages, table, num_blocks, slots, staged, probe = args
+    plan = kernels.DecodePlan.create(rows, table, num_blocks, slots, staged, probe, 16)
+    assert plan.path == path
+    call = dict(q=q, k=k, v=v, pages=pages, pool_k=pool[0], pool_v=pool[1], pool_score=pool[2],
+                pool_count=pool[3], out=torch.zeros(q.shape))
+    call.update(BAD_LAYER_TENSORS[what](call))
+    with pytest.raises(ValueError):
+        plan.run(layout=layout, scale=0.125, **call)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_plan_rotate_is_hadamard_rotate(dtype):
+    """The plan's rotation (the op called directly) gives the bits of kernels.hadamard_rotate."""
+    layout, args, pool = _valid_args()
+    q, k, v, rows, pages, table, num_blocks, slots, staged, probe = args
+    plan = kernels.DecodePlan.create(rows, table, num_blocks, slots, staged, probe, 16)
+    x = torch.randn(5, 9, 64).to(dtype)
+    assert torch.equal(plan.rotate(x), kernels.hadamard_rotate(x, dtype))
+    assert plan.rotate(x).dtype == dtype
+
+
+def test_pool_layer_views_alias_the_pool():
+    """StagingPool.layers[i] are views of layer i: the decode kernel's writes land in the pool."""
+    from zipcache_vllm.vllm_plugin.staging import StagingPool
+
+    pool = StagingPool(["a", "b"], 3, 16, 2, 64, torch.bfloat16)
+    for i, views in enumerate(pool.layers):
+        for view, whole in zip(views, (pool.k, pool.v, pool.score, pool.count)):
+            view.fill_(i + 1)
+            assert bool((whole[i] == i + 1).all())
+            assert view.data_ptr() == whole[i].data_ptr()

@@ -107,6 +107,18 @@ def layout_args(layout: BlockLayout) -> tuple[tuple[int, ...], tuple[int, ...]]:
             tuple(offs[name] for name in SECTION_ORDER))
 
 
+def _checked_layout_args(layout: BlockLayout) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """:func:`layout_args` of a layout that passes :func:`_check_layout` (the check runs
+    once per layout: only a layout that passed is cached)."""
+    if not (isinstance(layout, BlockLayout) and layout in _CHECKED_LAYOUTS):
+        _check_layout(layout)
+        _CHECKED_LAYOUTS.add(layout)
+    return layout_args(layout)
+
+
+_CHECKED_LAYOUTS: set[BlockLayout] = set()
+
+
 def _check_layout(layout: BlockLayout) -> None:
     if not isinstance(layout, BlockLayout):
         raise ValueError(f"layout must be a BlockLayout, got {type(layout).__name__}")
@@ -356,12 +368,29 @@ class DecodePlan:
         return cls(rows, block_table.contiguous(), num_blocks, slots, staged, probe, path,
                    _requested_isa())
 
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """:func:`hadamard_rotate` of ``x`` into its own dtype on the plan's kernel path
+        (the C++ op directly, without re-reading the kernel settings for every layer)."""
+        if self.path == "cpp" and x.dtype in Q_DTYPES:
+            return torch.ops.zipcache.hadamard_rotate(x, x.dtype, self.isa)
+        return hadamard_rotate(x, x.dtype)
+
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor,
             pool_k: torch.Tensor, pool_v: torch.Tensor, pool_score: torch.Tensor,
             pool_count: torch.Tensor, out: torch.Tensor, layout: BlockLayout,
             scale: float) -> None:
         """One layer's fused decode step over the planned rows (arguments as in
-        :func:`decode_staged`)."""
+        :func:`decode_staged`).
+
+        On the C++ path the op itself checks every layer tensor (ValueError, as here), so
+        the per-layer Python is one cached layout lookup and the launch."""
+        if self.path == "cpp":
+            lay, offs = _checked_layout_args(layout)
+            torch.ops.zipcache.decode_staged(
+                q, k, v, self.rows, pages, self.block_table, self.num_blocks, self.slots,
+                self.staged, self.probe, pool_k, pool_v, pool_score, pool_count, out, lay, offs,
+                float(scale), self.isa)
+            return
         _check_layout(layout)
         tensors = dict(q=q, k=k, v=v, pages=pages, pool_k=pool_k, pool_v=pool_v,
                        pool_score=pool_score, pool_count=pool_count, out=out)
@@ -396,11 +425,8 @@ class DecodePlan:
             from . import gpu
 
             gpu.decode_staged(q, k, v, *meta, layout, float(scale))
-        elif self.path == "reference":
-            reference.decode_staged_ref(q, k, v, *meta, layout, float(scale))
         else:
-            lay, offs = layout_args(layout)
-            torch.ops.zipcache.decode_staged(q, k, v, *meta, lay, offs, float(scale), self.isa)
+            reference.decode_staged_ref(q, k, v, *meta, layout, float(scale))
 
 
 def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,

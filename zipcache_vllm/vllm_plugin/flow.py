@@ -485,11 +485,14 @@ def plan_step(pool: StagingPool, block_size: int, query_start_loc: list[int],
     return plans
 
 
-def rotate_inputs(layout: BlockLayout, query: torch.Tensor,
-                  key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``query R, key R`` in their dtypes for a layout with rotated keys, else unchanged."""
+def rotate_inputs(layout: BlockLayout, query: torch.Tensor, key: torch.Tensor,
+                  decode: "DecodeBatch | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``query R, key R`` in their dtypes for a layout with rotated keys, else unchanged
+    (through the step's decode plan when there is one: the same op, fewer host checks)."""
     if not layout.rotate_keys:
         return query, key
+    if decode is not None:
+        return decode.kernel.rotate(query), decode.kernel.rotate(key)
     return hadamard_rotate(query, query.dtype), hadamard_rotate(key, key.dtype)
 
 
@@ -507,7 +510,6 @@ def apply_step(pool: StagingPool, layer: int, plans: list[RequestPlan], query: t
     ``layout.rotate_keys`` the query and key rows are rotated here, once, so pages,
     staging and every attention read see rotated keys (``q R . k R = q . k``).
     """
-    query, key = rotate_inputs(layout, query, key)
     # Off the CPU, tensors the flow creates go to the query's device (a no-op context on
     # the CPU, where entering a device mode would tax every op of the step).
     with contextlib.nullcontext() if query.is_cpu else torch.device(query.device):
@@ -515,6 +517,7 @@ def apply_step(pool: StagingPool, layer: int, plans: list[RequestPlan], query: t
             decode_plans = [p for p in plans if p.q_len == 1]
             decode = (DecodeBatch.from_plans(decode_plans, layout.block_size, rule, query.device)
                       if decode_plans else None)
+        query, key = rotate_inputs(layout, query, key, decode)
         if decode is not None:
             apply_decode_rows(pool, layer, decode, query, key, value, pages, layout, rule, scale,
                               output)
@@ -674,8 +677,7 @@ def apply_decode_rows(pool: StagingPool, layer: int, batch: DecodeBatch, query: 
     to its staging slot, the slot's saliency accumulated); then each row whose block
     filled is packed from its slot into its page.
     """
-    batch.kernel.run(query, key, value, pages, pool.k[layer], pool.v[layer], pool.score[layer],
-                     pool.count[layer], output, layout, scale)
+    batch.kernel.run(query, key, value, pages, *pool.layers[layer], output, layout, scale)
     if batch.full:
         fs = batch.full_slots
         ranks = block_scores(pool.score[layer].index_select(0, fs),

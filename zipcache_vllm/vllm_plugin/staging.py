@@ -54,6 +54,9 @@ class StagingPool:
         self.v = torch.zeros(L, S, H, B, D, dtype=dtype, device=device)
         self.score = torch.zeros(L, S, H, B, dtype=torch.float32, device=device)
         self.count = torch.zeros(L, S, B, dtype=torch.float32, device=device)
+        # Per-layer views (k, v, score, count), made once: the decode step passes them to
+        # its kernel for every layer of every step.
+        self.layers = [(self.k[i], self.v[i], self.score[i], self.count[i]) for i in range(L)]
         self._free = list(range(S - 1, -1, -1))
         self._slot_of_block: dict[int, int] = {}
         self._block_of_slot: list[int] = [-1] * S
