@@ -99,24 +99,13 @@ def _arange(n: int) -> torch.Tensor:
 
 @lru_cache(maxsize=256)
 def layout_args(layout: BlockLayout) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The integer layout vector and section offsets passed to the C++ ops (computed once
-    per layout)."""
+    """The integer layout vector and section offsets passed to the C++ ops, for a layout the
+    kernels support (checked and computed once per layout: a failed check is not cached)."""
+    _check_layout(layout)
     offs = {s.name: s.offset for s in layout.sections}
     return ((layout.block_size, layout.head_size, layout.num_kv_heads, layout.hi_bits,
              layout.lo_bits, layout.n_hi, layout.head_bytes, layout.page_bytes),
             tuple(offs[name] for name in SECTION_ORDER))
-
-
-def _checked_layout_args(layout: BlockLayout) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """:func:`layout_args` of a layout that passes :func:`_check_layout` (the check runs
-    once per layout: only a layout that passed is cached)."""
-    if not (isinstance(layout, BlockLayout) and layout in _CHECKED_LAYOUTS):
-        _check_layout(layout)
-        _CHECKED_LAYOUTS.add(layout)
-    return layout_args(layout)
-
-
-_CHECKED_LAYOUTS: set[BlockLayout] = set()
 
 
 def _check_layout(layout: BlockLayout) -> None:
@@ -385,7 +374,9 @@ class DecodePlan:
         On the C++ path the op itself checks every layer tensor (ValueError, as here), so
         the per-layer Python is one cached layout lookup and the launch."""
         if self.path == "cpp":
-            lay, offs = _checked_layout_args(layout)
+            if not isinstance(layout, BlockLayout):  # unhashable ones too: ValueError, not TypeError
+                _check_layout(layout)
+            lay, offs = layout_args(layout)
             torch.ops.zipcache.decode_staged(
                 q, k, v, self.rows, pages, self.block_table, self.num_blocks, self.slots,
                 self.staged, self.probe, pool_k, pool_v, pool_score, pool_count, out, lay, offs,
