@@ -37,6 +37,12 @@ static inline v8f load8(const float* p) {
   return r;
 }
 static inline void store8(float* p, v8f v) { __builtin_memcpy(p, &v, sizeof(v)); }
+template <typename V>
+static inline V loadv(const float* p) {  // one vector of any width
+  V r;
+  __builtin_memcpy(&r, p, sizeof(r));
+  return r;
+}
 static inline v8f splat(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
 static inline float hsum(v8f v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
@@ -179,11 +185,6 @@ static inline bool byte_lanes(int bits, int64_t D) { return (bits == 2 || bits =
 typedef float v16f __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
 
-static inline v16f load16(const float* p) {
-  v16f r;
-  __builtin_memcpy(&r, p, sizeof(r));
-  return r;
-}
 static inline v16f join8(v8f a, v8f b) {
   return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 }
@@ -250,34 +251,44 @@ static void key_scores(const uint8_t* codes, int64_t ntok, int64_t D, const floa
   using C = Codes<BITS, BL>;
   constexpr int NV = C::NV;
   const int64_t row_bytes = D * BITS / 8, steps = row_bytes / C::STEP_BYTES;
-  auto row_dot = [&](const uint8_t* row, v8f* acc) {
-    v8f a2[2][G];  // two accumulator sets: twice the independent FMA chains
-    for (int h = 0; h < G; ++h) a2[0][h] = a2[1][h] = splat(0.f);
-    if constexpr (NV >= 2) {  // even/odd planes feed the two sets
+  // Dot products of one code row with the G queries qv, in vectors V of W lanes: unpack(st,
+  // x) gives code step st as NV vectors, qv[h] holds W / 8 copies of each 8-lane query
+  // block (qv[h] at stride D * W / 8). Two accumulator sets: twice the independent FMA
+  // chains, fed by even/odd planes (NV >= 2) or even/odd steps.
+  auto dot = [&](auto* acc, const float* qv, auto unpack) {
+    using V = decltype(acc[0] + acc[0]);
+    constexpr int W = sizeof(V) / sizeof(float);
+    const int64_t hs = D * W / 8;
+    V a2[2][G];
+    for (int h = 0; h < G; ++h) a2[0][h] = a2[1][h] = V{};
+    if constexpr (NV >= 2) {
       for (int64_t st = 0; st < steps; ++st) {
-        v8f x[NV];
-        C::unpack(row + st * C::STEP_BYTES, x);
+        V x[NV];
+        unpack(st, x);
         for (int k = 0; k < NV; ++k)
-          for (int h = 0; h < G; ++h) a2[k & 1][h] += load8(qs + h * D + (st * NV + k) * 8) * x[k];
+          for (int h = 0; h < G; ++h) a2[k & 1][h] += loadv<V>(qv + h * hs + (st * NV + k) * W) * x[k];
       }
-    } else {  // even/odd steps feed the two sets
+    } else {
       int64_t st = 0;
       for (; st + 2 <= steps; st += 2) {
-        v8f x0[1], x1[1];
-        C::unpack(row + st * C::STEP_BYTES, x0);
-        C::unpack(row + (st + 1) * C::STEP_BYTES, x1);
+        V x0[1], x1[1];
+        unpack(st, x0);
+        unpack(st + 1, x1);
         for (int h = 0; h < G; ++h) {
-          a2[0][h] += load8(qs + h * D + st * 8) * x0[0];
-          a2[1][h] += load8(qs + h * D + (st + 1) * 8) * x1[0];
+          a2[0][h] += loadv<V>(qv + h * hs + st * W) * x0[0];
+          a2[1][h] += loadv<V>(qv + h * hs + (st + 1) * W) * x1[0];
         }
       }
       if (st < steps) {
-        v8f x0[1];
-        C::unpack(row + st * C::STEP_BYTES, x0);
-        for (int h = 0; h < G; ++h) a2[0][h] += load8(qs + h * D + st * 8) * x0[0];
+        V x0[1];
+        unpack(st, x0);
+        for (int h = 0; h < G; ++h) a2[0][h] += loadv<V>(qv + h * hs + st * W) * x0[0];
       }
     }
     for (int h = 0; h < G; ++h) acc[h] = a2[0][h] + a2[1][h];
+  };
+  auto row_dot = [&](const uint8_t* row, v8f* acc) {
+    dot(acc, qs, [&](int64_t st, v8f* x) { C::unpack(row + st * C::STEP_BYTES, x); });
   };
   int64_t t = 0;
 #ifdef ZC_PAIR16
@@ -288,35 +299,10 @@ static void key_scores(const uint8_t* codes, int64_t ntok, int64_t D, const floa
       store8(qd + h * 2 * D + 2 * j, load8(qs + h * D + j));
       store8(qd + h * 2 * D + 2 * j + 8, load8(qs + h * D + j));
     }
-  using CP = CodesPair<BITS, BL>;
   auto row_dot2 = [&](const uint8_t* r0, const uint8_t* r1, v16f* acc) {
-    v16f a2[2][G];
-    for (int h = 0; h < G; ++h) a2[0][h] = a2[1][h] = (v16f){};
-    if constexpr (NV >= 2) {
-      for (int64_t st = 0; st < steps; ++st) {
-        v16f x[NV];
-        CP::unpack(r0 + st * C::STEP_BYTES, r1 + st * C::STEP_BYTES, x);
-        for (int k = 0; k < NV; ++k)
-          for (int h = 0; h < G; ++h) a2[k & 1][h] += load16(qd + h * 2 * D + (st * NV + k) * 16) * x[k];
-      }
-    } else {
-      int64_t st = 0;
-      for (; st + 2 <= steps; st += 2) {
-        v16f x0[1], x1[1];
-        CP::unpack(r0 + st * C::STEP_BYTES, r1 + st * C::STEP_BYTES, x0);
-        CP::unpack(r0 + (st + 1) * C::STEP_BYTES, r1 + (st + 1) * C::STEP_BYTES, x1);
-        for (int h = 0; h < G; ++h) {
-          a2[0][h] += load16(qd + h * 2 * D + st * 16) * x0[0];
-          a2[1][h] += load16(qd + h * 2 * D + (st + 1) * 16) * x1[0];
-        }
-      }
-      if (st < steps) {
-        v16f x0[1];
-        CP::unpack(r0 + st * C::STEP_BYTES, r1 + st * C::STEP_BYTES, x0);
-        for (int h = 0; h < G; ++h) a2[0][h] += load16(qd + h * 2 * D + st * 16) * x0[0];
-      }
-    }
-    for (int h = 0; h < G; ++h) acc[h] = a2[0][h] + a2[1][h];
+    dot(acc, qd, [&](int64_t st, v16f* x) {
+      CodesPair<BITS, BL>::unpack(r0 + st * C::STEP_BYTES, r1 + st * C::STEP_BYTES, x);
+    });
   };
   for (; t + 8 <= ntok; t += 8) {  // 8 tokens as 4 pairs, then one shuffle tree per row
     v8f red[G][8];
@@ -389,7 +375,7 @@ static void value_accum_part(const uint8_t* codes, int64_t ntok, int64_t D, cons
           CodesPair<BITS, BL>::unpack(col + t * row_bytes, col + (t + 1) * row_bytes, x);
           for (int h = 0; h < HT; ++h) {
             if (h >= nh) break;
-            const v16f wv = load16(wpair + ((h0 + h) * (ntok / 2) + t / 2) * 16);
+            const v16f wv = loadv<v16f>(wpair + ((h0 + h) * (ntok / 2) + t / 2) * 16);
             for (int k = 0; k < NV; ++k) acc2[k][h] += wv * x[k];
           }
         }
