@@ -83,11 +83,11 @@ def test_render_a_saved_run_into_results(tmp_path, capsys):
 
 
 class _FakeEngine:
-    """Enough of vLLM's LLMEngine for ``decode_worker.measure``: every request gets one token
-    per step until ``max_tokens``."""
+    """Enough of vLLM's LLMEngine for the bench worker: every request gets one token per
+    step until ``max_tokens``; ``log`` records which engine stepped, in order."""
 
-    def __init__(self):
-        self.live = {}
+    def __init__(self, name, log):
+        self.name, self.log, self.live = name, log, {}
 
     def add_request(self, rid, prompt, params):
         self.live[rid] = [0, params.max_tokens]
@@ -98,6 +98,8 @@ class _FakeEngine:
     def step(self):
         from types import SimpleNamespace
 
+        if not self.log or self.log[-1] != self.name:
+            self.log.append(self.name)
         outs = []
         for rid, st in list(self.live.items()):
             st[0] += 1
@@ -107,43 +109,80 @@ class _FakeEngine:
         return outs
 
 
+def _engines(names):
+    log = []
+    return {n: _FakeEngine(n, log) for n in names}, log
+
+
+def test_cell_runs_engines_in_rotating_rounds():
+    """Each round runs every engine once, the first engine rotating from round to round (and
+    from cell to cell with ``turn``); decode counts every round's tokens after the first."""
+    from zipcache_vllm.bench import decode_worker
+
+    engines, log = _engines(["auto", "fp8", "zipcache"])
+    rows = decode_worker.measure_cell(engines, 64, 2, 4, rounds=3, pause_s=0)
+    assert log == ["auto", "fp8", "zipcache", "fp8", "zipcache", "auto", "zipcache", "auto", "fp8"]
+    for row in rows.values():
+        assert row["decode_tokens"] == 3 * 2 * 4 and len(row["rounds"]) == 3
+        assert len(row["prefill_samples_s"]) == 1 and len(row["hit_prefill_s"]) == 2
+        assert row["decode_tok_s"] == row["decode_tokens"] / row["decode_s"]
+    engines, log = _engines(["auto", "zipcache"])
+    decode_worker.measure_cell(engines, 64, 1, 2, rounds=1, pause_s=0, turn=1)
+    assert log == ["zipcache", "auto"]
+
+
 def test_prefill_is_the_median_of_the_batch_one_runs():
     from zipcache_vllm.bench import decode_worker
 
-    row = decode_worker.measure(_FakeEngine(), 64, 1, 4, "t", prefill_reps=3)
+    engines, log = _engines(["auto", "zipcache"])
+    row = decode_worker.measure_cell(engines, 64, 1, 4, rounds=2, prefill_reps=3, pause_s=0)["zipcache"]
     assert len(row["prefill_samples_s"]) == 3
     assert row["prefill_s"] == sorted(row["prefill_samples_s"])[1]
-    assert row["prefill_tok_s"] == 64 / row["prefill_s"] and row["decode_tokens"] == 4
-    batch = decode_worker.measure(_FakeEngine(), 64, 2, 4, "t", prefill_reps=3)
+    assert row["prefill_tok_s"] == 64 / row["prefill_s"] and row["decode_tokens"] == 8
+    engines, _ = _engines(["auto"])
+    batch = decode_worker.measure_cell(engines, 64, 2, 4, rounds=1, prefill_reps=3, pause_s=0)["auto"]
     assert len(batch["prefill_samples_s"]) == 1  # repeated at batch 1 only
     res = _result()
     res["info"]["prefill_reps"] = 3
     assert "batch 1: the median of 3 prompts" in decode.format_table(res)
 
 
-def test_engines_run_context_by_context_and_merge_per_dtype(monkeypatch, tmp_path):
-    """Every dtype runs once per context, dtypes in turn within a context; rows merge per
-    dtype in context order, and a refused dtype stays refused."""
-    from zipcache_vllm.bench import decode
+def test_table_shows_the_range_of_per_round_ratios():
+    res = _result()
+    res["info"]["rounds"] = 2
+    for d, speeds in (("auto", (10.0, 20.0)), ("zipcache", (12.0, 30.0))):
+        for row in res["engines"][d]["rows"]:
+            row["rounds"] = [[s, 1.0] for s in speeds]
+    assert decode.round_ratios(res["engines"]["zipcache"]["rows"][0],
+                               res["engines"]["auto"]["rows"][0]) == [1.2, 1.5]
+    table = decode.format_table(res)
+    assert "1.50x (1.20-1.50)" in table and "over 2 rounds" in table
 
+
+def test_run_keeps_a_refused_dtype_and_the_order_asked(monkeypatch, tmp_path):
+    """One worker runs every dtype; the result keeps the order asked and a refusal."""
     calls = []
 
-    def fake_worker(model_dir, d, ctxs, batches, decode_tokens, workdir, kv_space, prefill_reps=1):
-        calls.append((ctxs[0], d))
-        if d == "fp8":
-            return {"kv_cache_dtype": d, "unsupported": "FP8 KV cache on CPU requires AVX-512"}
-        return {"kv_cache_dtype": d, "num_gpu_blocks": 7, "block_size": 16,
-                "rows": [{"ctx": ctxs[0], "batch": b} for b in batches]}
+    def fake_worker(model_dir, dtypes, ctxs, batches, decode_tokens, rounds, workdir, kv_space,
+                    prefill_reps=1, progress=True):
+        calls.append((list(dtypes), list(ctxs), rounds))
+        rows = [{"ctx": c, "batch": b} for c in ctxs for b in batches]
+        return {"zipcache": {"kv_cache_dtype": "zipcache", "num_gpu_blocks": 7, "block_size": 16,
+                             "rows": rows},
+                "fp8": {"kv_cache_dtype": "fp8", "unsupported": "FP8 KV cache on CPU requires AVX-512"},
+                "auto": {"kv_cache_dtype": "auto", "rows": rows}}
 
     monkeypatch.setattr(decode, "run_worker", fake_worker)
     monkeypatch.setattr(decode, "model_facts", lambda m: {"layers": 1})
     monkeypatch.setattr("zipcache_vllm.bench.kernels.copy_bandwidth", lambda: 1.0)
     res = decode.run(str(tmp_path), ["auto", "fp8", "zipcache"], [1024, 4096], [1, 8], 4, "1",
-                     progress=False)
-    assert calls == [(1024, "auto"), (1024, "fp8"), (1024, "zipcache"),
-                     (4096, "auto"), (4096, "fp8"), (4096, "zipcache")]
+                     progress=False, rounds=5)
+    assert calls == [(["auto", "fp8", "zipcache"], [1024, 4096], 5)]
     assert list(res["engines"]) == ["auto", "fp8", "zipcache"]
-    assert [(r["ctx"], r["batch"]) for r in res["engines"]["zipcache"]["rows"]] == [
-        (1024, 1), (1024, 8), (4096, 1), (4096, 8)]
-    assert res["engines"]["zipcache"]["num_gpu_blocks"] == 7
+    assert res["info"]["rounds"] == 5 and res["engines"]["zipcache"]["num_gpu_blocks"] == 7
     assert "unsupported" in res["engines"]["fp8"]
+
+
+def test_bad_counts_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="--rounds"):
+        decode.main(str(tmp_path), "auto", "64", "1", 4, False, "1", None, None, rounds=0)

@@ -66,6 +66,20 @@ def test_patch_targets_have_the_expected_shape():
     assert "resumed_req_ids" in CachedRequestData.__dataclass_fields__
 
 
+def test_cpu_attention_refusal_follows_vllm():
+    """The bench asks vLLM's own CPU check: fp8 is refused exactly without AVX-512 or AMX,
+    bf16 never; a head size vLLM's fp8 path cannot tile is refused everywhere."""
+    from zipcache_vllm.vllm_plugin.compat import cpu_attention_refusal
+
+    assert cpu_attention_refusal("auto", 64) is None
+    fp8_ok = torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()
+    why = cpu_attention_refusal("fp8", 64)
+    assert (why is None) == fp8_ok
+    if why is not None:
+        assert "AVX-512" in why
+    assert "head_size" in cpu_attention_refusal("fp8", 80)
+
+
 def test_spec_and_metadata_fields_we_use():
     from vllm.v1.attention.backend import CommonAttentionMetadata
     from vllm.v1.attention.backends.registry import AttentionBackendEnum

@@ -52,22 +52,25 @@ def add_parser(subparsers) -> None:
     d = bsub.add_parser(
         "decode",
         help="engine decode/prefill tokens/s per KV dtype through vLLM, ratios vs auto",
-        description="Start the real vLLM engine once per KV dtype and context (same model and "
-        "engine arguments; every dtype in turn for each context, so a slow spell of a shared "
-        "machine falls on all dtypes of a row) and measure decode tokens/s at each context and "
-        "batch and prefill tokens/s; "
-        "prints ratios against `auto` from the same run and a bytes-read model next to a "
-        "measured copy bandwidth. fp8 is reported as refused where vLLM refuses it.",
+        description="Start one real vLLM engine per KV dtype (same model and engine arguments, "
+        "all alive at once, one working at a time) and measure, at each context and batch, "
+        "prefill tokens/s and decode tokens/s in rounds (every engine once per round, so a "
+        "slow spell of a shared machine falls on all dtypes of a round); prints ratios against "
+        "`auto` from the same run with the range of the per-round ratios, and a bytes-read "
+        "model next to a measured copy bandwidth. fp8 is reported as refused where vLLM "
+        "refuses it.",
     )
     d.add_argument("--model", default=None, help="HF model folder (default: the prepared SmolLM2)")
     d.add_argument("--dtypes", default="auto,fp8,zipcache", help="comma-separated --kv-cache-dtype values")
     d.add_argument("--contexts", default=None, help="comma-separated prompt lengths (default 1024,4096,8064)")
     d.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,8)")
-    d.add_argument("--decode-tokens", type=int, default=32, help="tokens generated per request")
+    d.add_argument("--decode-tokens", type=int, default=16, help="tokens generated per request and round")
+    d.add_argument("--rounds", type=int, default=6,
+                   help="decode rounds per context and batch, every engine once per round (--quick: 2)")
     d.add_argument("--kv-space", default="2", help="VLLM_CPU_KVCACHE_SPACE in GiB for every engine")
     d.add_argument("--prefill-reps", type=int, default=3,
                    help="prefills timed at batch 1 per context, the median reported (--quick: 1)")
-    d.add_argument("--quick", action="store_true", help="one short context, batch 1 and 2, 8 tokens (~2 min)")
+    d.add_argument("--quick", action="store_true", help="one short context, batch 1 and 2, 8 tokens, 2 rounds")
     d.add_argument("--json", default=None, help="also write the raw results here")
     d.add_argument("--update-results", default=None, metavar="MD",
                    help="write the table into this markdown file's bench-decode section (docs/RESULTS.md)")
@@ -100,4 +103,4 @@ def _cmd_decode(args) -> int:
     return main(model_dir=args.model, dtypes=args.dtypes, contexts=args.contexts, batches=args.batches,
                 decode_tokens=args.decode_tokens, quick=args.quick, kv_space_gib=args.kv_space,
                 json_out=args.json, update=args.update_results, render=args.render,
-                prefill_reps=args.prefill_reps)
+                prefill_reps=args.prefill_reps, rounds=args.rounds)

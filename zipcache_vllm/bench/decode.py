@@ -1,12 +1,11 @@
 """Engine-level speed: decode and prefill tokens/s of each KV dtype through vLLM.
 
-``zipcache-vllm bench decode`` starts the real engine once per KV dtype (``auto``,
-``fp8``, the zipcache presets asked for; same model, same engine arguments) and
-context, runs :mod:`.decode_worker` in it, and prints ratios against ``auto`` measured
-in the same run. The engines run context by context, every dtype in turn for each
-context, so the dtypes of one table row are measured minutes apart, not a whole
-dtype's run apart: on a shared machine whose speed drifts over tens of minutes, a slow
-spell then falls on all of them.
+``zipcache-vllm bench decode`` runs :mod:`.decode_worker` in its own process: one real
+engine per KV dtype (``auto``, ``fp8``, the zipcache presets asked for; same model, same
+engine arguments), all started once and measured in turn, and prints ratios against
+``auto`` measured in the same run. Decode is measured in rounds, every engine once per
+round, seconds apart, so a slow spell of a shared machine falls on all dtypes of a
+round; the table shows the ratio over all rounds and the range of the per-round ratios.
 
 Bytes model: a decode step reads the model weights once and every running
 request's KV cache once per layer. Per request and layer, ``auto`` reads
@@ -20,10 +19,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 CONTEXTS = (1024, 4096, 8064)  # 8064 + 64 generated tokens fit SmolLM2's 8192 positions
@@ -33,29 +32,38 @@ RESULTS_BEGIN = "<!-- bench decode: begin (written by `zipcache-vllm bench decod
 RESULTS_END = "<!-- bench decode: end -->"
 
 
-def run_worker(model_dir: str, kv_dtype: str, contexts, batches, decode_tokens: int, workdir: Path,
-               kv_space_gib: str, timeout: float = 3600, prefill_reps: int = 1) -> dict:
-    """One engine for ``kv_dtype`` in its own process; its JSON, or why vLLM refused it."""
-    out = workdir / f"decode_{kv_dtype}.json"
+def run_worker(model_dir: str, dtypes, contexts, batches, decode_tokens: int, rounds: int,
+               workdir: Path, kv_space_gib: str, prefill_reps: int = 1, timeout: float = 4 * 3600,
+               progress: bool = True) -> dict:
+    """All engines in one worker process; its JSON (a result per dtype, a refusal kept)."""
+    from tqdm.auto import tqdm
+
+    out = workdir / "decode.json"
     cmd = [sys.executable, "-m", "zipcache_vllm.bench.decode_worker", "--model", model_dir,
-           "--kv-cache-dtype", kv_dtype, "--contexts", ",".join(map(str, contexts)),
+           "--kv-cache-dtypes", ",".join(dtypes), "--contexts", ",".join(map(str, contexts)),
            "--batches", ",".join(map(str, batches)), "--decode-tokens", str(decode_tokens),
-           "--prefill-reps", str(prefill_reps),
+           "--rounds", str(rounds), "--prefill-reps", str(prefill_reps),
            "--max-model-len", str(max(8192, max(contexts) + decode_tokens + 1)), "--out", str(out)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE=kv_space_gib)
-    log = workdir / f"decode_{kv_dtype}.log"
-    for attempt in range(2):  # one retry: a worker start can fail on a machine short of memory
-        # Output to a file, not a pipe: an engine process left behind would hold a pipe open.
-        with open(log, "w") as f:
-            proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+    log = workdir / "decode.log"
+    cells = len(contexts) * len(batches)
+    # Output to a file, not a pipe: an engine process left behind would hold a pipe open.
+    with open(log, "w") as f, tqdm(total=cells, desc="cells (context, batch)", disable=not progress) as bar:
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        t0 = time.monotonic()
+        while proc.poll() is None:
+            time.sleep(2)
+            done = log.read_text(errors="replace").count("\nCELL ")
+            if done > bar.n:
+                bar.update(done - bar.n)
+            if time.monotonic() - t0 > timeout:
+                proc.kill()
+                proc.wait()
+                break
+    if proc.returncode != 0:
         text = log.read_text(errors="replace")
-        if proc.returncode == 0:
-            return json.loads(out.read_text())
-        refused = re.search(r"(FP8 KV cache on CPU requires[^'\n]*)", text)
-        if refused:  # vLLM's own fp8 CPU path needs AVX-512 or AMX
-            return {"kv_cache_dtype": kv_dtype, "unsupported": refused.group(1)}
-        print(f"bench engine {kv_dtype} failed (attempt {attempt + 1}):\n{text[-2000:]}", file=sys.stderr)
-    raise RuntimeError(f"bench engine {kv_dtype} failed twice; last log:\n{text[-4000:]}")
+        raise RuntimeError(f"bench decode worker failed (exit {proc.returncode}); log tail:\n{text[-4000:]}")
+    return json.loads(out.read_text())
 
 
 def model_facts(model_dir: str) -> dict:
@@ -82,36 +90,24 @@ def kv_bytes_per_request(kv_dtype: str, ctx: int, facts: dict) -> int:
 
 
 def run(model_dir: str, dtypes, contexts, batches, decode_tokens: int, kv_space_gib: str,
-        progress: bool = True, prefill_reps: int = 1) -> dict:
-    from tqdm.auto import tqdm
-
+        progress: bool = True, prefill_reps: int = 1, rounds: int = 6) -> dict:
     from .kernels import _cpu_name, copy_bandwidth
 
     facts = model_facts(model_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [(c, d) for c in contexts for d in dtypes]
-        parts = [run_worker(model_dir, d, [c], batches, decode_tokens, Path(tmp), kv_space_gib,
-                            prefill_reps=prefill_reps)
-                 for c, d in tqdm(runs, desc="engines (context, dtype)", disable=not progress)]
-    engines = merge_runs(dtypes, [d for _, d in runs], parts)
+        part = run_worker(model_dir, dtypes, contexts, batches, decode_tokens, rounds, Path(tmp),
+                          kv_space_gib, prefill_reps=prefill_reps, progress=progress)
+    engines = {d: part[d] for d in dtypes if d in part}
     info = {"cpu": _cpu_name(), "cpus": os.cpu_count(), "bandwidth_gb_s": copy_bandwidth(),
             "load": os.getloadavg()[0], "kv_space_gib": kv_space_gib, "decode_tokens": decode_tokens,
-            "prefill_reps": prefill_reps,
+            "rounds": rounds, "prefill_reps": prefill_reps,
             "model": Path(model_dir).name, **facts}
     return {"info": info, "engines": engines}
 
 
-def merge_runs(dtypes, run_dtypes, parts) -> dict:
-    """One result per dtype from its engine runs (one per context): rows in context order;
-    a dtype vLLM refused keeps the refusal."""
-    engines: dict = {}
-    for d, part in zip(run_dtypes, parts):
-        if "unsupported" in part:
-            engines[d] = part
-        elif "unsupported" not in engines.get(d, {}):
-            merged = engines.setdefault(d, {**part, "rows": []})
-            merged["rows"] = merged["rows"] + part["rows"]
-    return {d: engines[d] for d in dtypes if d in engines}
+def round_ratios(row: dict, base: dict) -> list[float]:
+    """Per-round decode speed ratios of ``row`` against ``base`` (same cell, same rounds)."""
+    return [(n / s) / (bn / bs) for (n, s), (bn, bs) in zip(row.get("rounds", ()), base.get("rounds", ()))]
 
 
 def _row(res: dict, d: str, ctx: int, batch: int) -> dict | None:
@@ -120,6 +116,14 @@ def _row(res: dict, d: str, ctx: int, batch: int) -> dict | None:
         if r["ctx"] == ctx and r["batch"] == batch:
             return r
     return None
+
+
+def _ratio_cell(row: dict, base: dict) -> str:
+    text = f"{row['decode_tok_s'] / base['decode_tok_s']:.2f}x"
+    per_round = round_ratios(row, base)
+    if len(per_round) > 1:
+        text += f" ({min(per_round):.2f}-{max(per_round):.2f})"
+    return text
 
 
 def format_table(res: dict) -> str:
@@ -131,7 +135,8 @@ def format_table(res: dict) -> str:
         f"machine: {info['cpu']}, {info['cpus']} CPUs; copy bandwidth {bw:.1f} GB/s; load average at the "
         f"end {info['load']:.2f}; model {info['model']} ({info['layers']} layers, {info['kv_heads']} KV heads, "
         f"head {info['head_size']}, weights {info['weights_bytes'] / 1e6:.0f} MB); "
-        f"VLLM_CPU_KVCACHE_SPACE={info['kv_space_gib']} GiB; {info['decode_tokens']} decode tokens a request",
+        f"VLLM_CPU_KVCACHE_SPACE={info['kv_space_gib']} GiB; {info['decode_tokens']} decode tokens a request"
+        + (f" and round, {info['rounds']} rounds" if info.get("rounds") else ""),
         "",
     ]
     for d in dtypes:
@@ -142,15 +147,17 @@ def format_table(res: dict) -> str:
     head = "| ctx | batch | " + " | ".join(f"{d} tok/s" for d in ran) + " | " + " | ".join(
         f"{d} / auto" for d in ran if d != "auto") + " | " + " | ".join(
         f"{d} MB/step, of floor" for d in ran) + " |"
-    lines += ["Decode (tokens/s over all requests; ratio > 1 = faster than `auto`):", "", head,
+    rounds = info.get("rounds")
+    lines += ["Decode (tokens/s over all requests; ratio > 1 = faster than `auto`"
+              + (f"; over {rounds} rounds, in brackets the lowest and highest ratio of one round"
+                 if rounds and rounds > 1 else "") + "):", "", head,
               "|" + "---:|" * (2 + len(ran) + (len(ran) - 1) + len(ran))]
     rows0 = engines[ran[0]]["rows"] if ran else []
     for r0 in rows0:
         ctx, batch = r0["ctx"], r0["batch"]
         rows = {d: _row(res, d, ctx, batch) for d in ran}
         speeds = [f"{rows[d]['decode_tok_s']:.1f}" for d in ran]
-        ratios = [f"{rows[d]['decode_tok_s'] / rows['auto']['decode_tok_s']:.2f}x" for d in ran
-                  if d != "auto" and "auto" in rows]
+        ratios = [_ratio_cell(rows[d], rows["auto"]) for d in ran if d != "auto" and "auto" in rows]
         model = []
         for d in ran:
             nbytes = info["weights_bytes"] + batch * kv_bytes_per_request(d, ctx, info)
@@ -188,7 +195,7 @@ def update_results(path: Path, command: str, table: str) -> None:
 
 def main(model_dir: str | None, dtypes: str, contexts: str | None, batches: str | None, decode_tokens: int,
          quick: bool, kv_space_gib: str, json_out: str | None, update: str | None,
-         render: str | None = None, prefill_reps: int = 3) -> int:
+         render: str | None = None, prefill_reps: int = 3, rounds: int = 6) -> int:
     if render:  # a saved run (--json), shown again without running the engines
         res = json.loads(Path(render).read_text())
     else:
@@ -199,11 +206,12 @@ def main(model_dir: str | None, dtypes: str, contexts: str | None, batches: str 
         ctxs = parse(contexts) or list(QUICK_CONTEXTS if quick else CONTEXTS)
         bats = parse(batches) or list(QUICK_BATCHES if quick else BATCHES)
         if quick:
-            decode_tokens, prefill_reps = min(decode_tokens, 8), 1
-        if prefill_reps < 1:
-            raise ValueError(f"--prefill-reps must be >= 1, got {prefill_reps}")
+            decode_tokens, prefill_reps, rounds = min(decode_tokens, 8), 1, min(rounds, 2)
+        if prefill_reps < 1 or rounds < 1 or decode_tokens < 1:
+            raise ValueError("--prefill-reps, --rounds and --decode-tokens must be >= 1; got "
+                             f"{prefill_reps}, {rounds}, {decode_tokens}")
         res = run(model_dir, [d.strip() for d in dtypes.split(",")], ctxs, bats, decode_tokens, kv_space_gib,
-                  prefill_reps=prefill_reps)
+                  prefill_reps=prefill_reps, rounds=rounds)
         res["info"]["command"] = "zipcache-vllm bench decode " + " ".join(sys.argv[3:])
     table = format_table(res)
     print()

@@ -1,19 +1,27 @@
-"""One KV dtype through the real vLLM engine: prefill and decode speed (own process).
+"""Every KV dtype through the real vLLM engine, side by side: prefill and decode speed.
 
-Run by :mod:`zipcache_vllm.bench.decode` (vLLM spawns its engine; the entry stays
-under the ``__main__`` guard)::
+Run by :mod:`zipcache_vllm.bench.decode` in its own process (vLLM spawns its engines;
+the entry stays under the ``__main__`` guard)::
 
-    python -m zipcache_vllm.bench.decode_worker --model DIR --kv-cache-dtype zipcache \\
-        --contexts 1024,4096 --batches 1,8 --decode-tokens 32 --out out.json
+    python -m zipcache_vllm.bench.decode_worker --model DIR --kv-cache-dtypes auto,fp8,zipcache \\
+        --contexts 1024,4096 --batches 1,8 --decode-tokens 16 --rounds 6 --out out.json
 
-For every (context, batch): ``batch`` requests of ``context`` random prompt tokens
-(seeded, distinct, prefix caching off) are added together and stepped to the end
-with greedy sampling and ``ignore_eos``. Prefill time: from adding them until every
-request has its first token; decode speed: tokens generated after that moment
-divided by the time they took (every request decodes in every step then). At batch 1
-the prefill is timed ``--prefill-reps`` times in all (the extra runs: other prompts of
-the same length, one output token each) and the median is reported, since one prefill
-is a single sample of a noisy machine.
+One engine per dtype (same model and engine arguments), all alive at once; only one
+works at a time. For every (context, batch), ``batch`` prompts of ``context`` random
+tokens (seeded, distinct) go through each engine in turn:
+
+- prefill: the time from adding them until every request has its first token (at
+  batch 1, ``--prefill-reps`` prompts in all, interleaved across the engines, median);
+- decode, in ``--rounds`` rounds: in every round each engine in turn (the order
+  rotating from round to round) runs the same prompts again (a prefix-cache hit: only
+  the last partial block is recomputed) and generates ``--decode-tokens`` tokens per
+  request with greedy sampling and ``ignore_eos``; the decode time is from the moment
+  every request has its first token to the end.
+
+So the dtypes' decode samples are taken seconds apart, round after round, and a slow
+spell of a shared machine falls on all of them (the per-round ratios show how much
+the machine drifted). Between engines the bench waits ``PAUSE_S``: a vLLM worker keeps
+polling its queue for a second after its last step.
 """
 from __future__ import annotations
 
@@ -27,6 +35,9 @@ import time
 # Prompt tokens are drawn from this id range: ordinary vocabulary pieces of the
 # embedded model (no special or control tokens), so no prompt ends early.
 TOKEN_RANGE = (1000, 40000)
+# vLLM's shared-memory queue reader spins for 1 s after its last read (shm_broadcast's
+# busy_loop_s); the next engine starts after that, so it has the core to itself.
+PAUSE_S = 1.2
 
 
 def _prompt(ctx: int, seed: int) -> list[int]:
@@ -47,16 +58,17 @@ def _prefill_once(engine, ctx: int, seed: int, rid: str) -> float:
     return time.perf_counter() - t0
 
 
-def measure(engine, ctx: int, batch: int, decode_tokens: int, tag: str, prefill_reps: int = 1) -> dict:
+def run_batch(engine, prompts: list[list[int]], decode_tokens: int, tag: str) -> dict:
+    """Add ``prompts`` together and step them to the end (``decode_tokens`` tokens each after
+    the first): prefill seconds (until every request has its first token), decoded tokens
+    and decode seconds (after that moment), steps."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     params = SamplingParams(temperature=0.0, max_tokens=decode_tokens + 1, ignore_eos=True)
-    ids = [f"{tag}-{ctx}-{batch}-{i}" for i in range(batch)]
     t0 = time.perf_counter()
-    for i, rid in enumerate(ids):
-        engine.add_request(rid, TokensPrompt(prompt_token_ids=_prompt(ctx, 1000 * ctx + 17 * batch + i)),
-                           params)
+    for i, ids in enumerate(prompts):
+        engine.add_request(f"{tag}-{i}", TokensPrompt(prompt_token_ids=ids), params)
     produced: dict[str, int] = {}
     t_first = None
     tokens_at_first = 0
@@ -65,28 +77,70 @@ def measure(engine, ctx: int, batch: int, decode_tokens: int, tag: str, prefill_
         for out in engine.step():
             produced[out.request_id] = len(out.outputs[0].token_ids)
         steps += 1
-        if t_first is None and len(produced) == batch and min(produced.values()) >= 1:
+        if t_first is None and len(produced) == len(prompts) and min(produced.values()) >= 1:
             t_first = time.perf_counter()
             tokens_at_first = sum(produced.values())
     t_end = time.perf_counter()
-    decoded = sum(produced.values()) - tokens_at_first
-    samples = [t_first - t0]
-    if batch == 1:
-        samples += [_prefill_once(engine, ctx, 1000 * ctx + 17 + 7919 * (i + 1), f"{tag}-{ctx}-prefill-{i}")
-                    for i in range(prefill_reps - 1)]
-    prefill_s = sorted(samples)[len(samples) // 2]
-    return {"ctx": ctx, "batch": batch, "prefill_s": prefill_s, "prefill_tok_s": ctx * batch / prefill_s,
-            "prefill_samples_s": samples, "decode_tokens": decoded, "decode_s": t_end - t_first,
-            "decode_tok_s": decoded / (t_end - t_first), "steps": steps}
+    return {"prefill_s": t_first - t0, "decode_tokens": sum(produced.values()) - tokens_at_first,
+            "decode_s": t_end - t_first, "steps": steps}
+
+
+def _rotated(names: list[str], k: int) -> list[str]:
+    k %= len(names)
+    return names[k:] + names[:k]
+
+
+def measure_cell(engines: dict, ctx: int, batch: int, decode_tokens: int, rounds: int,
+                 prefill_reps: int = 1, pause_s: float = PAUSE_S, turn: int = 0) -> dict[str, dict]:
+    """One (context, batch) cell on every engine, interleaved (see the module docstring):
+    a row per engine name. ``turn`` rotates which engine goes first in the cell."""
+    names = list(engines)
+    prompts = [_prompt(ctx, 1000 * ctx + 17 * batch + i) for i in range(batch)]
+    prefill = {n: [] for n in names}
+    rounds_of = {n: [] for n in names}
+    first = True
+
+    def pause():
+        nonlocal first
+        if not first:
+            time.sleep(pause_s)
+        first = False
+
+    for r in range(rounds):  # round 0 is the cold prefill, the later ones prefix-cache hits
+        for n in _rotated(names, turn + r):
+            pause()
+            res = run_batch(engines[n], prompts, decode_tokens, f"{n}-{ctx}-{batch}-r{r}")
+            if r == 0:
+                prefill[n].append(res["prefill_s"])
+            rounds_of[n].append(res)
+    if batch == 1:  # more cold prefills: other prompts of the same length, one token each
+        for i in range(prefill_reps - 1):
+            for n in _rotated(names, turn + i):
+                pause()
+                prefill[n].append(_prefill_once(engines[n], ctx, 1000 * ctx + 17 + 7919 * (i + 1),
+                                                f"{n}-{ctx}-prefill-{i}"))
+    rows = {}
+    for n in names:
+        samples = prefill[n]
+        prefill_s = sorted(samples)[len(samples) // 2]
+        decoded = sum(x["decode_tokens"] for x in rounds_of[n])
+        decode_s = sum(x["decode_s"] for x in rounds_of[n])
+        rows[n] = {"ctx": ctx, "batch": batch, "prefill_s": prefill_s,
+                   "prefill_tok_s": ctx * batch / prefill_s, "prefill_samples_s": samples,
+                   "decode_tokens": decoded, "decode_s": decode_s, "decode_tok_s": decoded / decode_s,
+                   "rounds": [[x["decode_tokens"], x["decode_s"]] for x in rounds_of[n]],
+                   "hit_prefill_s": [x["prefill_s"] for x in rounds_of[n][1:]]}
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
-    p.add_argument("--kv-cache-dtype", default="auto")
+    p.add_argument("--kv-cache-dtypes", default="auto")
     p.add_argument("--contexts", required=True)
     p.add_argument("--batches", required=True)
-    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--decode-tokens", type=int, default=16, help="tokens per request and round")
+    p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--prefill-reps", type=int, default=1, help="prefill runs at batch 1 (median reported)")
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--max-num-seqs", type=int, default=8)
@@ -101,20 +155,38 @@ def main(argv: list[str] | None = None) -> int:
     install_version_shim()
     from vllm import LLM
 
-    llm = LLM(model=args.model, kv_cache_dtype=args.kv_cache_dtype, dtype="bfloat16", enforce_eager=True,
-              max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False, seed=0)
-    engine = llm.llm_engine
-    measure(engine, 256, 1, 4, "warmup")
-    rows = []
+    from ..vllm_plugin.compat import cpu_attention_refusal
+    from ..vllm_plugin.dtypes import is_zipcache_dtype
+    from .decode import model_facts
+
+    head_size = model_facts(args.model)["head_size"]
+    result: dict[str, dict] = {}
+    llms, engines = [], {}
+    for dtype in args.kv_cache_dtypes.split(","):
+        why = None if is_zipcache_dtype(dtype) else cpu_attention_refusal(dtype, head_size)
+        if why is not None:  # vLLM would fail in its worker, with a generic error here
+            result[dtype] = {"kv_cache_dtype": dtype, "unsupported": why}
+            print(json.dumps(result[dtype]), flush=True)
+            continue
+        llm = LLM(model=args.model, kv_cache_dtype=dtype, dtype="bfloat16", enforce_eager=True,
+                  max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens,
+                  enable_prefix_caching=True, seed=0)
+        llms.append(llm)
+        engines[dtype] = llm.llm_engine
+        run_batch(llm.llm_engine, [_prompt(256, 1)], 4, f"{dtype}-warmup")
+        cfg = llm.llm_engine.vllm_config.cache_config
+        result[dtype] = {"kv_cache_dtype": dtype, "num_gpu_blocks": cfg.num_gpu_blocks,
+                         "block_size": cfg.block_size, "rows": []}
+    cell = 0
     for ctx in (int(x) for x in args.contexts.split(",")):
         for batch in (int(x) for x in args.batches.split(",")):
-            row = measure(engine, ctx, batch, args.decode_tokens, "bench", args.prefill_reps)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    cfg = llm.llm_engine.vllm_config.cache_config
-    result = {"kv_cache_dtype": args.kv_cache_dtype, "num_gpu_blocks": cfg.num_gpu_blocks,
-              "block_size": cfg.block_size, "rows": rows}
+            rows = measure_cell(engines, ctx, batch, args.decode_tokens, args.rounds,
+                                args.prefill_reps, turn=cell) if engines else {}
+            for dtype, row in rows.items():
+                result[dtype]["rows"].append(row)
+            print("CELL " + json.dumps({"ctx": ctx, "batch": batch, "rows": rows}), flush=True)
+            cell += 1
     with open(args.out, "w") as f:
         json.dump(result, f)
     return 0

@@ -310,6 +310,22 @@ def patch_step_token_ids(record: Callable[[torch.Tensor], None]) -> None:
     GPUModelRunner._prepare_inputs = _prepare_inputs
 
 
+def cpu_attention_refusal(kv_cache_dtype: str, head_size: int, block_size: int = 128) -> str | None:
+    """Why vLLM's own CPU attention refuses ``kv_cache_dtype`` on this machine, or None.
+
+    vLLM decides it in the worker process, when the attention backend is built, and the
+    engine's constructor then fails with a generic message; the benchmarks ask the same
+    function first (``cpu_attn._get_attn_isa``), so a refused dtype (fp8 without
+    AVX-512 or AMX) is reported as refused instead of failing the run."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    try:
+        _get_attn_isa(torch.bfloat16, block_size, head_size, kv_cache_dtype)
+    except NotImplementedError as exc:
+        return str(exc)
+    return None
+
+
 def patch_targets() -> dict[str, object]:
     """Every object a patch above replaces or reads, for the compat test."""
     from vllm.platforms.cpu import CpuPlatform
