@@ -103,7 +103,8 @@ class _FakeEngine:
         outs = []
         for rid, st in list(self.live.items()):
             st[0] += 1
-            outs.append(SimpleNamespace(request_id=rid, outputs=[SimpleNamespace(token_ids=[0] * st[0])]))
+            outs.append(SimpleNamespace(request_id=rid, num_cached_tokens=0,
+                                        outputs=[SimpleNamespace(token_ids=[0] * st[0])]))
             if st[0] >= st[1]:
                 del self.live[rid]
         return outs
@@ -186,3 +187,28 @@ def test_run_keeps_a_refused_dtype_and_the_order_asked(monkeypatch, tmp_path):
 def test_bad_counts_are_refused(tmp_path):
     with pytest.raises(ValueError, match="--rounds"):
         decode.main(str(tmp_path), "auto", "64", "1", 4, False, "1", None, None, rounds=0)
+
+
+# --------------------------------------------------------------------------- slow
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_engines_side_by_side_through_vllm(model_dir):
+    """The real worker: two engines alive in one process, rounds of prefix-cache hits
+    (the re-run prompts prefill only their last block), every token counted."""
+    res = decode.run(str(model_dir), ["auto", "zipcache"], [384], [1, 2], 4, "1", progress=False,
+                     rounds=2)
+    print(decode.format_table(res))
+    for d in ("auto", "zipcache"):
+        eng = res["engines"][d]
+        assert eng["num_gpu_blocks"] > 0 and [(r["ctx"], r["batch"]) for r in eng["rows"]] == [
+            (384, 1), (384, 2)]
+        for row in eng["rows"]:
+            assert len(row["rounds"]) == 2 and row["decode_tok_s"] > 0
+            # every request decodes 4 tokens a round; at batch 2 a step may finish one
+            # request's first token before the other's, so at least 3 count
+            assert all(3 * row["batch"] <= n <= 4 * row["batch"] for n, _ in row["rounds"])
+            # round 0 is cold; round 1 takes the first two 128-token blocks of each prompt
+            # from the prefix cache (vLLM recomputes the block with the last prompt token)
+            assert row["cached_tokens"] == [0, 256 * row["batch"]]
+    assert "over 2 rounds" in decode.format_table(res)

@@ -61,7 +61,8 @@ def _prefill_once(engine, ctx: int, seed: int, rid: str) -> float:
 def run_batch(engine, prompts: list[list[int]], decode_tokens: int, tag: str) -> dict:
     """Add ``prompts`` together and step them to the end (``decode_tokens`` tokens each after
     the first): prefill seconds (until every request has its first token), decoded tokens
-    and decode seconds (after that moment), steps."""
+    and decode seconds (after that moment), steps, and the prompt tokens vLLM took from its
+    prefix cache."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -70,19 +71,21 @@ def run_batch(engine, prompts: list[list[int]], decode_tokens: int, tag: str) ->
     for i, ids in enumerate(prompts):
         engine.add_request(f"{tag}-{i}", TokensPrompt(prompt_token_ids=ids), params)
     produced: dict[str, int] = {}
+    cached: dict[str, int] = {}
     t_first = None
     tokens_at_first = 0
     steps = 0
     while engine.has_unfinished_requests():
         for out in engine.step():
             produced[out.request_id] = len(out.outputs[0].token_ids)
+            cached[out.request_id] = out.num_cached_tokens or 0
         steps += 1
         if t_first is None and len(produced) == len(prompts) and min(produced.values()) >= 1:
             t_first = time.perf_counter()
             tokens_at_first = sum(produced.values())
     t_end = time.perf_counter()
     return {"prefill_s": t_first - t0, "decode_tokens": sum(produced.values()) - tokens_at_first,
-            "decode_s": t_end - t_first, "steps": steps}
+            "decode_s": t_end - t_first, "steps": steps, "cached_tokens": sum(cached.values())}
 
 
 def _rotated(names: list[str], k: int) -> list[str]:
@@ -129,7 +132,8 @@ def measure_cell(engines: dict, ctx: int, batch: int, decode_tokens: int, rounds
                    "prefill_tok_s": ctx * batch / prefill_s, "prefill_samples_s": samples,
                    "decode_tokens": decoded, "decode_s": decode_s, "decode_tok_s": decoded / decode_s,
                    "rounds": [[x["decode_tokens"], x["decode_s"]] for x in rounds_of[n]],
-                   "hit_prefill_s": [x["prefill_s"] for x in rounds_of[n][1:]]}
+                   "hit_prefill_s": [x["prefill_s"] for x in rounds_of[n][1:]],
+                   "cached_tokens": [x["cached_tokens"] for x in rounds_of[n]]}
     return rows
 
 
