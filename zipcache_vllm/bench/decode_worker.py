@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
     head_size = model_facts(args.model)["head_size"]
     result: dict[str, dict] = {}
-    llms, engines = [], {}
+    llms, engines = [], {}  # the LLM objects own their engines' processes: kept to the end
     for dtype in args.kv_cache_dtypes.split(","):
         why = None if is_zipcache_dtype(dtype) else cpu_attention_refusal(dtype, head_size)
         if why is not None:  # vLLM would fail in its worker, with a generic error here
