@@ -47,6 +47,19 @@ def test_table_ratios_and_refusal():
     assert f"| {mb:.0f}, " in decode_rows[0]
 
 
+def test_table_without_auto_has_no_ratio_columns():
+    """`auto` is the baseline: a run without it prints speeds and bytes, no empty ratio
+    columns, and every row has as many cells as its header."""
+    res = _result()
+    del res["engines"]["auto"]
+    table = decode.format_table(res)
+    assert "/ auto" not in table.split("Decode", 1)[1]
+    tables = [line for line in table.splitlines() if line.startswith("|")]
+    widths = {line.count("|") for line in tables[:4]}
+    assert len(widths) == 1  # decode header, separator and rows line up
+    assert len(tables) == 8
+
+
 def test_update_results_replaces_only_its_section(tmp_path):
     md = tmp_path / "RESULTS.md"
     md.write_text("# Results\n\nintro\n")

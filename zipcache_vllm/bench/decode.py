@@ -126,6 +126,10 @@ def _ratio_cell(row: dict, base: dict) -> str:
     return text
 
 
+def _md_row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
 def format_table(res: dict) -> str:
     info, engines = res["info"], res["engines"]
     dtypes = list(engines)
@@ -144,39 +148,35 @@ def format_table(res: dict) -> str:
             lines.append(f"- `{d}`: not run: vLLM refused it on this machine: {engines[d]['unsupported']}")
     if len(ran) < len(dtypes):
         lines.append("")
-    head = "| ctx | batch | " + " | ".join(f"{d} tok/s" for d in ran) + " | " + " | ".join(
-        f"{d} / auto" for d in ran if d != "auto") + " | " + " | ".join(
-        f"{d} MB/step, of floor" for d in ran) + " |"
+    # ratio columns only when `auto` ran: it is the baseline
+    compared = [d for d in ran if d != "auto"] if "auto" in ran else []
     rounds = info.get("rounds")
     lines += ["Decode (tokens/s over all requests; ratio > 1 = faster than `auto`"
               + (f"; over {rounds} rounds, in brackets the lowest and highest ratio of one round"
-                 if rounds and rounds > 1 else "") + "):", "", head,
-              "|" + "---:|" * (2 + len(ran) + (len(ran) - 1) + len(ran))]
-    rows0 = engines[ran[0]]["rows"] if ran else []
-    for r0 in rows0:
-        ctx, batch = r0["ctx"], r0["batch"]
+                 if rounds and rounds > 1 else "") + "):", "",
+              _md_row(["ctx", "batch"] + [f"{d} tok/s" for d in ran] + [f"{d} / auto" for d in compared]
+                      + [f"{d} MB/step, of floor" for d in ran]),
+              "|" + "---:|" * (2 + 2 * len(ran) + len(compared))]
+    cells = [(r["ctx"], r["batch"]) for r in engines[ran[0]]["rows"]] if ran else []
+    for ctx, batch in cells:
         rows = {d: _row(res, d, ctx, batch) for d in ran}
-        speeds = [f"{rows[d]['decode_tok_s']:.1f}" for d in ran]
-        ratios = [_ratio_cell(rows[d], rows["auto"]) for d in ran if d != "auto" and "auto" in rows]
         model = []
         for d in ran:
             nbytes = info["weights_bytes"] + batch * kv_bytes_per_request(d, ctx, info)
             step_s = batch / rows[d]["decode_tok_s"]
             model.append(f"{nbytes / 1e6:.0f}, {nbytes / (bw * 1e9) / step_s:.0%}")
-        lines.append(f"| {ctx} | {batch} | " + " | ".join(speeds) + " | " + " | ".join(ratios) + " | "
-                     + " | ".join(model) + " |")
+        lines.append(_md_row([ctx, batch] + [f"{rows[d]['decode_tok_s']:.1f}" for d in ran]
+                             + [_ratio_cell(rows[d], rows["auto"]) for d in compared] + model))
     reps = info.get("prefill_reps", 1)
     lines += ["", "Prefill (prompt tokens/s until every request has its first token"
               + (f"; batch 1: the median of {reps} prompts" if reps > 1 else "") + "):", "",
-              "| ctx | batch | " + " | ".join(f"{d} tok/s" for d in ran) + " | "
-              + " | ".join(f"{d} / auto" for d in ran if d != "auto") + " |",
-              "|" + "---:|" * (2 + len(ran) + len(ran) - 1)]
-    for r0 in rows0:
-        ctx, batch = r0["ctx"], r0["batch"]
+              _md_row(["ctx", "batch"] + [f"{d} tok/s" for d in ran] + [f"{d} / auto" for d in compared]),
+              "|" + "---:|" * (2 + len(ran) + len(compared))]
+    for ctx, batch in cells:
         rows = {d: _row(res, d, ctx, batch) for d in ran}
-        lines.append(f"| {ctx} | {batch} | " + " | ".join(f"{rows[d]['prefill_tok_s']:.0f}" for d in ran)
-                     + " | " + " | ".join(f"{rows[d]['prefill_tok_s'] / rows['auto']['prefill_tok_s']:.2f}x"
-                                         for d in ran if d != "auto" and "auto" in rows) + " |")
+        lines.append(_md_row([ctx, batch] + [f"{rows[d]['prefill_tok_s']:.0f}" for d in ran]
+                             + [f"{rows[d]['prefill_tok_s'] / rows['auto']['prefill_tok_s']:.2f}x"
+                                for d in compared]))
     return "\n".join(lines)
 
 
