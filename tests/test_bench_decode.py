@@ -225,3 +225,22 @@ def test_engines_side_by_side_through_vllm(model_dir):
             # from the prefix cache (vLLM recomputes the block with the last prompt token)
             assert row["cached_tokens"] == [0, 256 * row["batch"]]
     assert "over 2 rounds" in decode.format_table(res)
+
+
+def test_a_worker_past_its_time_is_stopped_and_reported(monkeypatch, tmp_path):
+    """The worker runs in its own process; past ``timeout`` it is killed and the error
+    says so (with its log), instead of the bench waiting for ever."""
+    import subprocess
+    import sys
+
+    real_popen = subprocess.Popen
+
+    def sleeper(cmd, **kw):
+        return real_popen([sys.executable, "-c", "print('engine starting', flush=True); "
+                           "import time; time.sleep(60)"], **kw)
+
+    monkeypatch.setattr(decode.subprocess, "Popen", sleeper)
+    with pytest.raises(RuntimeError, match="timed out after 1 s") as exc:
+        decode.run_worker(str(tmp_path), ["auto"], [64], [1], 2, 1, tmp_path, "1", timeout=1,
+                          progress=False)
+    assert "engine starting" in str(exc.value)

@@ -51,18 +51,20 @@ def run_worker(model_dir: str, dtypes, contexts, batches, decode_tokens: int, ro
     with open(log, "w") as f, tqdm(total=cells, desc="cells (context, batch)", disable=not progress) as bar:
         proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
         t0 = time.monotonic()
+        timed_out = False
         while proc.poll() is None:
             time.sleep(2)
             done = log.read_text(errors="replace").count("\nCELL ")
             if done > bar.n:
                 bar.update(done - bar.n)
             if time.monotonic() - t0 > timeout:
+                timed_out = True
                 proc.kill()
                 proc.wait()
-                break
     if proc.returncode != 0:
         text = log.read_text(errors="replace")
-        raise RuntimeError(f"bench decode worker failed (exit {proc.returncode}); log tail:\n{text[-4000:]}")
+        why = f"timed out after {timeout:.0f} s" if timed_out else f"exit {proc.returncode}"
+        raise RuntimeError(f"bench decode worker failed ({why}); log tail:\n{text[-4000:]}")
     return json.loads(out.read_text())
 
 
