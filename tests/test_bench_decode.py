@@ -178,7 +178,7 @@ def test_run_keeps_a_refused_dtype_and_the_order_asked(monkeypatch, tmp_path):
     calls = []
 
     def fake_worker(model_dir, dtypes, ctxs, batches, decode_tokens, rounds, workdir, kv_space,
-                    prefill_reps=1, progress=True):
+                    prefill_reps=1, progress=True, profile=False):
         calls.append((list(dtypes), list(ctxs), rounds))
         rows = [{"ctx": c, "batch": b} for c in ctxs for b in batches]
         return {"zipcache": {"kv_cache_dtype": "zipcache", "num_gpu_blocks": 7, "block_size": 16,
@@ -244,3 +244,39 @@ def test_a_worker_past_its_time_is_stopped_and_reported(monkeypatch, tmp_path):
         decode.run_worker(str(tmp_path), ["auto"], [64], [1], 2, 1, tmp_path, "1", timeout=1,
                           progress=False)
     assert "engine starting" in str(exc.value)
+
+
+def test_step_profile_reads_torch_s_table():
+    """The op table vLLM's worker writes (torch's key_averages format) as ms per decode
+    step: steps counted by vLLM's attention entry point, one call per layer per step."""
+    from zipcache_vllm.bench import step_profile
+
+    dash = "-" * 40 + "  " + "  ".join(["-" * 12] * 6) + "  "
+    head = ("Name".rjust(40) + "  " + "  ".join(c.rjust(12) for c in (
+        "Self CPU %", "Self CPU", "CPU total %", "CPU total", "CPU time avg", "# of Calls")) + "  ")
+
+    def row(name, self_t, calls):
+        return name.rjust(40) + "  " + "  ".join(c.rjust(12) for c in (
+            "1.00%", self_t, "1.00%", self_t, "1.0us", str(calls))) + "  "
+
+    text = "\n".join([dash, head, dash,
+                      row("_C::onednn_mm", "264.062ms", 1210),
+                      row("zipcache::decode_staged", "124.837ms", 300),
+                      row("vllm::unified_attention_with_output", "20.048ms", 300),
+                      row("aten::copy_", "7926.000us", 3840),
+                      dash, "Self CPU time total: 0.632s", ""])
+    rows, total = step_profile.parse_table(text)
+    assert rows[1] == ("zipcache::decode_staged", 124.837, 300) and total == 632.0
+    assert rows[3] == ("aten::copy_", 7.926, 3840)
+    prof = step_profile.summarize(text, layers=30, top=2)
+    assert prof["steps"] == 10 and prof["step_ms"] == pytest.approx(63.2)
+    assert [op[0] for op in prof["ops"]] == ["_C::onednn_mm", "zipcache::decode_staged"]
+    assert prof["ops"][0][1] == pytest.approx(26.4062) and prof["ops"][0][2] == pytest.approx(264.062 / 632)
+    with pytest.raises(ValueError, match="cannot count steps"):
+        step_profile.summarize(text, layers=7)
+    with pytest.raises(ValueError, match="no profiler table"):
+        step_profile.parse_table("nothing here")
+    res = _result()
+    res["engines"]["zipcache"]["profile"] = {"ctx": 1024, "batch": 1, **prof}
+    md = step_profile.format_profiles(res["engines"])
+    assert "`zipcache`: 63.2 ms" in md and "| `_C::onednn_mm` | 26.41 | 42% |" in md

@@ -71,6 +71,10 @@ def add_parser(subparsers) -> None:
     d.add_argument("--prefill-reps", type=int, default=3,
                    help="prefills timed at batch 1 per context, the median reported (--quick: 1)")
     d.add_argument("--quick", action="store_true", help="one short context, batch 1 and 2, 8 tokens, 2 rounds")
+    d.add_argument("--profile", action="store_true",
+                   help="attach vLLM's torch profiler to every engine and, after the timed cells, "
+                        "print where one more round of the first cell's decode steps spends its time "
+                        "(ms per step of the costliest ops, per dtype)")
     d.add_argument("--json", default=None, help="also write the raw results here")
     d.add_argument("--update-results", default=None, metavar="MD",
                    help="write the table into this markdown file's bench-decode section (docs/RESULTS.md)")
@@ -103,4 +107,4 @@ def _cmd_decode(args) -> int:
     return main(model_dir=args.model, dtypes=args.dtypes, contexts=args.contexts, batches=args.batches,
                 decode_tokens=args.decode_tokens, quick=args.quick, kv_space_gib=args.kv_space,
                 json_out=args.json, update=args.update_results, render=args.render,
-                prefill_reps=args.prefill_reps, rounds=args.rounds)
+                prefill_reps=args.prefill_reps, rounds=args.rounds, profile=args.profile)

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .step_profile import format_profiles
+
 CONTEXTS = (1024, 4096, 8064)  # 8064 + 64 generated tokens fit SmolLM2's 8192 positions
 BATCHES = (1, 8)
 QUICK_CONTEXTS, QUICK_BATCHES = (512,), (1, 2)
@@ -34,7 +36,7 @@ RESULTS_END = "<!-- bench decode: end -->"
 
 def run_worker(model_dir: str, dtypes, contexts, batches, decode_tokens: int, rounds: int,
                workdir: Path, kv_space_gib: str, prefill_reps: int = 1, timeout: float = 4 * 3600,
-               progress: bool = True) -> dict:
+               progress: bool = True, profile: bool = False) -> dict:
     """All engines in one worker process; its JSON (a result per dtype, a refusal kept)."""
     from tqdm.auto import tqdm
 
@@ -44,6 +46,8 @@ def run_worker(model_dir: str, dtypes, contexts, batches, decode_tokens: int, ro
            "--batches", ",".join(map(str, batches)), "--decode-tokens", str(decode_tokens),
            "--rounds", str(rounds), "--prefill-reps", str(prefill_reps),
            "--max-model-len", str(max(8192, max(contexts) + decode_tokens + 1)), "--out", str(out)]
+    if profile:
+        cmd += ["--profile-dir", str(workdir / "profile")]
     env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE=kv_space_gib)
     log = workdir / "decode.log"
     cells = len(contexts) * len(batches)
@@ -92,17 +96,17 @@ def kv_bytes_per_request(kv_dtype: str, ctx: int, facts: dict) -> int:
 
 
 def run(model_dir: str, dtypes, contexts, batches, decode_tokens: int, kv_space_gib: str,
-        progress: bool = True, prefill_reps: int = 1, rounds: int = 6) -> dict:
+        progress: bool = True, prefill_reps: int = 1, rounds: int = 6, profile: bool = False) -> dict:
     from .kernels import _cpu_name, copy_bandwidth
 
     facts = model_facts(model_dir)
     with tempfile.TemporaryDirectory() as tmp:
         part = run_worker(model_dir, dtypes, contexts, batches, decode_tokens, rounds, Path(tmp),
-                          kv_space_gib, prefill_reps=prefill_reps, progress=progress)
+                          kv_space_gib, prefill_reps=prefill_reps, progress=progress, profile=profile)
     engines = {d: part[d] for d in dtypes if d in part}
     info = {"cpu": _cpu_name(), "cpus": os.cpu_count(), "bandwidth_gb_s": copy_bandwidth(),
             "load": os.getloadavg()[0], "kv_space_gib": kv_space_gib, "decode_tokens": decode_tokens,
-            "rounds": rounds, "prefill_reps": prefill_reps,
+            "rounds": rounds, "prefill_reps": prefill_reps, "profiled": profile,
             "model": Path(model_dir).name, **facts}
     return {"info": info, "engines": engines}
 
@@ -197,7 +201,7 @@ def update_results(path: Path, command: str, table: str) -> None:
 
 def main(model_dir: str | None, dtypes: str, contexts: str | None, batches: str | None, decode_tokens: int,
          quick: bool, kv_space_gib: str, json_out: str | None, update: str | None,
-         render: str | None = None, prefill_reps: int = 3, rounds: int = 6) -> int:
+         render: str | None = None, prefill_reps: int = 3, rounds: int = 6, profile: bool = False) -> int:
     if render:  # a saved run (--json), shown again without running the engines
         res = json.loads(Path(render).read_text())
     else:
@@ -213,9 +217,15 @@ def main(model_dir: str | None, dtypes: str, contexts: str | None, batches: str 
             raise ValueError("--prefill-reps, --rounds and --decode-tokens must be >= 1; got "
                              f"{prefill_reps}, {rounds}, {decode_tokens}")
         res = run(model_dir, [d.strip() for d in dtypes.split(",")], ctxs, bats, decode_tokens, kv_space_gib,
-                  prefill_reps=prefill_reps, rounds=rounds)
+                  prefill_reps=prefill_reps, rounds=rounds, profile=profile)
         res["info"]["command"] = "zipcache-vllm bench decode " + " ".join(sys.argv[3:])
     table = format_table(res)
+    profiles = format_profiles(res["engines"])
+    if profiles:
+        table += ("\n\nWhere a decode step's time goes (vLLM's torch profiler in each engine, on "
+                  "for one more round after the timed ones; it slows every op, so these are "
+                  "shares of a step, and speeds to quote come from a run without --profile):\n\n"
+                  + profiles)
     print()
     print(table)
     if json_out:

@@ -31,6 +31,7 @@ import os
 import random
 import sys
 import time
+from pathlib import Path
 
 # Prompt tokens are drawn from this id range: ordinary vocabulary pieces of the
 # embedded model (no special or control tokens), so no prompt ends early.
@@ -137,6 +138,32 @@ def measure_cell(engines: dict, ctx: int, batch: int, decode_tokens: int, rounds
     return rows
 
 
+def profile_round(llm, prompts: list[list[int]], decode_tokens: int, tag: str, profile_dir: Path,
+                  layers: int, wait_s: float = 60.0) -> dict:
+    """One more round of ``prompts`` with vLLM's profiler on from the moment every request
+    has its first token to the end: the decode steps' op split (:mod:`.step_profile`)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from .step_profile import read_summary
+
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=decode_tokens + 1, ignore_eos=True)
+    for i, ids in enumerate(prompts):
+        engine.add_request(f"{tag}-{i}", TokensPrompt(prompt_token_ids=ids), params)
+    first: set[str] = set()
+    while len(first) < len(prompts):
+        first.update(out.request_id for out in engine.step() if out.outputs[0].token_ids)
+    llm.start_profile()
+    while engine.has_unfinished_requests():
+        engine.step()
+    llm.stop_profile()
+    deadline = time.monotonic() + wait_s  # the worker writes its table as the profiler stops
+    while not any(profile_dir.glob("*.profiler_out.txt")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return read_summary(profile_dir, layers)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
@@ -149,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--max-num-seqs", type=int, default=8)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--profile-dir", default=None,
+                   help="give every engine vLLM's torch profiler and, after the cells, profile one "
+                        "more round of the first cell's decode steps per engine (tables go here)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
@@ -163,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     from ..vllm_plugin.dtypes import is_zipcache_dtype
     from .decode import model_facts
 
-    head_size = model_facts(args.model)["head_size"]
+    facts = model_facts(args.model)
+    head_size = facts["head_size"]
     result: dict[str, dict] = {}
     llms, engines = [], {}  # the LLM objects own their engines' processes: kept to the end
     for dtype in args.kv_cache_dtypes.split(","):
@@ -172,11 +203,14 @@ def main(argv: list[str] | None = None) -> int:
             result[dtype] = {"kv_cache_dtype": dtype, "unsupported": why}
             print(json.dumps(result[dtype]), flush=True)
             continue
+        profiling = {} if args.profile_dir is None else {"profiler_config": {
+            "profiler": "torch", "torch_profiler_dir": str(Path(args.profile_dir) / dtype),
+            "torch_profiler_with_stack": False}}
         llm = LLM(model=args.model, kv_cache_dtype=dtype, dtype="bfloat16", enforce_eager=True,
                   max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens,
-                  enable_prefix_caching=True, seed=0)
-        llms.append(llm)
+                  enable_prefix_caching=True, seed=0, **profiling)
+        llms.append((dtype, llm))
         engines[dtype] = llm.llm_engine
         run_batch(llm.llm_engine, [_prompt(256, 1)], 4, f"{dtype}-warmup")
         cfg = llm.llm_engine.vllm_config.cache_config
@@ -191,6 +225,14 @@ def main(argv: list[str] | None = None) -> int:
                 result[dtype]["rows"].append(row)
             print("CELL " + json.dumps({"ctx": ctx, "batch": batch, "rows": rows}), flush=True)
             cell += 1
+    if args.profile_dir is not None and engines:
+        ctx, batch = int(args.contexts.split(",")[0]), int(args.batches.split(",")[0])
+        prompts = [_prompt(ctx, 1000 * ctx + 17 * batch + i) for i in range(batch)]
+        for dtype, llm in llms:
+            time.sleep(PAUSE_S)
+            prof = profile_round(llm, prompts, args.decode_tokens, f"{dtype}-profile",
+                                 Path(args.profile_dir) / dtype, facts["layers"])
+            result[dtype]["profile"] = {"ctx": ctx, "batch": batch, **prof}
     with open(args.out, "w") as f:
         json.dump(result, f)
     return 0
