@@ -26,11 +26,13 @@ polling its queue for a second after its last step.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 # Prompt tokens are drawn from this id range: ordinary vocabulary pieces of the
@@ -46,24 +48,17 @@ def _prompt(ctx: int, seed: int) -> list[int]:
     return [rng.randrange(*TOKEN_RANGE) for _ in range(ctx)]
 
 
-def _prefill_once(engine, ctx: int, seed: int, rid: str) -> float:
-    """Seconds from adding one prompt of ``ctx`` tokens until its first token."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    t0 = time.perf_counter()
-    engine.add_request(rid, TokensPrompt(prompt_token_ids=_prompt(ctx, seed)),
-                       SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
-    while engine.has_unfinished_requests():
-        engine.step()
-    return time.perf_counter() - t0
+def _cell_prompts(ctx: int, batch: int) -> list[list[int]]:
+    """The ``batch`` prompts of a (context, batch) cell: the same in every round and engine."""
+    return [_prompt(ctx, 1000 * ctx + 17 * batch + i) for i in range(batch)]
 
 
-def run_batch(engine, prompts: list[list[int]], decode_tokens: int, tag: str) -> dict:
+def run_batch(engine, prompts: list[list[int]], decode_tokens: int, tag: str,
+              on_first: Callable[[], None] | None = None) -> dict:
     """Add ``prompts`` together and step them to the end (``decode_tokens`` tokens each after
     the first): prefill seconds (until every request has its first token), decoded tokens
     and decode seconds (after that moment), steps, and the prompt tokens vLLM took from its
-    prefix cache."""
+    prefix cache. ``on_first`` runs at that moment, before the decode steps."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -84,6 +79,8 @@ def run_batch(engine, prompts: list[list[int]], decode_tokens: int, tag: str) ->
         if t_first is None and len(produced) == len(prompts) and min(produced.values()) >= 1:
             t_first = time.perf_counter()
             tokens_at_first = sum(produced.values())
+            if on_first is not None:
+                on_first()
     t_end = time.perf_counter()
     return {"prefill_s": t_first - t0, "decode_tokens": sum(produced.values()) - tokens_at_first,
             "decode_s": t_end - t_first, "steps": steps, "cached_tokens": sum(cached.values())}
@@ -99,7 +96,7 @@ def measure_cell(engines: dict, ctx: int, batch: int, decode_tokens: int, rounds
     """One (context, batch) cell on every engine, interleaved (see the module docstring):
     a row per engine name. ``turn`` rotates which engine goes first in the cell."""
     names = list(engines)
-    prompts = [_prompt(ctx, 1000 * ctx + 17 * batch + i) for i in range(batch)]
+    prompts = _cell_prompts(ctx, batch)
     prefill = {n: [] for n in names}
     rounds_of = {n: [] for n in names}
     first = True
@@ -121,8 +118,8 @@ def measure_cell(engines: dict, ctx: int, batch: int, decode_tokens: int, rounds
         for i in range(prefill_reps - 1):
             for n in _rotated(names, turn + i):
                 pause()
-                prefill[n].append(_prefill_once(engines[n], ctx, 1000 * ctx + 17 + 7919 * (i + 1),
-                                                f"{n}-{ctx}-prefill-{i}"))
+                other = _prompt(ctx, 1000 * ctx + 17 + 7919 * (i + 1))
+                prefill[n].append(run_batch(engines[n], [other], 0, f"{n}-{ctx}-prefill-{i}")["prefill_s"])
     rows = {}
     for n in names:
         samples = prefill[n]
@@ -142,21 +139,9 @@ def profile_round(llm, prompts: list[list[int]], decode_tokens: int, tag: str, p
                   layers: int, wait_s: float = 60.0) -> dict:
     """One more round of ``prompts`` with vLLM's profiler on from the moment every request
     has its first token to the end: the decode steps' op split (:mod:`.step_profile`)."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
     from .step_profile import read_summary
 
-    engine = llm.llm_engine
-    params = SamplingParams(temperature=0.0, max_tokens=decode_tokens + 1, ignore_eos=True)
-    for i, ids in enumerate(prompts):
-        engine.add_request(f"{tag}-{i}", TokensPrompt(prompt_token_ids=ids), params)
-    first: set[str] = set()
-    while len(first) < len(prompts):
-        first.update(out.request_id for out in engine.step() if out.outputs[0].token_ids)
-    llm.start_profile()
-    while engine.has_unfinished_requests():
-        engine.step()
+    run_batch(llm.llm_engine, prompts, decode_tokens, tag, on_first=llm.start_profile)
     llm.stop_profile()
     deadline = time.monotonic() + wait_s  # the worker writes its table as the profiler stops
     while not any(profile_dir.glob("*.profiler_out.txt")) and time.monotonic() < deadline:
@@ -196,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     facts = model_facts(args.model)
     head_size = facts["head_size"]
     result: dict[str, dict] = {}
-    llms, engines = [], {}  # the LLM objects own their engines' processes: kept to the end
+    llms = {}  # the LLM objects own their engines' processes: kept to the end
     for dtype in args.kv_cache_dtypes.split(","):
         why = None if is_zipcache_dtype(dtype) else cpu_attention_refusal(dtype, head_size)
         if why is not None:  # vLLM would fail in its worker, with a generic error here
@@ -210,25 +195,24 @@ def main(argv: list[str] | None = None) -> int:
                   max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens,
                   enable_prefix_caching=True, seed=0, **profiling)
-        llms.append((dtype, llm))
-        engines[dtype] = llm.llm_engine
+        llms[dtype] = llm
         run_batch(llm.llm_engine, [_prompt(256, 1)], 4, f"{dtype}-warmup")
         cfg = llm.llm_engine.vllm_config.cache_config
         result[dtype] = {"kv_cache_dtype": dtype, "num_gpu_blocks": cfg.num_gpu_blocks,
                          "block_size": cfg.block_size, "rows": []}
-    cell = 0
-    for ctx in (int(x) for x in args.contexts.split(",")):
-        for batch in (int(x) for x in args.batches.split(",")):
-            rows = measure_cell(engines, ctx, batch, args.decode_tokens, args.rounds,
-                                args.prefill_reps, turn=cell) if engines else {}
-            for dtype, row in rows.items():
-                result[dtype]["rows"].append(row)
-            print("CELL " + json.dumps({"ctx": ctx, "batch": batch, "rows": rows}), flush=True)
-            cell += 1
+    engines = {dtype: llm.llm_engine for dtype, llm in llms.items()}
+    cells = list(itertools.product((int(x) for x in args.contexts.split(",")),
+                                   (int(x) for x in args.batches.split(","))))
+    for cell, (ctx, batch) in enumerate(cells):
+        rows = measure_cell(engines, ctx, batch, args.decode_tokens, args.rounds,
+                            args.prefill_reps, turn=cell) if engines else {}
+        for dtype, row in rows.items():
+            result[dtype]["rows"].append(row)
+        print("CELL " + json.dumps({"ctx": ctx, "batch": batch, "rows": rows}), flush=True)
     if args.profile_dir is not None and engines:
-        ctx, batch = int(args.contexts.split(",")[0]), int(args.batches.split(",")[0])
-        prompts = [_prompt(ctx, 1000 * ctx + 17 * batch + i) for i in range(batch)]
-        for dtype, llm in llms:
+        ctx, batch = cells[0]
+        prompts = _cell_prompts(ctx, batch)
+        for dtype, llm in llms.items():
             time.sleep(PAUSE_S)
             prof = profile_round(llm, prompts, args.decode_tokens, f"{dtype}-profile",
                                  Path(args.profile_dir) / dtype, facts["layers"])
