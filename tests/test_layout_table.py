@@ -29,3 +29,13 @@ def test_cli_prints_every_quantizing_preset(capsys):
         assert f"| {name} |" in out
     assert "| fastgen" not in out
     assert cli_main(["layout", "--presets", "nope"]) == 2
+
+
+def test_no_quantizing_preset_is_an_error(monkeypatch, capsys):
+    """An installation without its presets prints no empty table with exit 0: it fails and says where
+    it looked."""
+    from zipcache_vllm.planner import layout_table
+
+    monkeypatch.setattr(layout_table, "list_presets", lambda: ["none"])
+    assert cli_main(["layout"]) == 2
+    assert "no quantizing preset" in capsys.readouterr().err

