@@ -209,7 +209,7 @@ def test_bad_counts_are_refused(tmp_path):
 def test_engines_side_by_side_through_vllm(model_dir):
     """The real worker: two engines alive in one process, rounds of prefix-cache hits
     (the re-run prompts prefill only their last block), every token counted."""
-    res = decode.run(str(model_dir), ["auto", "zipcache"], [384], [1, 2], 4, "1", progress=False,
+    res = decode.run(str(model_dir), ["auto", "zipcache"], [384], [1, 2], 4, 2**30, progress=False,
                      rounds=2)
     print(decode.format_table(res))
     for d in ("auto", "zipcache"):

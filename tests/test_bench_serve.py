@@ -69,7 +69,7 @@ def test_bench_serve_parser_builds_without_heavy_imports():
     before = set(sys.modules)
     p = argparse.ArgumentParser()
     serve.add_parser(p.add_subparsers())
-    args = p.parse_args(["serve", "--quick", "--dtypes", "auto,zipcache", "--requests", "3"])
+    args = p.parse_args(["serve", "--quick", "--kv-cache-dtype", "auto,zipcache", "--num-prompts", "3"])
     assert args.quick and args.requests == 3
     assert not {"torch", "vllm", "transformers"} & (set(sys.modules) - before)
 

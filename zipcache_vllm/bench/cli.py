@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from zipcache_vllm.planner.units import human_readable_int
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("bench", help="benchmarks (kernels vs vLLM's bf16 CPU attention)")
@@ -61,13 +63,14 @@ def add_parser(subparsers) -> None:
         "refuses it.",
     )
     d.add_argument("--model", default=None, help="HF model folder (default: the prepared SmolLM2)")
-    d.add_argument("--dtypes", default="auto,fp8,zipcache", help="comma-separated --kv-cache-dtype values")
+    d.add_argument("--kv-cache-dtype", default="auto,fp8,zipcache", help="comma-separated --kv-cache-dtype values")
     d.add_argument("--contexts", default=None, help="comma-separated prompt lengths (default 1024,4096,8064)")
     d.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,8)")
     d.add_argument("--decode-tokens", type=int, default=16, help="tokens generated per request and round")
     d.add_argument("--rounds", type=int, default=6,
                    help="decode rounds per context and batch, every engine once per round (--quick: 2)")
-    d.add_argument("--kv-space", default="2", help="VLLM_CPU_KVCACHE_SPACE in GiB for every engine")
+    d.add_argument("--kv-cache-memory-bytes", type=human_readable_int, default=2 * 2**30,
+                   help="vLLM's KV budget of every engine (default 2G; vLLM's suffixes, 1G = 2**30)")
     d.add_argument("--prefill-reps", type=int, default=3,
                    help="prefills timed at batch 1 per context, the median reported (--quick: 1)")
     d.add_argument("--quick", action="store_true", help="one short context, batch 1 and 2, 8 tokens, 2 rounds")
@@ -104,7 +107,7 @@ def _cmd_prefill(args) -> int:
 def _cmd_decode(args) -> int:
     from zipcache_vllm.bench.decode import main
 
-    return main(model_dir=args.model, dtypes=args.dtypes, contexts=args.contexts, batches=args.batches,
-                decode_tokens=args.decode_tokens, quick=args.quick, kv_space_gib=args.kv_space,
+    return main(model_dir=args.model, dtypes=args.kv_cache_dtype, contexts=args.contexts, batches=args.batches,
+                decode_tokens=args.decode_tokens, quick=args.quick, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                 json_out=args.json, update=args.update_results, render=args.render,
                 prefill_reps=args.prefill_reps, rounds=args.rounds, profile=args.profile)

@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..planner.units import format_bytes
 from .step_profile import format_profiles
 
 CONTEXTS = (1024, 4096, 8064)  # 8064 + 64 generated tokens fit SmolLM2's 8192 positions
@@ -35,20 +36,24 @@ RESULTS_END = "<!-- bench decode: end -->"
 
 
 def run_worker(model_dir: str, dtypes, contexts, batches, decode_tokens: int, rounds: int,
-               workdir: Path, kv_space_gib: str, prefill_reps: int = 1, timeout: float = 4 * 3600,
+               workdir: Path, kv_cache_memory_bytes: int, prefill_reps: int = 1, timeout: float = 4 * 3600,
                progress: bool = True, profile: bool = False) -> dict:
-    """All engines in one worker process; its JSON (a result per dtype, a refusal kept)."""
+    """All engines in one worker process; its JSON (a result per dtype, a refusal kept). The
+    engines get ``kv_cache_memory_bytes`` each (vLLM's ``--kv-cache-memory-bytes``); the worker
+    runs without ``VLLM_CPU_KVCACHE_SPACE``, which vLLM would use instead."""
     from tqdm.auto import tqdm
 
     out = workdir / "decode.json"
     cmd = [sys.executable, "-m", "zipcache_vllm.bench.decode_worker", "--model", model_dir,
-           "--kv-cache-dtypes", ",".join(dtypes), "--contexts", ",".join(map(str, contexts)),
+           "--kv-cache-dtype", ",".join(dtypes), "--kv-cache-memory-bytes", str(kv_cache_memory_bytes),
+           "--contexts", ",".join(map(str, contexts)),
            "--batches", ",".join(map(str, batches)), "--decode-tokens", str(decode_tokens),
            "--rounds", str(rounds), "--prefill-reps", str(prefill_reps),
            "--max-model-len", str(max(8192, max(contexts) + decode_tokens + 1)), "--out", str(out)]
     if profile:
         cmd += ["--profile-dir", str(workdir / "profile")]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE=kv_space_gib)
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+    env["HF_HUB_OFFLINE"] = "1"
     log = workdir / "decode.log"
     cells = len(contexts) * len(batches)
     # Output to a file, not a pipe: an engine process left behind would hold a pipe open.
@@ -95,17 +100,18 @@ def kv_bytes_per_request(kv_dtype: str, ctx: int, facts: dict) -> int:
     return L * ((ctx // B) * layout.page_bytes + (ctx % B) * H * D * 2 * 2)
 
 
-def run(model_dir: str, dtypes, contexts, batches, decode_tokens: int, kv_space_gib: str,
+def run(model_dir: str, dtypes, contexts, batches, decode_tokens: int, kv_cache_memory_bytes: int,
         progress: bool = True, prefill_reps: int = 1, rounds: int = 6, profile: bool = False) -> dict:
     from .kernels import _cpu_name, copy_bandwidth
 
     facts = model_facts(model_dir)
     with tempfile.TemporaryDirectory() as tmp:
         part = run_worker(model_dir, dtypes, contexts, batches, decode_tokens, rounds, Path(tmp),
-                          kv_space_gib, prefill_reps=prefill_reps, progress=progress, profile=profile)
+                          kv_cache_memory_bytes, prefill_reps=prefill_reps, progress=progress, profile=profile)
     engines = {d: part[d] for d in dtypes if d in part}
     info = {"cpu": _cpu_name(), "cpus": os.cpu_count(), "bandwidth_gb_s": copy_bandwidth(),
-            "load": os.getloadavg()[0], "kv_space_gib": kv_space_gib, "decode_tokens": decode_tokens,
+            "load": os.getloadavg()[0], "kv_cache_memory_bytes": kv_cache_memory_bytes,
+            "decode_tokens": decode_tokens,
             "rounds": rounds, "prefill_reps": prefill_reps, "profiled": profile,
             "model": Path(model_dir).name, **facts}
     return {"info": info, "engines": engines}
@@ -141,11 +147,14 @@ def format_table(res: dict) -> str:
     dtypes = list(engines)
     ran = [d for d in dtypes if "rows" in engines[d]]
     bw = info["bandwidth_gb_s"]
+    budget = (f"--kv-cache-memory-bytes {format_bytes(info['kv_cache_memory_bytes'])}"
+              if "kv_cache_memory_bytes" in info  # runs saved before that flag record the CPU variable
+              else f"VLLM_CPU_KVCACHE_SPACE={info['kv_space_gib']} GiB")
     lines = [
         f"machine: {info['cpu']}, {info['cpus']} CPUs; copy bandwidth {bw:.1f} GB/s; load average at the "
         f"end {info['load']:.2f}; model {info['model']} ({info['layers']} layers, {info['kv_heads']} KV heads, "
         f"head {info['head_size']}, weights {info['weights_bytes'] / 1e6:.0f} MB); "
-        f"VLLM_CPU_KVCACHE_SPACE={info['kv_space_gib']} GiB; {info['decode_tokens']} decode tokens a request"
+        f"{budget} for every engine; {info['decode_tokens']} decode tokens a request"
         + (f" and round, {info['rounds']} rounds" if info.get("rounds") else ""),
         "",
     ]
@@ -200,7 +209,7 @@ def update_results(path: Path, command: str, table: str) -> None:
 
 
 def main(model_dir: str | None, dtypes: str, contexts: str | None, batches: str | None, decode_tokens: int,
-         quick: bool, kv_space_gib: str, json_out: str | None, update: str | None,
+         quick: bool, kv_cache_memory_bytes: int, json_out: str | None, update: str | None,
          render: str | None = None, prefill_reps: int = 3, rounds: int = 6, profile: bool = False) -> int:
     if render:  # a saved run (--json), shown again without running the engines
         res = json.loads(Path(render).read_text())
@@ -216,7 +225,7 @@ def main(model_dir: str | None, dtypes: str, contexts: str | None, batches: str 
         if prefill_reps < 1 or rounds < 1 or decode_tokens < 1:
             raise ValueError("--prefill-reps, --rounds and --decode-tokens must be >= 1; got "
                              f"{prefill_reps}, {rounds}, {decode_tokens}")
-        res = run(model_dir, [d.strip() for d in dtypes.split(",")], ctxs, bats, decode_tokens, kv_space_gib,
+        res = run(model_dir, [d.strip() for d in dtypes.split(",")], ctxs, bats, decode_tokens, kv_cache_memory_bytes,
                   prefill_reps=prefill_reps, rounds=rounds, profile=profile)
         res["info"]["command"] = "zipcache-vllm bench decode " + " ".join(sys.argv[3:])
     table = format_table(res)

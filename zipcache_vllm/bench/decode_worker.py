@@ -3,8 +3,9 @@
 Run by :mod:`zipcache_vllm.bench.decode` in its own process (vLLM spawns its engines;
 the entry stays under the ``__main__`` guard)::
 
-    python -m zipcache_vllm.bench.decode_worker --model DIR --kv-cache-dtypes auto,fp8,zipcache \\
-        --contexts 1024,4096 --batches 1,8 --decode-tokens 16 --rounds 6 --out out.json
+    python -m zipcache_vllm.bench.decode_worker --model DIR --kv-cache-dtype auto,fp8,zipcache \\
+        --kv-cache-memory-bytes 2147483648 --contexts 1024,4096 --batches 1,8 --decode-tokens 16 \\
+        --rounds 6 --out out.json
 
 One engine per dtype (same model and engine arguments), all alive at once; only one
 works at a time. For every (context, batch), ``batch`` prompts of ``context`` random
@@ -152,7 +153,8 @@ def profile_round(llm, prompts: list[list[int]], decode_tokens: int, tag: str, p
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
-    p.add_argument("--kv-cache-dtypes", default="auto")
+    p.add_argument("--kv-cache-dtype", default="auto", help="comma-separated --kv-cache-dtype values")
+    p.add_argument("--kv-cache-memory-bytes", type=int, required=True, help="every engine's KV budget")
     p.add_argument("--contexts", required=True)
     p.add_argument("--batches", required=True)
     p.add_argument("--decode-tokens", type=int, default=16, help="tokens per request and round")
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # vLLM would use it instead of kv_cache_memory_bytes
     from ..launcher import install_version_shim
 
     install_version_shim()
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     head_size = facts["head_size"]
     result: dict[str, dict] = {}
     llms = {}  # the LLM objects own their engines' processes: kept to the end
-    for dtype in args.kv_cache_dtypes.split(","):
+    for dtype in args.kv_cache_dtype.split(","):
         why = None if is_zipcache_dtype(dtype) else cpu_attention_refusal(dtype, head_size)
         if why is not None:  # vLLM would fail in its worker, with a generic error here
             result[dtype] = {"kv_cache_dtype": dtype, "unsupported": why}
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch_profiler_with_stack": False}}
         llm = LLM(model=args.model, kv_cache_dtype=dtype, dtype="bfloat16", enforce_eager=True,
                   max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                  max_num_batched_tokens=args.max_num_batched_tokens,
+                  max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                   enable_prefix_caching=True, seed=0, **profiling)
         llms[dtype] = llm
         run_batch(llm.llm_engine, [_prompt(256, 1)], 4, f"{dtype}-warmup")

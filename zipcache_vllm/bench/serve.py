@@ -8,25 +8,33 @@ short benchmark). The budget is picked so that ``auto`` holds only a few request
 once: the rest queue or get preempted, and a cache that holds more tokens runs more
 requests per engine step.
 
-The load: ``--requests`` requests with prose prompts of ``--prompt-len`` tokens (a
-different window each, no prefix caching), ``--output-len`` greedy tokens each
-(``ignore_eos``), sent by ``--clients`` concurrent streaming clients over loopback HTTP
-(aiohttp, ``/v1/completions``, ``stream: true``). Per request: TTFT (send to first
-token) and inter-token latencies; per run: requests/s and output tokens/s over the
-wall time of the load, and from the server's ``/metrics``: the preemption counter
+The load, in ``vllm bench serve``'s terms and flags: ``--num-prompts`` requests with prose
+prompts of ``--input-len`` tokens (a different window each, no prefix caching),
+``--output-len`` greedy tokens each (``ignore_eos``), at most ``--max-concurrency`` in
+flight, sent at ``--request-rate`` per second (Poisson arrivals, seeded by ``--seed``;
+``inf``, the default, sends them all at once) as streaming requests over loopback HTTP
+(aiohttp, ``/v1/completions``, ``stream: true``). Per request: TTFT (send to first token)
+and inter-token latencies; per run: requests/s and output tokens/s over the wall time of
+the load, and from the server's ``/metrics``: the preemption counter
 (``vllm:num_preemptions_total``) and, sampled twice a second, the running and waiting
-request counts.
+request counts. Unlike ``vllm bench serve``, which drives a server you started, this starts
+one server per dtype itself (so the server flags, ``--kv-cache-memory-bytes``,
+``--max-num-seqs``, ``--max-num-batched-tokens``, ``--max-model-len``, are here too) and
+reads prose, not a ``--dataset-name``.
 
 Imports here stay cheap (the CLI builds its parser from this module).
 """
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from ..planner.units import human_readable_int
 
 REFUSAL = re.compile(r"(FP8 KV cache on CPU requires[^'\n]*)")
 BASELINE = "auto"
@@ -34,15 +42,28 @@ BASELINE = "auto"
 
 @dataclass(frozen=True)
 class Workload:
-    requests: int
-    clients: int
-    prompt_len: int
-    output_len: int
+    requests: int  # --num-prompts
+    clients: int  # --max-concurrency: requests in flight at most
+    prompt_len: int  # --input-len
+    output_len: int  # --output-len
     kv_bytes: int  # --kv-cache-memory-bytes for every server
     max_num_seqs: int  # the same for every dtype (zipcache's default would be 8)
     chunk: int = 512  # --max-num-batched-tokens
     max_model_len: int = 512  # vLLM refuses a cache smaller than one request of this length
     ceiling_bytes: int = 0  # > 0: one more `auto` run with this budget (memory not the limit)
+    request_rate: float | None = None  # --request-rate, requests/s (Poisson); None: all at once (inf)
+    seed: int = 0  # the arrival times' random seed
+
+
+# The flags that override a Workload field: (flag, field, type). The names are vLLM's: `vllm
+# bench serve` for the load, `vllm serve` for the server (sizes read with vLLM's suffixes).
+OVERRIDES = (("--num-prompts", "requests", int), ("--max-concurrency", "clients", int),
+             ("--request-rate", "request_rate", float), ("--input-len", "prompt_len", int),
+             ("--output-len", "output_len", int), ("--seed", "seed", int),
+             ("--kv-cache-memory-bytes", "kv_bytes", human_readable_int),
+             ("--max-num-seqs", "max_num_seqs", int), ("--max-num-batched-tokens", "chunk", human_readable_int),
+             ("--max-model-len", "max_model_len", human_readable_int),
+             ("--ceiling-kv-cache-memory-bytes", "ceiling_bytes", human_readable_int))
 
 
 # Sizing (bf16: 23,040 bytes per token of SmolLM2, 2.95 MB per 128-token block; the default
@@ -62,13 +83,13 @@ def add_parser(bsub) -> None:
         "serve", help="serving throughput per KV dtype under KV-memory pressure (real vllm serve + HTTP)",
         description=__doc__.split("\n\n")[1])
     s.add_argument("--model", default=None, help="HF model folder (default: the prepared SmolLM2)")
-    s.add_argument("--dtypes", default=None,
+    s.add_argument("--kv-cache-dtype", default=None,
                    help="comma-separated --kv-cache-dtype values (default: auto, fp8, every preset)")
     s.add_argument("--quick", action="store_true", help=f"small load for CI: {QUICK}")
-    for name, kind in (("requests", int), ("clients", int), ("prompt-len", int), ("output-len", int),
-                       ("kv-bytes", int), ("max-num-seqs", int), ("chunk", int), ("ceiling-bytes", int)):
-        s.add_argument(f"--{name}", type=kind, default=None, help=f"override the workload (full: "
-                       f"{getattr(FULL, name.replace('-', '_'))})")
+    for flag, name, kind in OVERRIDES:
+        full = getattr(FULL, name)
+        s.add_argument(flag, dest=name, type=kind, default=None,
+                       help=f"override the workload (full: {'inf' if full is None else full})")
     s.add_argument("--markdown", default=None, help="write the table, command and machine here")
     s.add_argument("--json", default=None, help="write the raw results here")
     s.add_argument("--plot", default=None, help="write a PNG (req/s and TTFT per dtype) here")
@@ -79,11 +100,15 @@ def _cmd(args) -> int:
     from dataclasses import replace
 
     base = QUICK if args.quick else FULL
-    over = {k: getattr(args, k) for k in ("requests", "clients", "prompt_len", "output_len", "kv_bytes",
-                                           "max_num_seqs", "chunk", "ceiling_bytes")
-            if getattr(args, k) is not None}
+    over = {name: getattr(args, name) for _, name, _ in OVERRIDES if getattr(args, name) is not None}
+    if over.get("request_rate") is not None and math.isinf(over["request_rate"]):
+        over["request_rate"] = None
     w = replace(base, **over)
-    names = args.dtypes.split(",") if args.dtypes else default_dtypes()
+    if w.prompt_len + w.output_len > w.max_model_len:
+        print(f"error: --input-len {w.prompt_len} + --output-len {w.output_len} exceeds --max-model-len "
+              f"{w.max_model_len}: vLLM would refuse every request", file=sys.stderr)
+        return 2
+    names = args.kv_cache_dtype.split(",") if args.kv_cache_dtype else default_dtypes()
     model_dir = args.model or str(_default_model())
     res = run(model_dir, w, names)
     from ..eval.offline import machine_line
@@ -197,14 +222,17 @@ async def _one(session, url: str, prompt: list[int], w: Workload, out: list) -> 
 
 
 async def _drive(url: str, prompts: list[list[int]], w: Workload, progress: bool) -> dict:
+    """Send ``prompts`` as ``vllm bench serve`` does: at ``w.request_rate`` (Poisson; None: all at
+    once), at most ``w.clients`` in flight."""
     import asyncio
+    import random
 
     import aiohttp
     from tqdm.auto import tqdm
 
     results: list = []
     samples: list = []
-    queue = list(prompts)
+    arrivals = random.Random(w.seed)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=1800)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         async def metrics_text() -> str:
@@ -214,11 +242,20 @@ async def _drive(url: str, prompts: list[list[int]], w: Workload, progress: bool
         before = metric(await metrics_text(), "vllm:num_preemptions_total")
         bar = tqdm(total=len(prompts), desc="requests", leave=False, disable=not progress)
 
-        async def client():
-            while queue:
-                p = queue.pop()
+        in_flight = asyncio.Semaphore(w.clients)
+
+        async def request(p):
+            async with in_flight:
                 await _one(session, url, p, w, results)
-                bar.update(1)
+            bar.update(1)
+
+        async def send_all():
+            tasks = []
+            for i, p in enumerate(prompts):
+                if i and w.request_rate is not None:
+                    await asyncio.sleep(arrivals.expovariate(w.request_rate))
+                tasks.append(asyncio.create_task(request(p)))
+            await asyncio.gather(*tasks)
 
         async def sampler():
             while True:
@@ -228,7 +265,7 @@ async def _drive(url: str, prompts: list[list[int]], w: Workload, progress: bool
 
         t0 = time.perf_counter()
         samp = asyncio.create_task(sampler())
-        await asyncio.gather(*(client() for _ in range(w.clients)))
+        await send_all()
         seconds = time.perf_counter() - t0
         samp.cancel()
         await asyncio.gather(samp, return_exceptions=True)
@@ -313,9 +350,12 @@ def markdown(res: dict, command: str, machine: str) -> str:
     base = next((r for r in res["rows"] if r["kv_cache_dtype"] == BASELINE and not r["unsupported"]
                  and not r.get("ceiling")), None)
     lines = [f"Command: `{command}`", "", f"Machine: {machine}", "",
-             f"Load: {w['requests']} requests, {w['clients']} concurrent streaming clients (aiohttp, "
-             f"`/v1/completions`), prompts of {w['prompt_len']} prose tokens, {w['output_len']} greedy tokens each "
-             f"(`ignore_eos`). Every server: `--kv-cache-memory-bytes {w['kv_bytes']}` "
+             f"Load: `--num-prompts {w['requests']}` streaming requests (aiohttp, `/v1/completions`), at most "
+             f"`--max-concurrency {w['clients']}` in flight, "
+             + (f"`--request-rate {w['request_rate']:g}` (Poisson, `--seed {w.get('seed', 0)}`)"
+                if w.get("request_rate") else "sent at once (`--request-rate inf`)")
+             + f", prompts of `--input-len {w['prompt_len']}` prose tokens, `--output-len {w['output_len']}` greedy "
+             f"tokens each (`ignore_eos`). Every server: `--kv-cache-memory-bytes {w['kv_bytes']}` "
              f"({w['kv_bytes'] / 2**20:.0f} MiB), `--max-num-seqs {w['max_num_seqs']}`, "
              f"`--max-num-batched-tokens {w['chunk']}`, `--max-model-len {w['max_model_len']}`, "
              "`--enforce-eager`, `--no-enable-prefix-caching`.", "",

@@ -23,12 +23,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--engine", action="store_true",
                    help="through vLLM, one engine start per KV dtype (auto, fp8, every preset): capacity, "
                    "teacher-forced KL / top-1 / perplexity vs auto, greedy agreement, an exact copy task")
-    p.add_argument("--dtypes", default=None, help="engine mode: comma-separated --kv-cache-dtype values "
+    p.add_argument("--kv-cache-dtype", default=None, help="engine mode: comma-separated --kv-cache-dtype values "
                    "(default: auto, fp8 and every preset)")
     p.add_argument("--plot", default=None, help="engine mode: write the quality-vs-bytes PNG here")
     p.add_argument("--work-dir", default=None, help="engine mode: keep each engine run's output here and "
                    "reuse it when the same command runs again (split a long run; default: a temp folder)")
-    p.add_argument("--prompts", type=int, default=20, help="engine fidelity: number of prompts (default 20)")
+    p.add_argument("--num-prompts", type=int, default=20, help="engine fidelity: number of prompts (default 20)")
     p.add_argument("--max-tokens", type=int, default=64, help="engine fidelity: greedy tokens per prompt")
     p.add_argument("--quick", action="store_true", help=f"small run for CI: {QUICK}")
     p.add_argument("--presets", default=None,
@@ -104,7 +104,7 @@ def _run_fidelity(args) -> int:
 
     model_dir = _model_dir(args)
     prompt_len = args.seq_len or 600
-    res = fidelity.run(model_dir, num_prompts=args.prompts, prompt_len=prompt_len, max_tokens=args.max_tokens)
+    res = fidelity.run(model_dir, num_prompts=args.num_prompts, prompt_len=prompt_len, max_tokens=args.max_tokens)
     text = fidelity.markdown(res, "zipcache-vllm " + " ".join(sys.argv[1:]), offline.machine_line())
     emit(text, args.markdown, args.json, res)
     return 0
@@ -126,7 +126,7 @@ def _run_engine(args) -> int:
     from .offline import machine_line
 
     settings = engine_eval.QUICK if args.quick else engine_eval.FULL
-    names = args.dtypes.split(",") if args.dtypes else None
+    names = args.kv_cache_dtype.split(",") if args.kv_cache_dtype else None
     res = engine_eval.evaluate(_model_dir(args), settings, names, work_dir=args.work_dir)
     text = engine_eval.markdown(res, "zipcache-vllm " + " ".join(sys.argv[1:]), machine_line())
     emit(text, args.markdown, args.json, res)

@@ -17,12 +17,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--num-kv-heads", type=int, default=3, help="layout: KV heads")
     p.add_argument("--presets", default="zipcache_fastgen",
                    help="profile-cost: comma-separated paged FastGen presets")
-    p.add_argument("--prompt-lens", default="512,1024,2048", help="profile-cost: prompt lengths")
+    p.add_argument("--input-lens", default="512,1024,2048", help="profile-cost: comma-separated prompt lengths")
     p.add_argument("--repeats", type=int, default=3, help="profile-cost: timed repeats (median)")
-    p.add_argument("--dtypes", default="zipcache_fastgen_t95,zipcache_fastgen",
+    p.add_argument("--kv-cache-dtype", default="zipcache_fastgen_t95,zipcache_fastgen",
                    help="engine-check: comma-separated --kv-cache-dtype values")
-    p.add_argument("--prompts", type=int, default=3, help="engine-check: text prompts (plus one chat prompt)")
-    p.add_argument("--prompt-len", type=int, default=600, help="engine-check: tokens per text prompt")
+    p.add_argument("--num-prompts", type=int, default=3, help="engine-check: text prompts (plus one chat prompt)")
+    p.add_argument("--input-len", type=int, default=600, help="engine-check: tokens per text prompt")
     p.add_argument("--max-tokens", type=int, default=32, help="engine-check: greedy tokens per prompt")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--model", default=None, help="HF model folder (default: the embedded SmolLM2)")
@@ -78,13 +78,13 @@ def _run(args) -> int:
 
         model, tok = load_model(model_dir)
         rows = [profile_cost.measure(model, tok, model_dir, name, int(n), args.repeats)
-                for name in args.presets.split(",") for n in args.prompt_lens.split(",")]
+                for name in args.presets.split(",") for n in args.input_lens.split(",")]
         text = profile_cost.markdown(rows, command, machine_line())
     else:
         from . import engine_check
 
-        rows = [engine_check.check(model_dir, d, args.prompts, args.prompt_len, args.max_tokens)
-                for d in args.dtypes.split(",")]
+        rows = [engine_check.check(model_dir, d, args.num_prompts, args.input_len, args.max_tokens)
+                for d in args.kv_cache_dtype.split(",")]
         text = engine_check.markdown(rows, command, machine_line())
     emit(text, args.markdown, args.json, rows)
     return 0

@@ -1,7 +1,7 @@
 """``zipcache-vllm reliability load``: start a server, drive it with many clients, check it.
 
-    zipcache-vllm reliability load                      # 64 clients, 96 requests, zipcache
-    zipcache-vllm reliability load --requests 512 --kv-cache-dtype auto --json out.json
+    zipcache-vllm reliability load                      # 64 in flight, 96 requests, zipcache
+    zipcache-vllm reliability load --num-prompts 512 --kv-cache-dtype auto --json out.json
 
 Starts ``vllm serve`` (loopback, with the zipcache worker extension), runs the load of
 :mod:`.load`, waits for the engine to go idle, then checks: no 5xx, every response well
@@ -25,13 +25,13 @@ def add_parser(subparsers) -> None:
                         description=__doc__.split("\n\n")[2] if __doc__ else None)
     lp.add_argument("--model", default=None, help="HF model folder (default: the bundled SmolLM2)")
     lp.add_argument("--kv-cache-dtype", default="zipcache")
-    lp.add_argument("--clients", type=int, default=64)
-    lp.add_argument("--requests", type=int, default=96)
+    lp.add_argument("--max-concurrency", type=int, default=64, help="concurrent clients (requests in flight)")
+    lp.add_argument("--num-prompts", type=int, default=96, help="requests in all")
     lp.add_argument("--max-tokens", type=int, default=8)
     lp.add_argument("--max-model-len", type=int, default=512)
     lp.add_argument("--max-num-seqs", type=int, default=16)
-    lp.add_argument("--num-gpu-blocks", type=int, default=16,
-                    help="KV blocks (--num-gpu-blocks-override); small values force preemption")
+    lp.add_argument("--num-gpu-blocks-override", type=int, default=16,
+                    help="vLLM's: KV blocks in all; small values force preemption")
     lp.add_argument("--duration", type=float, default=900.0, help="no request is issued after this")
     lp.add_argument("--seed", type=int, default=0)
     lp.add_argument("--json", default=None, help="write the full result here")
@@ -110,10 +110,10 @@ def _cmd_load(args) -> int:
     tok = AutoTokenizer.from_pretrained(model)
     # SIGTERM unwinds like Ctrl-C, so the server (its own process group) is stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    with Server(model, *server_args(args.kv_cache_dtype, args.max_num_seqs, args.num_gpu_blocks),
+    with Server(model, *server_args(args.kv_cache_dtype, args.max_num_seqs, args.num_gpu_blocks_override),
                 max_model_len=args.max_model_len) as server:
         server.wait_ready()
-        result = load_and_verify(server, tok, clients=args.clients, requests=args.requests,
+        result = load_and_verify(server, tok, clients=args.max_concurrency, requests=args.num_prompts,
                                  max_tokens=args.max_tokens, max_model_len=args.max_model_len,
                                  duration_s=args.duration, seed=args.seed)
     result["config"] = {k: v for k, v in vars(args).items() if k not in ("func",) and not callable(v)}
