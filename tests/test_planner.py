@@ -273,10 +273,13 @@ def test_cli_errors_name_flags_not_fields(capsys):
     base = ["plan", "--model", "llama3_8b", "--hardware", "L4-24GB"]
     cases = [
         (["--max-model-len", "0"], "error: --max-model-len: input should be greater than 0 (got 0)"),
-        (["--max-model-len", "500", "--context-len", "900"], "error: --context-len (900) exceeds --max-model-len (500)"),
-        (["--max-model-len", "500", "--kv-cache-dtype", "auto,nope"], "error: --kv-cache-dtype: unknown --kv-cache-dtype"),
+        (["--max-model-len", "500", "--context-len", "900"],
+         "error: --context-len (900) exceeds --max-model-len (500)"),
+        (["--max-model-len", "500", "--kv-cache-dtype", "auto,nope"],
+         "error: --kv-cache-dtype: unknown --kv-cache-dtype"),
         (["--max-model-len", "500", "-tp", "3"], "error: --tensor-parallel-size: 3 must divide"),
-        (["--max-model-len", "500", "--gpu-memory-utilization", "1.5"], "error: --gpu-memory-utilization: input should"),
+        (["--max-model-len", "500", "--gpu-memory-utilization", "1.5"],
+         "error: --gpu-memory-utilization: input should"),
     ]
     for extra, expected in cases:
         assert cli_main([*base, *extra]) == 2
@@ -302,8 +305,9 @@ def test_vllm_flag_names_and_sizes():
         assert human_readable_int(format_bytes(n)) == n
     from zipcache_vllm.cli import build_parser
 
-    args = build_parser().parse_args(["plan", "--model", "m", "--hardware", "h", "--max-model-len", "32K", "-tp", "2",
-                                      "-pp", "3", "--kv-cache-memory-bytes", "40G", "--kv-cache-dtype", "auto,zipcache"])
+    args = build_parser().parse_args(["plan", "--model", "m", "--hardware", "h", "--max-model-len", "32K",
+                                      "-tp", "2", "-pp", "3", "--kv-cache-memory-bytes", "40G",
+                                      "--kv-cache-dtype", "auto,zipcache"])
     assert (args.max_model_len, args.tensor_parallel_size, args.pipeline_parallel_size) == (32768, 2, 3)
     assert args.kv_cache_memory_bytes == 40 * 2**30 and args.kv_cache_dtype == "auto,zipcache"
 
