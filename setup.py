@@ -161,15 +161,22 @@ setup(
         "console_scripts": [
             "zipcache-vllm = zipcache_vllm.cli:main",
         ],
+        # One name, "zipcache", in every group: VLLM_PLUGINS=zipcache,<vLLM's defaults> turns
+        # them all on (zipcache-vllm serve sets it; see README "Using `vllm serve` directly").
         # Loaded by vLLM in every process (API server, engine core, workers) before
-        # the --kv-cache-dtype choices are computed.
+        # the --kv-cache-dtype choices are computed; on an unsupported vLLM it only warns.
         "vllm.general_plugins": [
             "zipcache = zipcache_vllm.vllm_plugin.plugin:register",
         ],
         # Loaded by vLLM's API server only when named in VLLM_PLUGINS (opt-in): /zipcache/stats,
-        # /zipcache/plan and the zipcache_* Prometheus metrics (zipcache_vllm/vllm_plugin/endpoints.py).
+        # /zipcache/plan and the worker-state gauges (zipcache_vllm/vllm_plugin/endpoints.py).
         "vllm.endpoint_plugins": [
             "zipcache = zipcache_vllm.vllm_plugin.endpoints:ZipCacheEndpoints",
+        ],
+        # Loaded by vLLM's API server (serve) unless VLLM_PLUGINS leaves it out: the zipcache_*
+        # gauges vLLM's own stats carry, no RPC (zipcache_vllm/vllm_plugin/metrics.py).
+        "vllm.stat_logger_plugins": [
+            "zipcache = zipcache_vllm.vllm_plugin.metrics:ZipCacheStatLogger",
         ],
     },
 )

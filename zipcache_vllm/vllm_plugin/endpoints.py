@@ -1,27 +1,31 @@
-"""The operator's view: a vLLM endpoint plugin adding ``/zipcache/*`` routes and metrics.
+"""The operator's view: a vLLM endpoint plugin adding ``/zipcache/*`` routes.
 
-vLLM 0.32 loads ``vllm.endpoint_plugins`` entry points in the API server process when
-they are named in ``VLLM_PLUGINS`` (opt-in); ``setup.py`` registers this one as
-``zipcache``, the same name as the general plugin, so ``VLLM_PLUGINS=zipcache`` turns on
-both (a ``VLLM_PLUGINS`` list also limits the general plugins vLLM loads)::
+vLLM 0.32 loads ``vllm.endpoint_plugins`` entry points in the API server process only when
+they are named in ``VLLM_PLUGINS`` (opt-in: routes widen the network surface). ``setup.py``
+registers this one as ``zipcache``, the name of the general and stat-logger plugins too.
+A ``VLLM_PLUGINS`` list also limits every other plugin group (general, platform, stat
+logger), so name vLLM's default plugins beside ours; ``zipcache-vllm serve`` does
+(``cli.vllm_plugins``)::
 
-    VLLM_PLUGINS=zipcache vllm serve MODEL --kv-cache-dtype zipcache [--api-key KEY]
+    VLLM_PLUGINS=zipcache,lora_filesystem_resolver vllm serve MODEL --kv-cache-dtype zipcache
 
 * ``GET /zipcache/stats``: preset, bytes per token, tokens stored, staging blocks in
   use, measured compression. Worker data come from ``engine_client.collective_rpc
   ("zipcache_stats")`` (``worker_ext.ZipCacheWorkerExtension``, installed by default for
-  zipcache dtypes, see ``plugin.py``).
+  zipcache dtypes, see ``plugin.py``), on demand.
 * ``POST /zipcache/plan``: the capacity planner (:mod:`zipcache_vllm.planner.plan`) over
   HTTP. ``model`` is ``"served"`` (this server's model) or a bundled architecture name;
   invalid input answers 422 with ``detail[].loc`` naming the field (FastAPI's format;
   vLLM's global handler would turn validation errors into 400, so the body is validated
   here).
-* Prometheus gauges ``zipcache_*`` on vLLM's ``/metrics`` (``metrics.py``), refreshed every
-  ``ZIPCACHE_METRICS_INTERVAL_S`` seconds (default 5) and on every stats call.
+* The worker-state gauges of ``metrics.py`` (tokens stored, staging slots in use, measured
+  compression ratio): the one thing the stat-logger interface cannot carry (see there),
+  refreshed through the same RPC every ``ZIPCACHE_METRICS_INTERVAL_S`` seconds (default 5;
+  0 turns the refresh off) while an engine has running requests, and on every stats call.
 
 ``--api-key`` (or ``VLLM_API_KEY``) guards these routes too: vLLM's own middleware only
 guards ``/v1``-style prefixes, so the routes check the bearer token themselves, the same
-way (401 without it).
+way (401 without it). On a vLLM the plugin does not support, the plugin adds nothing.
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from ..planner.model_spec import bundled_models, spec_from_config
 from ..planner.plan import Plan, PlanError, PlanRequest, make_plan
 from . import metrics
+from .kv_stats import combine
 
 PREFIX = "/zipcache"
 RPC_TIMEOUT_S = 30.0
@@ -110,34 +115,34 @@ def _engine(request: Request):
     return engine
 
 
+async def worker_stats(engine) -> list[dict]:
+    """Every worker's ``zipcache_stats`` (one RPC through the engine core)."""
+    return await asyncio.wait_for(engine.collective_rpc("zipcache_stats"), RPC_TIMEOUT_S)
+
+
+def _unavailable(exc: Exception) -> str:
+    return (f"worker stats unavailable ({type(exc).__name__}: {exc}); zipcache dtypes install the "
+            "worker extension by default, others need --worker-extension-cls "
+            "zipcache_vllm.vllm_plugin.worker_ext.ZipCacheWorkerExtension")
+
+
 async def collect_stats(engine) -> StatsResponse:
     """Ask every worker for its stats and combine them."""
     cache_dtype = engine.vllm_config.cache_config.cache_dtype
     error = None
     try:
-        workers = await asyncio.wait_for(engine.collective_rpc("zipcache_stats"), RPC_TIMEOUT_S)
+        workers = await worker_stats(engine)
     except Exception as exc:  # an engine without the worker extension, or one that is busy/dead
-        workers, error = [], f"worker stats unavailable ({type(exc).__name__}: {exc}); zipcache dtypes " \
-                             "install the worker extension by default, others need --worker-extension-cls " \
-                             "zipcache_vllm.vllm_plugin.worker_ext.ZipCacheWorkerExtension"
-    first = workers[0] if workers else {}
-    per_token = [w.get("bytes_per_token") for w in workers]
-    held = sum(w.get("bytes_held") or 0 for w in workers)
-    bf16 = sum(w.get("bf16_bytes") or 0 for w in workers)
-    return StatsResponse(
-        kv_cache_dtype=cache_dtype, preset=first.get("preset"),
-        bytes_per_token=sum(per_token) if per_token and None not in per_token else None,
-        page_compression=first.get("page_compression"), capacity_tokens=first.get("capacity_tokens", 0),
-        tokens_stored=first.get("tokens_stored", 0), blocks_in_use=first.get("blocks_in_use", 0),
-        requests=first.get("requests", 0), staging_slots=first.get("staging_slots", 0),
-        staging_blocks_in_use=first.get("staging_in_use", 0),
-        measured_compression=bf16 / held if held and bf16 else None, workers=workers, error=error)
+        workers, error = [], _unavailable(exc)
+    return StatsResponse(kv_cache_dtype=cache_dtype, **combine(workers), workers=workers, error=error)
 
 
 @router.get("/stats", response_model=StatsResponse)
 async def get_stats(request: Request) -> StatsResponse:
-    stats = await collect_stats(_engine(request))
-    metrics.update(stats.model_dump())
+    engine = _engine(request)
+    stats = await collect_stats(engine)
+    if stats.workers:
+        metrics.set_worker_gauges(stats.workers, engine.model_config.served_model_name)
     return stats
 
 
@@ -176,24 +181,40 @@ class ZipCacheEndpoints:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
-        app.include_router(router)
+        from .plugin import vllm_version_problem
+
+        if vllm_version_problem() is None:
+            app.include_router(router)
 
     async def init_state(self, engine_client, state, args) -> None:
-        if engine_client is None:
-            return
+        from .plugin import vllm_version_problem
+
         interval = float(os.environ.get("ZIPCACHE_METRICS_INTERVAL_S", DEFAULT_INTERVAL_S))
-        self._task = asyncio.get_running_loop().create_task(_refresh_metrics(engine_client, interval))
+        if engine_client is None or interval <= 0 or vllm_version_problem() is not None:
+            return
+        self._task = asyncio.get_running_loop().create_task(refresh_worker_gauges(engine_client, interval))
 
 
-async def _refresh_metrics(engine, interval: float) -> None:
-    from .compat import logger
+async def refresh_worker_gauges(engine, interval: float) -> None:
+    """The worker-state gauges every ``interval`` seconds; no RPC while every engine is idle
+    (the stat logger's last scheduler stats: no running request, nothing stored). Never
+    raises. Stops, with one warning, when the workers cannot answer (no worker extension:
+    a vLLM dtype served without ``--worker-extension-cls``); a timeout only skips a round."""
+    from .plugin import logger
 
+    model_name = engine.model_config.served_model_name
     warned = False
     while True:
         try:
-            metrics.update((await collect_stats(engine)).model_dump())
-        except Exception as exc:  # metrics must never take the server down
+            if metrics.engines_idle():
+                metrics.set_idle(model_name)
+            else:
+                metrics.set_worker_gauges(await worker_stats(engine), model_name)
+        except asyncio.TimeoutError as exc:  # a busy engine: try again next time
             if not warned:
-                logger.warning("zipcache metrics refresh failed: %s", exc)
+                logger.warning("zipcache metrics refresh failed: %s", _unavailable(exc))
                 warned = True
+        except Exception as exc:  # no worker extension (or a dead engine): asking again cannot help
+            logger.warning("zipcache worker metrics off: %s", _unavailable(exc))
+            return
         await asyncio.sleep(interval)

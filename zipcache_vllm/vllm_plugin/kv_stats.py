@@ -1,8 +1,8 @@
 """What a worker's KV cache holds right now: tokens, blocks, bytes and the measured compression.
 
-``summarize`` is pure (tested without vLLM); ``worker_stats`` reads a live worker (called
-through ``ZipCacheWorkerExtension.zipcache_stats`` by ``GET /zipcache/stats`` and the
-Prometheus metrics, see ``endpoints.py``).
+``summarize`` and ``combine`` are pure (tested without vLLM); ``worker_stats`` reads a live
+worker (called through ``ZipCacheWorkerExtension.zipcache_stats`` by ``GET /zipcache/stats``
+and the worker-state Prometheus gauges, see ``endpoints.py`` and ``metrics.py``).
 
 Measured compression = bytes the same tokens take in bf16 (K and V, every layer of this
 worker) / bytes they hold here: every allocated page of a live request (partially filled
@@ -37,6 +37,38 @@ def summarize(requests: Iterable[tuple[list[int], int]], block_size: int, num_la
                   "measured_compression": bf16 / bytes_held if tokens and bytes_held else None}
 
 
+def combine(workers: list[dict]) -> dict:
+    """One engine's view of its workers' stats (or all engines', for ``GET /zipcache/stats``).
+
+    Token, block, request and staging counts are the first worker's (tensor- and
+    pipeline-parallel workers serve the same requests); bytes per token and the bytes
+    held / bf16 bytes behind the measured compression are summed over the workers."""
+    first = workers[0] if workers else {}
+    per_token = [w.get("bytes_per_token") for w in workers]
+    held = sum(w.get("bytes_held") or 0 for w in workers)
+    bf16 = sum(w.get("bf16_bytes") or 0 for w in workers)
+    return {
+        "preset": first.get("preset"),
+        "bytes_per_token": sum(per_token) if per_token and None not in per_token else None,
+        "page_compression": first.get("page_compression"),
+        "capacity_tokens": first.get("capacity_tokens", 0),
+        "tokens_stored": first.get("tokens_stored", 0),
+        "blocks_in_use": first.get("blocks_in_use", 0),
+        "requests": first.get("requests", 0),
+        "staging_slots": first.get("staging_slots", 0),
+        "staging_blocks_in_use": first.get("staging_in_use", 0),
+        "measured_compression": bf16 / held if held and bf16 else None,
+    }
+
+
+def by_engine(workers: list[dict]) -> dict[int, list[dict]]:
+    """Workers grouped by their engine (vLLM's data-parallel rank, its ``engine`` label)."""
+    out: dict[int, list[dict]] = {}
+    for w in workers:
+        out.setdefault(int(w.get("engine") or 0), []).append(w)
+    return out
+
+
 def _page_layers(vllm_config) -> list:
     ctx = vllm_config.compilation_config.static_forward_context
     return [layer for layer in ctx.values() if hasattr(getattr(layer, "impl", None), "layout")]
@@ -55,7 +87,8 @@ def worker_stats(worker) -> dict:
     num_blocks = getattr(kv_config, "num_blocks", 0)
     live = [(list(r.block_ids[0]) if r.block_ids else [], r.num_computed_tokens)
             for r in runner.requests.values()]
-    base = {"rank": getattr(worker, "rank", None), "cache_dtype": cache_dtype, "block_size": block_size,
+    base = {"rank": getattr(worker, "rank", None), "engine": cfg.parallel_config.data_parallel_rank,
+            "cache_dtype": cache_dtype, "block_size": block_size,
             "num_blocks": num_blocks, "capacity_tokens": num_blocks * block_size}
     layers = _page_layers(cfg) if is_zipcache_dtype(cache_dtype) else []
     if not layers:
