@@ -35,3 +35,20 @@ def one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# Engine measurements shared by several test modules: each runs once per session.
+QUICK_EVAL_MAX_MODEL_LEN = 2000  # not a multiple of the block size: vLLM's logged token count rounds by blocks
+
+
+@pytest.fixture(scope="session")
+def engine_quick_eval(model_dir) -> dict:
+    """``zipcache-vllm eval --engine --quick`` for every dtype (one worker process, one
+    engine per dtype at 1 GiB): quality rows for test_engine_eval.py, the engine's own
+    capacity for test_planner_engine.py and the capacity ratios of every preset."""
+    from dataclasses import replace
+
+    from zipcache_vllm.eval import engine_eval
+
+    settings = replace(engine_eval.QUICK, max_model_len=QUICK_EVAL_MAX_MODEL_LEN)
+    return engine_eval.evaluate(str(model_dir), settings, progress=False)

