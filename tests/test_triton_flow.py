@@ -1,8 +1,9 @@
 """The backend step flow on the Triton kernels (the CUDA path) equals the flow on the C++ kernels.
 
 ``ZIPCACHE_VLLM_KERNELS=triton`` routes ``zipcache_vllm.kernels`` to the Triton kernels
-(``kernels/gpu.py``) for CPU tensors; without a GPU they run in Triton's interpreter
-(``TRITON_INTERPRET=1``, set before triton is imported), so sizes are tiny. The same
+(``kernels/gpu.py``); with a GPU the Triton route runs on CUDA tensors (compiled), without
+one on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``, set before triton is
+imported), so sizes are tiny. The same
 requests (prefill chunks crossing block boundaries, then decode steps filling blocks)
 go through ``flow.plan_step`` / ``flow.apply_step`` on both routes: outputs must agree
 to float32 summation order and the pages must be the same bytes.
@@ -33,6 +34,7 @@ triton_ops = load("ops")
 
 def _run(route: str, monkeypatch, H: int, g: int, D: int, calls: list | None = None):
     monkeypatch.setenv("ZIPCACHE_VLLM_KERNELS", route)
+    dev = torch.device("cuda" if route == "triton" and torch.cuda.is_available() else "cpu")
     if calls is not None:  # record which Triton host wrappers ran
         for name in ("decode_attention", "prefill_attention", "quantize_pack"):
             fn = getattr(triton_ops, name)
@@ -43,13 +45,13 @@ def _run(route: str, monkeypatch, H: int, g: int, D: int, calls: list | None = N
     rule = SaliencyRule(source="normalized",
                         probes=ProbeConfig(strategy="recent_random", recent_frac=0.25,
                                            random_frac=0.25, seed=3), n_hi=7)
-    pool = StagingPool(["layer0"], 4, B, H, D, torch.bfloat16)
-    pages = torch.zeros(12, layout.page_bytes, dtype=torch.uint8)
+    pool = StagingPool(["layer0"], 4, B, H, D, torch.bfloat16, dev)
+    pages = torch.zeros(12, layout.page_bytes, dtype=torch.uint8, device=dev)
     length = [sum(c[i] for c in CHUNKS) for i in range(2)]
-    k = [torch.randn(n, H, D, generator=gen).bfloat16() for n in length]
-    v = [torch.randn(n, H, D, generator=gen).bfloat16() for n in length]
-    q = [torch.randn(n, H * g, D, generator=gen).bfloat16() for n in length]
-    table = torch.tensor([[3, 7, 1, 9, 0, 0], [5, 2, 11, 4, 0, 0]], dtype=torch.int32)
+    k = [torch.randn(n, H, D, generator=gen).bfloat16().to(dev) for n in length]
+    v = [torch.randn(n, H, D, generator=gen).bfloat16().to(dev) for n in length]
+    q = [torch.randn(n, H * g, D, generator=gen).bfloat16().to(dev) for n in length]
+    table = torch.tensor([[3, 7, 1, 9, 0, 0], [5, 2, 11, 4, 0, 0]], dtype=torch.int32, device=dev)
     pos, outs = [0, 0], []
     for chunk in CHUNKS:
         qsl = [0, chunk[0], chunk[0] + chunk[1]]
@@ -57,12 +59,12 @@ def _run(route: str, monkeypatch, H: int, g: int, D: int, calls: list | None = N
         plans = plan_step(pool, B, qsl, seq, table)
         sl = [slice(pos[i], seq[i]) for i in range(2)]
         qq = torch.cat([q[i][sl[i]] for i in range(2)])
-        out = torch.zeros(qq.shape, dtype=torch.float32)
+        out = torch.zeros(qq.shape, dtype=torch.float32, device=dev)
         apply_step(pool, 0, plans, qq, torch.cat([k[i][sl[i]] for i in range(2)]),
                    torch.cat([v[i][sl[i]] for i in range(2)]), pages, layout, rule, D ** -0.5, out)
-        outs.append(out)
+        outs.append(out.cpu())
         pos = seq
-    return outs, pages
+    return outs, pages.cpu()
 
 
 @pytest.mark.parametrize("H,g,D", [(2, 2, 64), (1, 3, 128)])
