@@ -18,6 +18,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def _triton_interpreter_without_gpu() -> None:
+    """Without a CUDA GPU the Triton kernels run in Triton's interpreter. ``@triton.jit``
+    reads ``TRITON_INTERPRET`` when a kernel is defined, and any test module that imports
+    vLLM imports triton (and may load our kernels) first: so it is set here, before any
+    test module is collected, not in the Triton test modules."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+_triton_interpreter_without_gpu()
+
+
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     from zipcache_vllm.model.prepare import prepare_default_model

@@ -3,20 +3,16 @@
 ``ZIPCACHE_VLLM_KERNELS=triton`` routes ``zipcache_vllm.kernels`` to the Triton kernels
 (``kernels/gpu.py``); with a GPU the Triton route runs on CUDA tensors (compiled), without
 one on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``, set before triton is
-imported), so sizes are tiny. The same
+imported, by tests/conftest.py), so sizes are tiny. The same
 requests (prefill chunks crossing block boundaries, then decode steps filling blocks)
 go through ``flow.plan_step`` / ``flow.apply_step`` on both routes: outputs must agree
 to float32 summation order and the pages must be the same bytes.
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first triton import
 
 pytest.importorskip("triton")
 

@@ -19,9 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first triton import
-
 pytest.importorskip("triton")
 
 from zipcache_vllm.kernels.triton_loader import load  # noqa: E402
