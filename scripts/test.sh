@@ -8,4 +8,4 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1
-exec "$ROOT/.venv/bin/python" -m pytest -q "$@"
+exec "$ROOT/.venv/bin/python" -m pytest -q --durations=25 "$@"
