@@ -5,8 +5,9 @@ exits non-zero with the message, that no process of its group is left, and that
 nothing listens on its port. Already proven in test_engine_e2e.py and not repeated:
 an unknown preset (``invalid choice`` listing the valid dtypes) and a ``--block-size``
 other than the preset's. Custom presets: a user points ``ZIPCACHE_VLLM_CONFIG_DIR``
-at a folder of preset YAML files (``configs/`` is the default); every file there is
-loaded when the plugin registers, so a broken file stops every vLLM command at once.
+at a folder of preset YAML files, added to the built-ins (a copy of a built-in file is
+accepted, which these tests use); every file there is loaded when the plugin
+registers, so a broken file stops every vLLM command at once.
 The platform check (zipcache dtypes on a non-CPU platform) cannot be reached on this
 machine by a real engine; it is driven through the patched selector instead.
 """
