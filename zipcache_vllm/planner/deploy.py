@@ -258,7 +258,7 @@ def _compose_env() -> dict:
 
 
 def _healthcheck() -> dict:
-    # python, not curl: the CPU image (python:3.12-slim) has no curl, and every image has python
+    # python, not curl: the CPU image (python:3.11-slim) has no curl, and every image has python
     probe = f"import urllib.request; urllib.request.urlopen('http://localhost:{PORT}/health')"
     return {"test": ["CMD", "python3", "-c", probe],
             "interval": "10s", "timeout": "5s", "retries": 3, "start_period": "30m"}
