@@ -16,9 +16,10 @@ servers in turn (``auto`` in bf16, then each zipcache preset) answer the same pr
 A preset must retrieve at least as many needles as ``auto`` minus one and keep the
 mean passkey log-probability within ``LOGPROB_MARGIN`` of ``auto``'s. A silent
 long-context collapse (vLLM's fp8 KV once went from 91% to 13% retrieval) fails both.
-Both ``zipcache_kivi4`` (uniform 4-bit) and the default ``zipcache`` preset (4-bit
-salient, 2-bit rest, Hadamard-rotated keys) must pass; without the key rotation the
-default preset found 0 of 3 (docs/RELIABILITY.md).
+The default ``zipcache`` preset (4-bit salient, 2-bit rest, Hadamard-rotated keys) must
+pass; without the key rotation it found 0 of 3 (docs/RELIABILITY.md). ``zipcache_kivi4``
+(uniform 4-bit) passed too when measured; CI does not re-run it: every server here
+prefills three 8k documents, about 13 minutes a server on a CPU without native bf16.
 """
 from __future__ import annotations
 
@@ -99,7 +100,7 @@ def auto(model_dir, prompts, key_ids) -> list[dict]:
     return rows
 
 
-@pytest.mark.parametrize("dtype", ["zipcache_kivi4", "zipcache"])
+@pytest.mark.parametrize("dtype", ["zipcache"])
 def test_passkey_retrieval_vs_auto(model_dir, prompts, key_ids, auto, dtype):
     got = _retrieval(model_dir, dtype, prompts, key_ids)
     for d, a, z in zip(DEPTHS, auto, got):
