@@ -154,6 +154,26 @@ def _tp_server(model_dir, tp: int) -> Server:
                   max_model_len=TP_MAX_MODEL_LEN, kv_space_gib=1, env=env)
 
 
+def _every_rank_stages(state: list[dict]) -> bool:
+    return all(s["num_kv_heads"] == 1 and s["in_use"] == 1 and s["staged_tokens"] > 0 for s in state)
+
+
+def _state_while_streaming(server: Server, response, polls: int = 20) -> tuple[list[dict], list[str]]:
+    """The workers' request state once every rank stages the stream: read after each of
+    the first ``polls`` streamed events (the state RPC and the token events race; CI once
+    read all ranks empty after two events of a 1,500-token stream). Returns the last state
+    read and the events, so a failure shows what the stream sent."""
+    events, state = [], []
+    for line in response.iter_lines():
+        if not line:
+            continue
+        events.append(line.decode()[:200])
+        state = server.request_state()
+        if _every_rank_stages(state) or len(events) >= polls or line == b"data: [DONE]":
+            break
+    return state, events
+
+
 def test_tensor_parallel_3_equals_tp1(corpus, model_dir):
     """TP=3 on the CPU engine (multiprocessing executor) serves with zipcache: one KV head
     per rank, each rank its own staging and saliency state, all released after, and the
@@ -173,18 +193,14 @@ def test_tensor_parallel_3_equals_tp1(corpus, model_dir):
         import requests
 
         with requests.post(f"{tp.url}/v1/completions", json=body, stream=True, timeout=600) as r:
-            for i, _ in enumerate(r.iter_lines()):
-                if i >= 4:
-                    break
-            during = tp.request_state()
+            during, events = _state_while_streaming(tp, r)
         after = tp.wait_idle(timeout=120)
     finally:
         tp.stop()
     assert re.search(r"tensor_parallel_size=3", tp.log())
     print(f"\nTP={TP} ranks while streaming: {during}")
     assert sorted(s["rank"] for s in during) == list(range(TP))
-    assert all(s["num_kv_heads"] == 1 and s["in_use"] == 1 and s["staged_tokens"] > 0
-               for s in during)
+    assert _every_rank_stages(during), f"no rank state showed the stream; events read: {events}"
     assert all(leaked(s) == 0 for s in after), after
     for i, (a, b) in enumerate(zip(got, reference)):
         assert a == b, f"prompt {i}: TP={TP} differs from TP=1: {a} vs {b}"
