@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from zipcache_vllm import engine_proc
 from zipcache_vllm.bench import decode
 from zipcache_vllm.layout import BlockLayout
 from zipcache_vllm.vllm_plugin.dtypes import preset_for_dtype
@@ -239,7 +240,7 @@ def test_a_worker_past_its_time_is_stopped_and_reported(monkeypatch, tmp_path):
         return real_popen([sys.executable, "-c", "print('engine starting', flush=True); "
                            "import time; time.sleep(60)"], **kw)
 
-    monkeypatch.setattr(decode.subprocess, "Popen", sleeper)
+    monkeypatch.setattr(engine_proc.subprocess, "Popen", sleeper)
     with pytest.raises(RuntimeError, match="timed out after 1 s") as exc:
         decode.run_worker(str(tmp_path), ["auto"], [64], [1], 2, 1, tmp_path, "1", timeout=1,
                           progress=False)

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from .. import engine_proc
 from ..planner.units import format_bytes
 from .step_profile import format_profiles
 
@@ -44,36 +43,22 @@ def run_worker(model_dir: str, dtypes, contexts, batches, decode_tokens: int, ro
     from tqdm.auto import tqdm
 
     out = workdir / "decode.json"
-    cmd = [sys.executable, "-m", "zipcache_vllm.bench.decode_worker", "--model", model_dir,
-           "--kv-cache-dtype", ",".join(dtypes), "--kv-cache-memory-bytes", str(kv_cache_memory_bytes),
+    args = ["--model", model_dir, "--kv-cache-dtype", ",".join(dtypes), "--kv-cache-memory-bytes", str(kv_cache_memory_bytes),
            "--contexts", ",".join(map(str, contexts)),
            "--batches", ",".join(map(str, batches)), "--decode-tokens", str(decode_tokens),
            "--rounds", str(rounds), "--prefill-reps", str(prefill_reps),
            "--max-model-len", str(max(8192, max(contexts) + decode_tokens + 1)), "--out", str(out)]
     if profile:
-        cmd += ["--profile-dir", str(workdir / "profile")]
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
-    env["HF_HUB_OFFLINE"] = "1"
-    log = workdir / "decode.log"
+        args += ["--profile-dir", str(workdir / "profile")]
     cells = len(contexts) * len(batches)
-    # Output to a file, not a pipe: an engine process left behind would hold a pipe open.
-    with open(log, "w") as f, tqdm(total=cells, desc="cells (context, batch)", disable=not progress) as bar:
-        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
-        t0 = time.monotonic()
-        timed_out = False
-        while proc.poll() is None:
-            time.sleep(2)
-            done = log.read_text(errors="replace").count("\nCELL ")
+    with tqdm(total=cells, desc="cells (context, batch)", disable=not progress) as bar:
+        def follow(text: str) -> None:
+            done = text.count("\nCELL ")
             if done > bar.n:
                 bar.update(done - bar.n)
-            if time.monotonic() - t0 > timeout:
-                timed_out = True
-                proc.kill()
-                proc.wait()
-    if proc.returncode != 0:
-        text = log.read_text(errors="replace")
-        why = f"timed out after {timeout:.0f} s" if timed_out else f"exit {proc.returncode}"
-        raise RuntimeError(f"bench decode worker failed ({why}); log tail:\n{text[-4000:]}")
+
+        engine_proc.run_worker("zipcache_vllm.bench.decode_worker", args, workdir / "decode.log", "bench decode worker",
+                   timeout, drop_env=("VLLM_CPU_KVCACHE_SPACE",), progress=follow)
     return json.loads(out.read_text())
 
 

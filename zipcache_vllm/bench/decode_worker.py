@@ -29,12 +29,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import random
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from ..engine_proc import import_vllm
 
 # Prompt tokens are drawn from this id range: ordinary vocabulary pieces of the
 # embedded model (no special or control tokens), so no prompt ends early.
@@ -169,11 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # vLLM would use it instead of kv_cache_memory_bytes
-    from ..launcher import install_version_shim
-
-    install_version_shim()
+    import_vllm(kv_space_gib=None)  # the engines get kv_cache_memory_bytes; vLLM would use the variable instead
     from vllm import LLM
 
     from ..vllm_plugin.compat import cpu_attention_refusal

@@ -34,9 +34,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..engine_proc import REFUSAL
 from ..planner.units import human_readable_int
 
-REFUSAL = re.compile(r"(FP8 KV cache on CPU requires[^'\n]*)")
 BASELINE = "auto"
 
 

@@ -23,18 +23,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
-import re
-import subprocess
-import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..engine_proc import run_worker
+
 BASELINE = "auto"
 WORKER_MARK = "[engine_worker] "  # engine_worker's line as each dtype's engine starts
-REFUSAL = re.compile(r"(FP8 KV cache on CPU requires[^'\n]*)")
 BF16_BYTES_PER_TOKEN_PER_HEAD = 256  # K and V, head size 64, 2 bytes
 
 
@@ -144,22 +141,17 @@ def run_engines(jobs: list[dict], workdir: Path, progress: bool = True, timeout:
     if todo:
         jfile = workdir / f"jobs_{Path(todo[0]['out']).stem}_{len(todo)}.json"
         jfile.write_text(json.dumps(todo))
-        cmd = [sys.executable, "-m", "zipcache_vllm.eval.engine_worker", "--jobs", str(jfile)]
-        log = workdir / f"{jfile.stem}.log"
-        with open(log, "w") as sink, tqdm(total=len(todo), desc="engine runs", disable=not progress) as bar:
-            proc = subprocess.Popen(cmd, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, text=True)
-            started = 0
-            for line in proc.stderr:
-                sink.write(line)
-                if line.startswith(WORKER_MARK):
-                    bar.update(started > 0)
-                    started += 1
-                    bar.set_postfix_str(line[len(WORKER_MARK):].strip())
-            code = proc.wait(timeout)
-            bar.update(code == 0)
-        if code != 0:
-            raise RuntimeError(f"engine runs failed (log {log}):\n{log.read_text()[-4000:]}")
+        with tqdm(total=len(todo), desc="engine runs", disable=not progress) as bar:
+            def follow(text: str) -> None:  # a dtype's mark: the one before it is done
+                started = [line[len(WORKER_MARK):].strip() for line in text.splitlines()
+                           if line.startswith(WORKER_MARK)]
+                if len(started) - 1 > bar.n:
+                    bar.update(len(started) - 1 - bar.n)
+                    bar.set_postfix_str(started[-1])
+
+            run_worker("zipcache_vllm.eval.engine_worker", ["--jobs", str(jfile)], workdir / f"{jfile.stem}.log",
+                       "engine runs", timeout, progress=follow)
+            bar.update(bar.total - bar.n)
     return [json.loads(out.read_text()) for out in outs]
 
 

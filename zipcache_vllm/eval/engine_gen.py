@@ -4,7 +4,7 @@ Run as a process of its own (vLLM spawns its engine; the entry stays under the
 ``__main__`` guard)::
 
     python -m zipcache_vllm.eval.engine_gen --model DIR --kv-cache-dtype zipcache \\
-        --prompts prompts.json --out out.json [--dtype float32] [--max-tokens 64]
+        --prompts prompts.json --out out.json [--dtype float32] [--max-tokens 64] [--kv-space-gib 1]
 
 ``prompts.json`` is a list of token-id lists; ``out.json`` gets, per prompt, the
 generated token ids, their logprobs, and the engine's KV capacity in tokens.
@@ -18,6 +18,8 @@ import json
 import os
 import sys
 
+from ..engine_proc import import_vllm
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -29,13 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=8)
+    p.add_argument("--kv-space-gib", default=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+                   help="the CPU engine's KV budget, VLLM_CPU_KVCACHE_SPACE (default: that variable, else 1)")
     args = p.parse_args(argv)
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from ..launcher import install_version_shim
-
-    install_version_shim()
+    import_vllm(kv_space_gib=args.kv_space_gib)
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 

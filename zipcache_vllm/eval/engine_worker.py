@@ -30,9 +30,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 import time
+
+from ..engine_proc import import_vllm
 
 
 def _prompt_rows(output, k: int) -> dict:
@@ -89,17 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"every job of one worker needs the same kv_space_gib (got {sorted(spaces)})")
 
     # The engine core runs in this process, so vLLM is imported once for every dtype.
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(spaces.pop())
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from ..launcher import install_version_shim
-
-    install_version_shim()
+    import_vllm(kv_space_gib=spaces.pop(), in_process=True)
     from vllm import LLM, SamplingParams
     from vllm.distributed import cleanup_dist_env_and_memory
     from vllm.inputs import TokensPrompt
 
-    from .engine_eval import REFUSAL, WORKER_MARK
+    from ..engine_proc import REFUSAL
+    from .engine_eval import WORKER_MARK
 
     for entry in jobs:
         name = entry["job"]["kv_cache_dtype"]

@@ -18,15 +18,12 @@ Two measurements over the same prompts (real text, >= 512-token contexts):
 from __future__ import annotations
 
 import json
-import os
-import re
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+from ..engine_proc import REFUSAL, WorkerFailed, run_worker
 from ..policies import make_policy
 from .simulate import KVSimulator, SimConfig
 
@@ -39,15 +36,16 @@ def engine_generate(model_dir: str, kv_dtype: str, prompts: list[list[int]], wor
     pfile = workdir / "prompts.json"
     pfile.write_text(json.dumps(prompts))
     out = workdir / f"gen_{kv_dtype}_{dtype}.json"
-    cmd = [sys.executable, "-m", "zipcache_vllm.eval.engine_gen", "--model", model_dir, "--kv-cache-dtype",
-           kv_dtype, "--dtype", dtype, "--prompts", str(pfile), "--out", str(out), "--max-tokens", str(max_tokens)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        unsupported = re.search(r"(FP8 KV cache on CPU requires[^'\n]*)", proc.stderr)
+    args = ["--model", model_dir, "--kv-cache-dtype", kv_dtype, "--dtype", dtype, "--prompts", str(pfile),
+            "--out", str(out), "--max-tokens", str(max_tokens)]
+    try:
+        run_worker("zipcache_vllm.eval.engine_gen", args, workdir / f"gen_{kv_dtype}_{dtype}.log",
+                   f"engine run {kv_dtype}/{dtype}", timeout)
+    except WorkerFailed as exc:
+        unsupported = REFUSAL.search(exc.log)
         if unsupported:  # vLLM's own fp8 CPU path needs AVX-512 or AMX
             return {"unsupported": unsupported.group(1)}
-        raise RuntimeError(f"engine run {kv_dtype}/{dtype} failed:\n{proc.stderr[-4000:]}")
+        raise
     return json.loads(out.read_text())
 
 

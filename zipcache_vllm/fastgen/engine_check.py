@@ -11,14 +11,13 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
+
+from ..engine_proc import run_worker
 
 KV_TOKENS = re.compile(r"KV cache size: ([\d,]+) tokens")
 BUDGET = re.compile(r"reserved ([\d.]+) MiB of the ([\d.]+) MiB KV budget")
@@ -30,14 +29,10 @@ def run_engine(model_dir: str, kv_dtype: str, prompts: list[list[int]], max_toke
     with tempfile.TemporaryDirectory() as tmp:
         pfile, out = Path(tmp) / "prompts.json", Path(tmp) / "out.json"
         pfile.write_text(json.dumps(prompts))
-        cmd = [sys.executable, "-m", "zipcache_vllm.eval.engine_gen", "--model", model_dir,
-               "--kv-cache-dtype", kv_dtype, "--dtype", dtype, "--prompts", str(pfile), "--out", str(out),
-               "--max-tokens", str(max_tokens)]
-        env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE=str(kv_space_gib))
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-        log = proc.stdout + proc.stderr
-        if proc.returncode != 0:
-            raise RuntimeError(f"engine run {kv_dtype} failed:\n{log[-4000:]}")
+        args = ["--model", model_dir, "--kv-cache-dtype", kv_dtype, "--dtype", dtype, "--prompts", str(pfile),
+                "--out", str(out), "--max-tokens", str(max_tokens), "--kv-space-gib", str(kv_space_gib)]
+        log = run_worker("zipcache_vllm.eval.engine_gen", args, Path(tmp) / "engine.log", f"engine run {kv_dtype}",
+                         timeout)
         res = json.loads(out.read_text())
     m = KV_TOKENS.search(log)
     res["kv_tokens_logged"] = int(m.group(1).replace(",", "")) if m else None
