@@ -11,9 +11,11 @@
 //      token s starts from it, tokens t > s are cleared (stale); the count of probe
 //      queries that saw each token likewise (probe[r] is 1 for a probe row, else 0).
 //
-// Same math as zipcache_vllm/vllm_plugin/flow.py::_apply_decode_rows (the PyTorch
-// reference, tested against this op). A row whose block fills (s == B - 1) is then
-// packed by the caller from the slot, which holds all B tokens and accumulators.
+// Called once per layer by zipcache_vllm/engine/step.py::apply_decode_rows (through
+// kernels.DecodePlan); its PyTorch reference, tested against this op, is
+// zipcache_vllm/kernels/reference.py::decode_staged_ref. A row whose block fills
+// (s == B - 1) is then packed by the caller from the slot, which holds all B tokens
+// and accumulators.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

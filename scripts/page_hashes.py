@@ -23,10 +23,11 @@ import torch
 from zipcache_vllm.config import list_presets, load_preset
 from zipcache_vllm.fastgen.sim import class_bytes
 from zipcache_vllm.layout import BlockLayout, FastGenLayout
-from zipcache_vllm.vllm_plugin.fastgen_flow import FastGenStepper
-from zipcache_vllm.vllm_plugin.flow import (SaliencyRule, StagedBlock, apply_step, plan_step,
-                                            rotate_inputs, run_request_step)
-from zipcache_vllm.vllm_plugin.staging import StagingPool
+from zipcache_vllm.engine.fastgen import FastGenStepper
+from zipcache_vllm.engine.plan import plan_step
+from zipcache_vllm.engine.saliency import SaliencyRule
+from zipcache_vllm.engine.staging import StagedBlock, StagingPool
+from zipcache_vllm.engine.step import apply_step, rotate_inputs, run_request_step
 
 LENGTHS = (1, 127, 129, 300, 515)
 CHUNK = 100

@@ -1,7 +1,7 @@
 """The backend's per-request step (packed pages + staging + chunk) against a dense reference.
 
 No vLLM engine: these drive the same functions the backend's builder and Impl call
-(``flow.plan_step`` / ``flow.apply_step``) on a fake paged cache. The reference
+(the engine's ``plan.plan_step`` / ``step.apply_step``) on a fake paged cache. The reference
 attends explicitly over the *dequantized* packed blocks plus the full-precision
 tokens, so the tolerance only covers float32 summation order: quantization error is
 not measured here (that is the offline harness's job).
@@ -14,14 +14,12 @@ import torch
 from zipcache_vllm.config import load_preset
 from zipcache_vllm.layout import BlockLayout
 from zipcache_vllm.quant.block import unpack_dequantize_blocks, unpack_salient_mask
-from zipcache_vllm.vllm_plugin.flow import (
-    SaliencyRule,
-    apply_step,
-    dense_reference,
-    plan_step,
-    rotate_inputs,
-)
-from zipcache_vllm.vllm_plugin.staging import StagingError, StagingPool, release_request
+from zipcache_vllm.engine.plan import plan_step
+from zipcache_vllm.engine.saliency import SaliencyRule
+from zipcache_vllm.engine.staging import StagingError, StagingPool, release_request
+from zipcache_vllm.engine.step import apply_step, rotate_inputs
+
+from _dense import dense_reference
 
 # Chunk schedules (prefill chunks then decode steps): lengths that are not multiples of
 # the block size, chunks that end exactly on a boundary, chunks spanning several blocks.
@@ -310,7 +308,7 @@ def test_decode_rows_batched_across_requests_and_block_groups():
 def test_lifecycle_never_frees_a_reallocated_block_twice():
     """A preempted request's slots are freed at preemption; when it resumes or is
     aborted later, its old block ids (now another request's) are left alone."""
-    from zipcache_vllm.vllm_plugin import staging
+    from zipcache_vllm.engine import staging
 
     H, g, D = 1, 2, 64
     layout, rule, pool, pages = _setup("zipcache", H, D, slots=2)

@@ -9,7 +9,8 @@ import torch
 
 from zipcache_vllm.bench import prefill
 from zipcache_vllm.bench.kernels import VllmCpuAttention
-from zipcache_vllm.vllm_plugin.flow import dense_reference
+
+from _dense import dense_reference
 
 
 @pytest.mark.parametrize("Hq,Hk,D,ctx", [(9, 3, 64, 300), (8, 2, 128, 129)])

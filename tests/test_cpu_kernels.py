@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from zipcache_vllm import kernels
+from zipcache_vllm.engine.attention import merge_attention
 from zipcache_vllm.kernels import build, ops, reference
 from zipcache_vllm.layout import BlockLayout
 from zipcache_vllm.quant.block import quantize_pack_blocks, topk_salient_mask, unpack_dequantize_blocks
@@ -199,7 +200,7 @@ def test_merge_with_staging_equals_full_attention():
     ks, vs = torch.randn(3, 20, 64), torch.randn(3, 20, 64)  # staged tokens [H, s, D]
     s = torch.einsum("qhd,htd->hqt", q * 0.125, ks.repeat_interleave(3, 0))
     out_s = torch.einsum("hqt,htd->qhd", torch.softmax(s, -1), vs.repeat_interleave(3, 0))
-    out, lse = kernels.merge_attention(out_p, lse_p, out_s, torch.logsumexp(s, -1))
+    out, lse = merge_attention(out_p, lse_p, out_s, torch.logsumexp(s, -1))
     kd, vd = unpack_dequantize_blocks(pages.index_select(0, ids), layout)
     k = torch.cat([kd.permute(1, 0, 2, 3).reshape(3, -1, 64), ks], 1).repeat_interleave(3, 0)
     v = torch.cat([vd.permute(1, 0, 2, 3).reshape(3, -1, 64), vs], 1).repeat_interleave(3, 0)
@@ -207,8 +208,8 @@ def test_merge_with_staging_equals_full_attention():
     assert_attention_close(out, lse, torch.einsum("hqt,htd->qhd", torch.softmax(sf, -1), v),
                            torch.logsumexp(sf, -1))
     # an empty packed part (lse = -inf) leaves the staging part unchanged
-    out2, lse2 = kernels.merge_attention(torch.zeros_like(out_s), torch.full_like(lse_p, float("-inf")),
-                                         out_s, torch.logsumexp(s, -1))
+    out2, lse2 = merge_attention(torch.zeros_like(out_s), torch.full_like(lse_p, float("-inf")),
+                                 out_s, torch.logsumexp(s, -1))
     torch.testing.assert_close(out2, out_s)
 
 

@@ -67,7 +67,7 @@ def test_cuda_platform_still_has_the_method_we_patch():
 
 
 def test_staging_pool_follows_the_runner_device():
-    from zipcache_vllm.vllm_plugin.staging import StagingPool
+    from zipcache_vllm.engine.staging import StagingPool
 
     pool = StagingPool(["l0"], 2, 16, 2, 64, torch.bfloat16, device="meta")
     assert pool.k.device.type == "meta" and pool.score.device.type == "meta"

@@ -227,7 +227,7 @@ def test_plan_rotate_is_hadamard_rotate(dtype):
 
 def test_pool_layer_views_alias_the_pool():
     """StagingPool.layers[i] are views of layer i: the decode kernel's writes land in the pool."""
-    from zipcache_vllm.vllm_plugin.staging import StagingPool
+    from zipcache_vllm.engine.staging import StagingPool
 
     pool = StagingPool(["a", "b"], 3, 16, 2, 64, torch.bfloat16)
     for i, views in enumerate(pool.layers):

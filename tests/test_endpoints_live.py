@@ -16,7 +16,7 @@ import torch
 from _server import Server
 from zipcache_vllm.cli import vllm_plugins
 from zipcache_vllm.planner.plan import PlanRequest, make_plan
-from zipcache_vllm.vllm_plugin.staging import staging_bytes
+from zipcache_vllm.engine.staging import staging_bytes
 
 requests = pytest.importorskip("requests")
 pytestmark = [pytest.mark.slow, pytest.mark.engine]

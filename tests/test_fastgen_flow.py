@@ -1,6 +1,6 @@
 """Paged FastGen: page layout, profiling, slot selection, and engine flow == offline simulator.
 
-The engine's FastGen step (``vllm_plugin/fastgen_flow.py``) is driven like the
+The engine's FastGen step (``engine/fastgen.py``) is driven like the
 engine drives it (one prompt chunk, then one decode token per step) and must
 give the offline simulator's outputs (``fastgen/sim.py``), which the quality
 table is computed with.
@@ -18,8 +18,9 @@ from zipcache_vllm.layout import FastGenLayout
 from zipcache_vllm.policies import make_policy
 from zipcache_vllm.quant.block import fake_quantize_blocks, topk_salient_mask
 from zipcache_vllm.vllm_plugin.dtypes import cache_dtypes, dtype_for_preset
-from zipcache_vllm.vllm_plugin.fastgen_flow import run_fastgen_step
-from zipcache_vllm.vllm_plugin.flow import SaliencyRule, StagedBlock
+from zipcache_vllm.engine.fastgen import run_fastgen_step
+from zipcache_vllm.engine.saliency import SaliencyRule
+from zipcache_vllm.engine.staging import StagedBlock
 
 PAGED = ("fastgen_t90", "fastgen_t95", "fastgen_t98", "zipcache_fastgen", "zipcache_fastgen_hc")
 

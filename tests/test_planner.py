@@ -161,7 +161,7 @@ def vllm_kv(model_dir):
     from vllm.v1.worker.utils import customize_attention_spec
 
     from zipcache_vllm.vllm_plugin import backend, plugin
-    from zipcache_vllm.vllm_plugin.staging import staging_bytes
+    from zipcache_vllm.engine.staging import staging_bytes
 
     plugin.register()
 

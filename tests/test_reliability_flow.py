@@ -16,8 +16,10 @@ import torch
 
 from zipcache_vllm.config import load_preset
 from zipcache_vllm.layout import BlockLayout
-from zipcache_vllm.vllm_plugin.flow import SaliencyRule, apply_step, plan_step
-from zipcache_vllm.vllm_plugin.staging import StagingPool
+from zipcache_vllm.engine.plan import plan_step
+from zipcache_vllm.engine.saliency import SaliencyRule
+from zipcache_vllm.engine.staging import StagingPool
+from zipcache_vllm.engine.step import apply_step
 
 H, G, D = 3, 3, 64  # SmolLM2-135M: 3 KV heads, 9 query heads, head size 64
 LENGTH = 300  # 2 full blocks of 128 and a partial one

@@ -28,8 +28,10 @@ from zipcache_vllm import kernels
 from zipcache_vllm.config import load_preset
 from zipcache_vllm.layout import BlockLayout
 from zipcache_vllm.quant.block import topk_salient_mask, unpack_dequantize_blocks
-from zipcache_vllm.vllm_plugin.flow import SaliencyRule, apply_step, plan_step
-from zipcache_vllm.vllm_plugin.staging import StagingPool
+from zipcache_vllm.engine.plan import plan_step
+from zipcache_vllm.engine.saliency import SaliencyRule
+from zipcache_vllm.engine.staging import StagingPool
+from zipcache_vllm.engine.step import apply_step
 
 NAN, INF = float("nan"), float("inf")
 SPECIALS = [NAN, INF, -INF, 1e6, -1e6, 65504.0, 0.0, -0.0, 1e-30, 2.0 ** -24]

@@ -29,7 +29,7 @@ import pytest
 import zipcache_vllm
 
 PKG = Path(zipcache_vllm.__file__).resolve().parent
-LOADED_BY_VLLM = ["vllm_plugin", "kernels", "quant", "saliency", "config.py", "layout.py"]
+LOADED_BY_VLLM = ["vllm_plugin", "engine", "kernels", "quant", "saliency", "config.py", "layout.py"]
 NETWORK_MODULES = {"socket", "socketserver", "http", "urllib", "requests", "aiohttp", "uvicorn",
                    "httpx", "websockets", "zmq", "ssl", "ftplib", "smtplib", "xmlrpc"}
 FILE_CALLS = {"open", "read_text", "read_bytes", "write_text", "write_bytes", "fdopen"}
@@ -106,13 +106,16 @@ def hook(event, args):
 sys.addaudithook(hook)
 
 import torch
-from zipcache_vllm.vllm_plugin import plugin, staging, worker_ext
+from zipcache_vllm.engine import staging
+from zipcache_vllm.vllm_plugin import plugin, worker_ext
 from zipcache_vllm.vllm_plugin.dtypes import cache_dtypes
 plugin.register()
 cache_dtypes()
 from zipcache_vllm.config import load_preset
 from zipcache_vllm.layout import BlockLayout
-from zipcache_vllm.vllm_plugin.flow import SaliencyRule, apply_step, plan_step
+from zipcache_vllm.engine.plan import plan_step
+from zipcache_vllm.engine.saliency import SaliencyRule
+from zipcache_vllm.engine.step import apply_step
 preset = load_preset("zipcache")
 H, G, D = 3, 3, 64
 layout = BlockLayout.from_preset(preset, D, H)

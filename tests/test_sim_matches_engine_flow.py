@@ -1,6 +1,6 @@
 """The offline simulator and the engine's step flow compute the same thing.
 
-The backend's per-request step (``vllm_plugin/flow.py``: packed pages, staging,
+The backend's per-request step (``engine/step.py``: packed pages, staging,
 in-block saliency, quantize-on-fill) is driven step by step like the engine
 drives it: one prefill chunk of any length, then one decode token per step.
 Its attention outputs must equal the simulator's (``eval/simulate.py``), which
@@ -13,7 +13,9 @@ import torch
 from zipcache_vllm.eval.simulate import KVSimulator, SimConfig
 from zipcache_vllm.layout import BlockLayout
 from zipcache_vllm.policies import make_policy
-from zipcache_vllm.vllm_plugin.flow import SaliencyRule, StagedBlock, rotate_inputs, run_request_step
+from zipcache_vllm.engine.saliency import SaliencyRule
+from zipcache_vllm.engine.staging import StagedBlock
+from zipcache_vllm.engine.step import rotate_inputs, run_request_step
 
 
 class _Module:

@@ -5,8 +5,8 @@
 one on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``, set before triton is
 imported, by tests/conftest.py), so sizes are tiny. The same
 requests (prefill chunks crossing block boundaries, then decode steps filling blocks)
-go through ``flow.plan_step`` / ``flow.apply_step`` on both routes: outputs must agree
-to float32 summation order and the pages must be the same bytes.
+go through the engine's ``plan.plan_step`` / ``step.apply_step`` on both routes: outputs
+must agree to float32 summation order and the pages must be the same bytes.
 """
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ pytest.importorskip("triton")
 from zipcache_vllm.config import ProbeConfig  # noqa: E402
 from zipcache_vllm.kernels.triton_loader import load  # noqa: E402
 from zipcache_vllm.layout import BlockLayout  # noqa: E402
-from zipcache_vllm.vllm_plugin.flow import SaliencyRule, apply_step, plan_step  # noqa: E402
-from zipcache_vllm.vllm_plugin.staging import StagingPool  # noqa: E402
+from zipcache_vllm.engine.plan import plan_step  # noqa: E402
+from zipcache_vllm.engine.saliency import SaliencyRule  # noqa: E402
+from zipcache_vllm.engine.staging import StagingPool  # noqa: E402
+from zipcache_vllm.engine.step import apply_step  # noqa: E402
 
 B = 16
 CHUNKS = [[21, 11], [1, 1], [1, 1], [1, 1], [12, 1], [1, 1]]  # per step, two requests

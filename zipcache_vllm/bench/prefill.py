@@ -3,7 +3,7 @@
 One "call" is the attention work of one layer for a prompt of ``ctx`` tokens, the same
 inputs (bf16 ``q [ctx, Hq, D]``, ``k, v [ctx, Hk, D]``) on both sides:
 
-* ``zipcache``: :func:`zipcache_vllm.vllm_plugin.flow.apply_step` for the one-chunk
+* ``zipcache``: :func:`zipcache_vllm.engine.step.apply_step` for the one-chunk
   prompt, what the backend runs per layer: the key rotation of rotated presets, the
   block-by-block causal attention over the packed prefix and the block being filled,
   the saliency of the probe rows, and the packing of every block that fills.
@@ -37,8 +37,10 @@ def zipcache_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, preset_name
     """A call running the backend's step for the prompt; returns (call, output, layout)."""
     from zipcache_vllm.config import load_preset
     from zipcache_vllm.layout import BlockLayout
-    from zipcache_vllm.vllm_plugin.flow import SaliencyRule, apply_step, plan_step
-    from zipcache_vllm.vllm_plugin.staging import StagingPool
+    from zipcache_vllm.engine.plan import plan_step
+    from zipcache_vllm.engine.saliency import SaliencyRule
+    from zipcache_vllm.engine.staging import StagingPool
+    from zipcache_vllm.engine.step import apply_step
 
     ctx, Hq, D = q.shape
     Hk = k.shape[1]

@@ -3,5 +3,5 @@
 * :mod:`.tokens` - special / punctuation token classes of a tokenizer (cached).
 * :mod:`.paged` - profiling from probe attention, slot selection, page packing.
 * :mod:`.sim` - the offline simulator's mirror of the engine flow.
-* ``vllm_plugin/fastgen_flow.py`` - the engine step.
+* ``engine/fastgen.py`` - the engine step.
 """

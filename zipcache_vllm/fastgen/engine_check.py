@@ -48,7 +48,7 @@ def expected_capacity(preset_name: str, model_dir: str, budget_bytes: int, dtype
 
     from ..config import load_preset
     from ..layout import BlockLayout, FastGenLayout
-    from ..vllm_plugin.staging import MARGIN, staging_bytes
+    from ..engine.staging import MARGIN, staging_bytes
 
     cfg = AutoConfig.from_pretrained(model_dir)
     L, H = cfg.num_hidden_layers, cfg.num_key_value_heads

@@ -1,6 +1,6 @@
 """Paged FastGen: profile each KV head, choose its kept tokens per block, pack pages.
 
-Pure PyTorch, shared by the engine step (``vllm_plugin/fastgen_flow.py``) and the
+Pure PyTorch, shared by the engine step (``engine/fastgen.py``) and the
 offline simulator (:mod:`.sim`), so both store exactly the same bytes.
 
 * :func:`profile_heads` - FastGen's hybrid ladder from accumulated probe attention:

@@ -3,8 +3,8 @@
 Profiling happens once per request, in its first step. The engine's first step
 materializes each query tile's attention probabilities anyway (no packed page yet,
 so they are final); profiling adds, per layer, summing the probe rows of every tile
-(:func:`~zipcache_vllm.vllm_plugin.fastgen_flow.probe_mass`) and the hybrid ladder
-(:func:`~zipcache_vllm.vllm_plugin.fastgen_flow.rung_from_mass`), plus choosing the
+(:func:`~zipcache_vllm.engine.fastgen.probe_mass`) and the hybrid ladder
+(:func:`~zipcache_vllm.engine.fastgen.rung_from_mass`), plus choosing the
 probe rows and classifying the prompt's token ids once. This times exactly those
 calls on the real queries / keys of every layer of a real prompt (the tiles are
 rebuilt untimed, as the step builds them), against the model's whole prefill forward
@@ -44,8 +44,9 @@ def measure(model, tok, model_dir: str, preset_name: str, prompt_len: int, repea
     from ..config import load_preset
     from ..eval.offline import token_windows_for
     from ..saliency import probe_rows
-    from ..vllm_plugin.fastgen_flow import QUERY_TILE, probe_mass, rung_from_mass
-    from ..vllm_plugin.flow import SaliencyRule
+    from ..engine.attention import QUERY_TILE
+    from ..engine.fastgen import probe_mass, rung_from_mass
+    from ..engine.saliency import SaliencyRule
     from .tokens import class_table, classify
 
     preset = load_preset(preset_name)

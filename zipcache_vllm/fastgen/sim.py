@@ -1,4 +1,4 @@
-"""Offline mirror of the engine's paged FastGen flow (``vllm_plugin/fastgen_flow.py``).
+"""Offline mirror of the engine's paged FastGen flow (``engine/fastgen.py``).
 
 Called by :class:`~zipcache_vllm.eval.simulate.KVSimulator` for a paged FastGen
 preset. The sequence runs chunk by chunk like the engine serves it (the prompt,

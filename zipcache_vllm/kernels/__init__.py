@@ -10,7 +10,6 @@ Public entry points (host wrappers with argument checks, see :mod:`.ops`):
   append, saliency accumulation (one call per layer); :class:`DecodePlan` splits it
   into a per-step plan (index tensors checked once) and a per-layer run.
 * :func:`dequantize_pages` - pages to float32 keys/values (the prefill's dense prefix).
-* :func:`merge_attention` - log-sum-exp merge with the staging part.
 * :func:`hadamard_rotate` - the key/query rotation of rotated presets.
 
 Falls back to the pure-PyTorch reference (:mod:`.reference`, warning once) when
@@ -18,9 +17,9 @@ the extension cannot be built. Importing this package is cheap: nothing is
 compiled before the first kernel call.
 """
 from .ops import (DecodePlan, attend_packed, attend_packed_batch, attend_packed_varlen, cpu_isa, decode_staged,
-                  dequantize_pages, hadamard_rotate, kernels_available, layout_args, merge_attention,
-                  quantize_pack, uses_triton)
+                  dequantize_pages, hadamard_rotate, kernels_available, layout_args, quantize_pack,
+                  uses_triton)
 
 __all__ = ["DecodePlan", "attend_packed", "attend_packed_batch", "attend_packed_varlen", "cpu_isa", "decode_staged",
-           "dequantize_pages", "hadamard_rotate", "kernels_available", "layout_args", "merge_attention",
-           "quantize_pack", "uses_triton"]
+           "dequantize_pages", "hadamard_rotate", "kernels_available", "layout_args", "quantize_pack",
+           "uses_triton"]

@@ -1,7 +1,7 @@
 """The kernels of :mod:`.ops` on CUDA tensors: the Triton kernels (``triton_kernels/``).
 
 Same signatures and results as the CPU ops (float32 ``out``, ``lse [Hq, nq]``), so
-``vllm_plugin/flow.py`` runs unchanged on either device. :mod:`.ops` routes here when
+the step engine (``zipcache_vllm/engine/``) runs unchanged on either device. :mod:`.ops` routes here when
 the tensors are on a CUDA device, or, for tests on a machine without a GPU, when
 ``ZIPCACHE_VLLM_KERNELS=triton`` (with ``TRITON_INTERPRET=1`` Triton then runs the
 kernels on CPU tensors in its interpreter).

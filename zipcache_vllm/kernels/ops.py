@@ -13,8 +13,8 @@ size, head size, KV heads, bit widths, salient count) and its ``sections``
 
 Attention results are float32 ``out [nq, Hq, D]`` and the natural-log
 log-sum-exp of the scaled scores ``lse [Hq, nq]`` (``-inf`` and ``out = 0`` for
-a request with no packed block), ready for :func:`merge_attention` with the
-staging part.
+a request with no packed block), ready for a log-sum-exp merge with the staging
+part (:mod:`zipcache_vllm.engine.attention`).
 """
 from __future__ import annotations
 
@@ -428,22 +428,6 @@ class DecodePlan:
             gpu.decode_staged(q, k, v, *meta, layout, float(scale))
         else:
             reference.decode_staged_ref(q, k, v, *meta, layout, float(scale))
-
-
-def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
-                    lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine two partial attentions over disjoint keys by log-sum-exp.
-
-    ``out_*`` ``[n, Hq, D]`` (normalized), ``lse_*`` ``[Hq, n]``; a part with
-    ``lse = -inf`` (no keys) contributes nothing. Returns float32 ``(out, lse)``.
-    """
-    m = torch.maximum(lse_a, lse_b)
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    wa, wb = torch.exp(lse_a - m), torch.exp(lse_b - m)
-    tot = wa + wb
-    safe = torch.where(tot > 0, tot, torch.ones_like(tot))
-    out = (out_a.float() * (wa / safe).t().unsqueeze(-1) + out_b.float() * (wb / safe).t().unsqueeze(-1))
-    return out, m + torch.log(tot)
 
 
 def hadamard_rotate(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -3,7 +3,8 @@ not built, and the readable statement of what the kernels compute.
 
 Shapes as in :mod:`zipcache_vllm.kernels.ops`. Attention dequantizes
 ``GROUP_BLOCKS`` pages at a time (storage order) and folds them into an online
-softmax, like ``vllm_plugin/flow.py`` does today.
+softmax (the update of ``engine/attention.py``'s ``OnlineSoftmax`` without its mask:
+every packed key is visible, and non-finite scores propagate as in the C++ kernel).
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ Pure Python (no vLLM import), reproducing, in order:
   ``heads x block_size x (K + V) x dtype bytes`` for ``auto``/``fp8``, and for zipcache the
   backend's ``customize_spec``: one opaque state of :attr:`BlockLayout.page_bytes`.
 * The budget per worker: on CPU ``VLLM_CPU_KVCACHE_SPACE`` GiB, minus the zipcache staging
-  pool that ``compat.patch_cpu_kv_budget`` subtracts (sized by ``staging.staging_bytes``,
+  pool that ``compat.patch_cpu_kv_budget`` subtracts (sized by ``engine.staging.staging_bytes``,
   the same function the worker uses).
 * ``kv_cache_utils.get_kv_cache_config_from_groups``: one group with every layer of the
   worker, ``num_blocks = budget // (layers x page bytes)``; the engine keeps the smallest
@@ -139,12 +139,12 @@ def page_format(cache_dtype: str, head_size: int, num_kv_heads: int, model_dtype
 
 def staging_reserve(fmt: PageFormat, num_layers: int, max_num_seqs: int, model_dtype: str) -> int:
     """Bytes of one worker's zipcache staging pool (0 for other dtypes): the same
-    ``staging.staging_bytes`` with ``max_num_seqs + MARGIN`` slots that the worker reserves."""
+    ``engine.staging.staging_bytes`` with ``max_num_seqs + MARGIN`` slots that the worker reserves."""
     if fmt.layout is None:
         return 0
     import torch
 
-    from ..vllm_plugin.staging import MARGIN, staging_bytes
+    from ..engine.staging import MARGIN, staging_bytes
     return staging_bytes(num_layers, max_num_seqs + MARGIN, fmt.block_size, fmt.num_kv_heads,
                          fmt.head_size, getattr(torch, model_dtype))
 

@@ -1,4 +1,5 @@
-"""The zipcache attention backend for vLLM 0.32 (CPU, PyTorch ops).
+"""The zipcache attention backend for vLLM 0.32 (CPU: the C++ kernels of
+``zipcache_vllm.kernels`` and PyTorch ops; CUDA: the Triton kernels and PyTorch ops).
 
 Four parts, like vLLM's ``cpu_attn.py`` / ``turboquant_attn.py``:
 
@@ -10,8 +11,10 @@ Four parts, like vLLM's ``cpu_attn.py`` / ``turboquant_attn.py``:
   request uses, which pages it reads, which blocks fill; it advances the
   staging bookkeeping so the layers only move data.
 * :class:`ZipCacheImpl`: per layer, runs the planned rows through
-  :func:`flow.apply_step` (attention, saliency, packing of filled blocks, new
-  partial tails); the math lives in ``flow.py`` so it is testable without vLLM.
+  :func:`~zipcache_vllm.engine.step.apply_step` (attention, saliency, packing of
+  filled blocks, new partial tails), or a paged FastGen preset's through
+  :meth:`~zipcache_vllm.engine.fastgen.FastGenStepper.apply`; the step lives in the
+  vLLM-free package ``zipcache_vllm.engine`` so it is testable without vLLM.
 
 See ``docs/BACKEND.md`` for the step flow.
 """
@@ -23,8 +26,13 @@ from typing import ClassVar
 import torch
 
 from ..config import Preset
+from ..engine.fastgen import FastGenStepper
+from ..engine.plan import DecodeBatch, RequestPlan, plan_step
+from ..engine.saliency import SaliencyRule
+from ..engine.staging import MARGIN, StagingPool, get_pool, set_pool, staging_bytes
+from ..engine.step import apply_step
 from ..layout import BlockLayout, FastGenLayout
-from . import compat, fastgen_flow
+from . import compat
 from .compat import (
     AttentionBackend,
     AttentionCGSupport,
@@ -37,8 +45,6 @@ from .compat import (
     MultipleOf,
 )
 from .dtypes import is_zipcache_dtype, preset_for_dtype
-from .flow import DecodeBatch, RequestPlan, SaliencyRule, apply_step, plan_step
-from .staging import MARGIN, StagingPool, get_pool, set_pool, staging_bytes
 
 logger = compat.logger
 
@@ -49,6 +55,12 @@ DEFAULT_MAX_NUM_SEQS = 8  # staging slots cost a bf16 block each (see docs/BACKE
 # The cache dtype of this process's engine, recorded when a layer is routed here:
 # customize_spec gets only the spec, and is not always called under a current config.
 _active_cache_dtype: str | None = None
+
+# Paged FastGen: the token ids of the current step (``GPUModelRunner.input_ids``),
+# recorded by ``compat.patch_step_token_ids`` right after the runner fills them, and the
+# process's stepper (created by the first metadata builder, see ensure_fastgen_stepper).
+_step_token_ids: torch.Tensor | None = None
+_fastgen_stepper: FastGenStepper | None = None
 
 
 def _cache_dtype_of(vllm_config=None) -> str:
@@ -153,8 +165,8 @@ class ZipCacheMetadataBuilder(AttentionMetadataBuilder[ZipCacheMetadata]):
         self.block_size = preset.block_size
         self.rule = SaliencyRule.from_preset(preset)
         self.pool = ensure_pool(vllm_config, device)
-        self.fastgen = (fastgen_flow.ensure_stepper(self.pool, vllm_config.model_config.tokenizer,
-                                                    preset.fastgen) if preset.paged_fastgen else None)
+        self.fastgen = (ensure_fastgen_stepper(self.pool, vllm_config.model_config.tokenizer,
+                                               preset.fastgen) if preset.paged_fastgen else None)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> ZipCacheMetadata:
@@ -162,7 +174,7 @@ class ZipCacheMetadataBuilder(AttentionMetadataBuilder[ZipCacheMetadata]):
         plans = plan_step(self.pool, self.block_size, cm.query_start_loc_cpu.tolist(),
                           cm.seq_lens.cpu().tolist()[:cm.num_reqs], cm.block_table_tensor)
         decode = [p for p in plans if p.q_len == 1]
-        fastgen = self.fastgen.prepare(plans) if self.fastgen is not None else None
+        fastgen = self.fastgen.prepare(plans, _step_token_ids) if self.fastgen is not None else None
         return ZipCacheMetadata(fastgen=fastgen,
             num_actual_tokens=cm.num_actual_tokens, plans=plans,
             decode=(DecodeBatch.from_plans(decode, self.block_size, self.rule, self.device)
@@ -213,7 +225,7 @@ class ZipCacheImpl(AttentionImpl[ZipCacheMetadata]):
         if self._layer_index is None:
             self._layer_index = get_pool().layer_index[layer.layer_name]
         if attn_metadata.fastgen is not None:
-            fastgen_flow.get_stepper().apply(
+            get_fastgen_stepper().apply(
                 self._layer_index, attn_metadata.plans, attn_metadata.fastgen, query, key, value,
                 kv_cache.flatten(1), self.layout, self.rule, self.scale, output)
             return output
@@ -224,7 +236,8 @@ class ZipCacheImpl(AttentionImpl[ZipCacheMetadata]):
 
 
 # ---------------------------------------------------------------------------
-# Process-level pieces used by plugin.register(): validation, config, staging.
+# Process-level pieces used by plugin.register(): validation, config, staging,
+# the paged FastGen stepper.
 # ---------------------------------------------------------------------------
 
 def validate_selector_config(cfg) -> None:
@@ -323,3 +336,29 @@ def reserved_staging_bytes(worker) -> int:
     impl = next(iter(layers.values())).impl
     return staging_bytes(len(layers), num_staging_slots(vllm_config), impl.layout.block_size,
                          impl.num_kv_heads, impl.head_size, vllm_config.model_config.dtype)
+
+
+def record_step_tokens(ids: torch.Tensor) -> None:
+    global _step_token_ids
+    _step_token_ids = ids
+
+
+def ensure_fastgen_stepper(pool: StagingPool, tokenizer_path: str, cfg) -> FastGenStepper:
+    """The process's paged FastGen stepper for ``pool`` (created once; the class table is
+    computed once), with the step's token ids recorded for it."""
+    global _fastgen_stepper
+    if pool.k.device.type != "cpu":
+        raise NotImplementedError("paged FastGen dtypes (zipcache_fastgen*) run on the CPU engine only "
+                                  "for now (their step is PyTorch on CPU tensors); use a zipcache preset on CUDA")
+    if _fastgen_stepper is None or _fastgen_stepper.pool is not pool:
+        from ..fastgen.tokens import class_table
+
+        compat.patch_step_token_ids(record_step_tokens)
+        _fastgen_stepper = FastGenStepper(pool, class_table(tokenizer_path), cfg)
+    return _fastgen_stepper
+
+
+def get_fastgen_stepper() -> FastGenStepper:
+    if _fastgen_stepper is None:
+        raise RuntimeError("paged FastGen step before its metadata builder was created")
+    return _fastgen_stepper

@@ -279,7 +279,7 @@ def patch_request_lifecycle(on_removed: Callable[[str, object], None],
 
 def patch_step_token_ids(record: Callable[[torch.Tensor], None]) -> None:
     """Hand each step's token ids to paged FastGen (idempotent; applied only when a
-    FastGen dtype is served, by ``fastgen_flow.ensure_stepper``).
+    FastGen dtype is served, by ``backend.ensure_fastgen_stepper``).
 
     Why: FastGen's special / punctuation policies need the token ids, and an
     attention metadata builder sees only positions and block tables.

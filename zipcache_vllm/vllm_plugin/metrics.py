@@ -88,9 +88,9 @@ def layout_figures(vllm_config) -> dict:
     Read off the config the way the worker builds it: per-rank KV heads and head size from
     vLLM's ``ModelConfig``, the page from the preset's layout (``planner.capacity.zipcache_layout``,
     the backend's), one page per layer (zipcache serves dense attention only, every layer)."""
+    from ..engine.staging import MARGIN
     from ..planner.capacity import zipcache_layout
     from .dtypes import is_zipcache_dtype, preset_for_dtype
-    from .staging import MARGIN
 
     cache_dtype = vllm_config.cache_config.cache_dtype
     if not is_zipcache_dtype(cache_dtype):

@@ -79,7 +79,8 @@ def register() -> None:
     if problem is not None:
         _disable(problem)
         return
-    from . import backend, compat, staging
+    from ..engine import staging
+    from . import backend, compat
     from .dtypes import cache_dtypes, is_zipcache_dtype
 
     compat.patch_cache_dtypes(sorted(cache_dtypes()))

@@ -10,8 +10,8 @@ reliability tests can prove that everything a request leaves behind is gone.
 """
 from __future__ import annotations
 
-from . import staging
-from .staging import get_pool
+from ..engine import staging
+from ..engine.staging import get_pool
 
 
 EXTENSION_PATH = "zipcache_vllm.vllm_plugin.worker_ext.ZipCacheWorkerExtension"

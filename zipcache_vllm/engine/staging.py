@@ -17,10 +17,16 @@ when the request finishes or is aborted, and when it is preempted.
 
 Sizing: one slot per schedulable request (``max_num_seqs``) plus ``MARGIN``;
 the bytes are reserved out of the KV budget (``compat.patch_cpu_kv_budget``).
+
+No vLLM import: the backend's metadata builder advances the bookkeeping through
+:func:`~zipcache_vllm.engine.plan.plan_step`; ``vllm_plugin/plugin.py`` hooks the
+request lifecycle functions at the end of this module into vLLM's model runner
+(``compat.patch_request_lifecycle``).
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
@@ -34,6 +40,20 @@ def staging_bytes(num_layers: int, num_slots: int, block_size: int, num_kv_heads
     per_slot_layer = (2 * num_kv_heads * block_size * head_size * elt
                       + num_kv_heads * block_size * 4 + block_size * 4)
     return num_layers * num_slots * per_slot_layer
+
+
+@dataclass
+class StagedBlock:
+    """The staged part of a request's current block (views into the pool, or test tensors).
+
+    k, v: ``[H, B, D]``; score: ``[H, B]``; count: ``[B]``. Only the first ``s``
+    tokens are meaningful on entry.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    score: torch.Tensor
+    count: torch.Tensor
 
 
 class StagingError(RuntimeError):

@@ -1,6 +1,6 @@
-"""One layer's step for a paged FastGen preset (docs/FASTGEN.md), pure PyTorch.
+"""One layer's step for a paged FastGen preset (docs/FASTGEN.md), pure PyTorch, no vLLM import.
 
-The same positions as ``flow.py`` (packed pages, staged tokens, the chunk); what
+The same positions as ``step.py`` (packed pages, staged tokens, the chunk); what
 differs is what a page holds and how a filled block is stored:
 
 * attention reads each packed page's ``S`` kept tokens per head (the page's kept
@@ -12,10 +12,13 @@ differs is what a page holds and how a filled block is stored:
   from the trailer of the request's last page;
 * a filled block keeps, per head, the ``S`` tokens of highest (rung priority,
   saliency) (``fastgen.paged.select_slots``), saliency from the probe queries of
-  its own block exactly as ``flow.py`` scores it.
+  its own block exactly as ``step.py`` scores it (the rows of
+  ``saliency.scoring_rows``).
 
 The metadata builder adds each row's token classes (special / punctuation, from
-the step's token ids) through :class:`FastGenStepper`.
+the step's token ids, which the backend records through
+``compat.patch_step_token_ids``) through :meth:`FastGenStepper.prepare`; the
+backend's ``ZipCacheImpl.forward`` runs each layer through :meth:`FastGenStepper.apply`.
 """
 from __future__ import annotations
 
@@ -25,22 +28,13 @@ import torch
 
 from ..fastgen.paged import kept_view, pack_pages, read_rungs, select_slots, ladder_choice
 from ..fastgen.tokens import classify, masks
-from ..kernels import attend_packed, merge_attention
+from ..kernels import attend_packed
 from ..layout import FastGenLayout
 from ..saliency.scores import probe_rows
-from .flow import RequestPlan, SaliencyRule, StagedBlock, block_scores, local_window
-from .staging import StagingPool
-
-QUERY_TILE = 256
-
-# Token ids of the current step (``GPUModelRunner.input_ids``), recorded by
-# ``compat.patch_step_token_ids`` right after the runner fills them.
-_step_token_ids: torch.Tensor | None = None
-
-
-def record_step_tokens(ids: torch.Tensor) -> None:
-    global _step_token_ids
-    _step_token_ids = ids
+from .attention import QUERY_TILE, local_window, merge_attention
+from .plan import RequestPlan
+from .saliency import SaliencyRule, block_scores, scoring_rows
+from .staging import StagedBlock, StagingPool
 
 
 @dataclass
@@ -53,12 +47,6 @@ class FastGenResult:
     tail_v: torch.Tensor
     tail_score: torch.Tensor
     tail_count: torch.Tensor
-
-
-def _probe_set(block_size: int, probes, block_start: int) -> torch.Tensor:
-    mask = torch.zeros(block_size, dtype=torch.bool)
-    mask[probe_rows(block_size, probes, seed=block_start)] = True
-    return mask
 
 
 def probe_mass(p: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
@@ -118,31 +106,28 @@ def run_fastgen_step(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         out, lse_all = merge_attention(out_p, lse_p, out, lse_all)
     lse = lse_all.reshape(H, g, ql)
 
-    def probs(rows: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """``[H, r, hi - lo]`` attention of query rows over local keys lo..hi (GQA-summed)."""
-        logit = torch.einsum("hgrd,hkd->hgrk", qs[:, :, rows], kw[:, lo:hi])
-        vis = torch.arange(lo, hi).unsqueeze(0) <= qpos[rows].unsqueeze(1)
-        return torch.exp(logit - lse[:, :, rows].unsqueeze(-1)).masked_fill(~vis, 0.0).sum(1)
-
     if profiling:
         rung = rung_from_mass(acc, cls_window, cfg)
 
-    # Saliency of the local window's blocks from the (probe) queries of the same block.
+    # Saliency of the local window's blocks from the (probe) queries of the same block:
+    # the scoring rows of saliency.block_saliency; the GQA group, then the rows, summed
+    # in two reductions (this step's own summation order).
     nb = -(-Lw // B)
     score = torch.zeros(nb, H, B)
     count = torch.zeros(nb, B)
+    probes = None if rule.probes.strategy == "exact" else rule.probes_json
     for c in range(nb):
         lo, hi = c * B, min((c + 1) * B, Lw)
         r0, r1 = max(lo - s, 0), hi - s
         if r1 <= r0:
             continue
-        rows = torch.arange(r0, r1)
-        if rule.probes.strategy != "exact":
-            rows = rows[_probe_set(B, rule.probes, b0 * B + lo)[rows + s - lo]]
-            if rows.numel() == 0:
-                continue
-        score[c, :, :hi - lo] = probs(rows, lo, hi).sum(1)
-        count[c, :hi - lo] = (torch.arange(hi - lo).unsqueeze(0) <= (rows + s - lo).unsqueeze(1)).sum(0).float()
+        rows, hidden, seen = scoring_rows(B, probes, b0 * B + lo, lo - s, r0, r1, hi - lo)
+        if rows.numel() == 0:
+            continue
+        logit = torch.einsum("hgrd,hkd->hgrk", qs[:, :, rows], kw[:, lo:hi])
+        p = torch.exp(logit - lse[:, :, rows].unsqueeze(-1)).masked_fill(hidden, 0.0)
+        score[c, :, :hi - lo] = p.sum(1).sum(1)
+        count[c, :hi - lo] = seen
     if s:
         score[0, :, :s] += staged.score[:, :s].float()
         count[0, :s] += staged.count[:s].float()
@@ -179,10 +164,10 @@ class FastGenStepper:
         self.rung = torch.full((L, pool.num_slots, pool.num_kv_heads), -1, dtype=torch.int64)
         self.cls = torch.zeros(pool.num_slots, pool.block_size, dtype=torch.uint8)
 
-    def prepare(self, plans: list[RequestPlan]) -> list[torch.Tensor]:
-        """Class bytes of each row's local window; advances the slots' class bytes (builder, once a step)."""
+    def prepare(self, plans: list[RequestPlan], ids: torch.Tensor | None) -> list[torch.Tensor]:
+        """Class bytes of each row's local window from the step's token ids ``ids`` (None
+        before any was recorded); advances the slots' class bytes (builder, once a step)."""
         B = self.pool.block_size
-        ids = _step_token_ids
         out = []
         for p in plans:
             s = p.ctx % B
@@ -227,29 +212,4 @@ class FastGenStepper:
                 self.rung[layer, slot] = res.rung
 
 
-_STEPPER: FastGenStepper | None = None
-
-
-def ensure_stepper(pool: StagingPool, tokenizer_path: str, cfg) -> FastGenStepper:
-    """The process's stepper for ``pool`` (created once; the class table is computed once)."""
-    global _STEPPER
-    if pool.k.device.type != "cpu":
-        raise NotImplementedError("paged FastGen dtypes (zipcache_fastgen*) run on the CPU engine only "
-                                  "for now (their step is PyTorch on CPU tensors); use a zipcache preset on CUDA")
-    if _STEPPER is None or _STEPPER.pool is not pool:
-        from ..fastgen.tokens import class_table
-        from . import compat
-
-        compat.patch_step_token_ids(record_step_tokens)
-        _STEPPER = FastGenStepper(pool, class_table(tokenizer_path), cfg)
-    return _STEPPER
-
-
-def get_stepper() -> FastGenStepper:
-    if _STEPPER is None:
-        raise RuntimeError("paged FastGen step before its metadata builder was created")
-    return _STEPPER
-
-
-__all__ = ["FastGenResult", "FastGenStepper", "ensure_stepper", "get_stepper", "probe_mass",
-           "record_step_tokens", "rung_from_mass", "run_fastgen_step"]
+__all__ = ["FastGenResult", "FastGenStepper", "probe_mass", "rung_from_mass", "run_fastgen_step"]

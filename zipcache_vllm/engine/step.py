@@ -1,0 +1,333 @@
+"""Applying one layer's step: attend, score, quantize full blocks, stage the tail.
+
+Pure PyTorch, no vLLM import. The backend's ``ZipCacheImpl.forward`` calls
+:func:`apply_step` once per layer with the step's plans
+(:func:`~zipcache_vllm.engine.plan.plan_step`, made once per step by the metadata
+builder): the decode rows of the step run together in :func:`apply_decode_rows`
+(one fused kernel call), each multi-token chunk in ``_apply_chunk``, one block at a
+time. :func:`run_request_step` is the same flow for one request and a whole chunk
+at once (the tests and the simulator check drive it against explicit references).
+
+Positions of one request in a step (``B`` tokens per block)::
+
+    0 .............. b0*B ........ ctx ............... seq_len
+    | packed pages   | staged (s)  | this step's chunk (q) |
+    |  (vLLM cache)  |  (staging)  |  (new K/V)            |
+                     \\_____ local window: full precision ___/
+
+    b0 = ctx // B   s = ctx % B   q = seq_len - ctx
+
+* Attention (``attention.py``): every query of the chunk attends over the packed
+  blocks (the C++ kernels of ``zipcache_vllm.kernels`` dequantize inside the kernel;
+  their PyTorch fallback dequantizes a bounded group of pages at a time), then over
+  the local window (causal), merged by log-sum-exp. Per-query log-sum-exp is kept.
+* Saliency (``saliency.py``): a token of the local window is scored by the queries
+  of its own block only (``exp(q.k * scale - lse)``, summed over the query heads of
+  its KV group), optionally only by probe rows chosen from the position. A block's
+  quantization is therefore a function of its own tokens and its prefix.
+* Every block that fills in this step is quantized (block-local top-k salient
+  tokens) into its page; the partial tail (if any) goes back to staging
+  (``staging.py``).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from ..kernels import attend_packed, dequantize_pages, hadamard_rotate, quantize_pack, uses_triton
+from ..layout import BlockLayout
+from ..quant.block import topk_salient_mask
+from .attention import (causal_window, flash_cpu, local_window, merge_grouped, scaled_queries,
+                        tiled_attention, window)
+from .plan import DecodeBatch, RequestPlan
+from .saliency import SaliencyRule, block_saliency, block_scores
+from .staging import StagedBlock, StagingPool
+
+
+@dataclass
+class StepResult:
+    """What a request's step writes back.
+
+    out_grouped: ``[H, g, q, D]`` float32 attention output (``out``: as ``[q, Hq, D]``);
+    lse: ``[Hq, q]``.
+    pages: uint8 ``[n_full, page_bytes]`` for the blocks that filled (in order).
+    tail_*: the new partial block (``tail_len`` tokens, may be 0).
+    """
+
+    out_grouped: torch.Tensor
+    lse: torch.Tensor
+    pages: torch.Tensor
+    tail_len: int
+    tail_k: torch.Tensor
+    tail_v: torch.Tensor
+    tail_score: torch.Tensor
+    tail_count: torch.Tensor
+
+    @property
+    def out(self) -> torch.Tensor:
+        H, g, q, D = self.out_grouped.shape
+        return self.out_grouped.permute(2, 0, 1, 3).reshape(q, H * g, D)
+
+
+def run_request_step(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                     ctx: int, packed_ids: torch.Tensor, pages: torch.Tensor,
+                     staged: StagedBlock, layout: BlockLayout, rule: SaliencyRule,
+                     scale: float) -> StepResult:
+    """One request's attention step over packed pages + staging + its own chunk.
+
+    Args:
+        q: ``[q, Hq, D]`` queries of the chunk (positions ``ctx .. ctx+q-1``).
+        k_new, v_new: ``[q, H, D]`` the chunk's keys (after RoPE) and values.
+        ctx: tokens before the chunk; ``ctx % B`` of them are staged.
+        packed_ids: int64 ``[ctx // B]`` block ids of the complete blocks, in order.
+        pages: uint8 ``[num_blocks, page_bytes]`` the layer's cache.
+        staged: the request's staging block (first ``ctx % B`` tokens valid).
+        layout: page layout; rule: saliency rule; scale: softmax scale.
+    """
+    qs, kw, vw = local_window(q, k_new, v_new, ctx, packed_ids, staged, layout.block_size, scale)
+    # (a1) complete packed blocks: dequantized inside the kernel (C++ on CPU, or the
+    # PyTorch reference a bounded group of pages at a time), merged below by LSE.
+    prior = _packed_part(q, pages, packed_ids, layout, scale)
+    return _step(qs, kw, vw, ctx, prior, staged, layout, rule)
+
+
+def _packed_part(q: torch.Tensor, pages: torch.Tensor, packed_ids: torch.Tensor,
+                 layout: BlockLayout, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Attention of ``q [n, Hq, D]`` over the packed blocks ``packed_ids`` (None if there
+    are none), regrouped as ``out [H, g, n, D]``, ``lse [H, g, n]`` like the scaled queries."""
+    if not packed_ids.numel():
+        return None
+    out, lse = attend_packed(q, pages, packed_ids, layout, scale)
+    n, Hq, D = out.shape
+    H = layout.num_kv_heads
+    return (out.float().reshape(n, H, Hq // H, D).permute(1, 2, 0, 3),
+            lse.reshape(H, Hq // H, n))
+
+
+def _step(qs: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, ctx: int,
+          prior: tuple[torch.Tensor, torch.Tensor] | None, staged: StagedBlock,
+          layout: BlockLayout, rule: SaliencyRule) -> StepResult:
+    """The step after the packed part: local window (causal), merged with ``prior`` (the
+    packed part, grouped), saliency, quantization of the blocks that fill, the tail.
+
+    qs ``[H, g, q, D]`` scaled queries, kw/vw ``[H, s + q, D]`` the local window.
+    """
+    H, g, ql, D = qs.shape
+    B = layout.block_size
+    s, b0 = ctx % B, ctx // B
+    Lw = s + ql
+    if Lw <= B:  # one local block (every chunk of _apply_chunk, every one-token step)
+        out, lse, score, count = _one_block(qs, kw, vw, s, prior, rule, b0 * B, B)
+    else:
+        out, lse = tiled_attention(qs, kw, vw, s, prior)
+        # (b) saliency of the local window's blocks from the queries of the same block.
+        score, count = block_saliency(qs, kw, lse, s, b0 * B, B, rule)
+    if s:  # only the first s entries of a slot are meaningful (the rest is stale)
+        score[0, :, :s] += staged.score[:, :s].float()
+        count[0, :s] += staged.count[:s].float()
+    n_full = Lw // B
+    tail = Lw - n_full * B
+
+    # (c) quantize every block that filled in this step.
+    if n_full:
+        kf = kw[:, :n_full * B].reshape(H, n_full, B, D).permute(1, 2, 0, 3)  # [n, B, H, D] views
+        vf = vw[:, :n_full * B].reshape(H, n_full, B, D).permute(1, 2, 0, 3)
+        starts = [(b0 + c) * B for c in range(n_full)]
+        ranks = block_scores(score[:n_full], count[:n_full], rule, starts)
+        salient = topk_salient_mask(ranks, layout.n_hi)
+        new_pages = quantize_pack(kf, vf, salient, layout)
+    else:
+        new_pages = torch.zeros(0, layout.page_bytes, dtype=torch.uint8)
+
+    # (d) the partial tail goes (back) to staging.
+    t0 = n_full * B
+    return StepResult(
+        out_grouped=out,
+        lse=lse.reshape(H * g, ql),
+        pages=new_pages,
+        tail_len=tail,
+        tail_k=kw[:, t0:Lw],
+        tail_v=vw[:, t0:Lw],
+        tail_score=score[n_full, :, :tail] if tail else score.new_zeros(H, 0),
+        tail_count=count[n_full, :tail] if tail else count.new_zeros(0),
+    )
+
+
+def _one_block(qs: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, s: int,
+               prior: tuple[torch.Tensor, torch.Tensor] | None, rule: SaliencyRule,
+               block_start: int, block_size: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention and saliency when the local window is one block (``s + q <= B``): one
+    causal attention per KV head over the window, merged with ``prior`` by log-sum-exp;
+    the probe rows then score the window against the merged log-sum-exp.
+
+    Returns out ``[H, g, q, D]``, lse ``[H, g, q]``, score ``[1, H, B]``, count ``[1, B]``.
+    """
+    out, lse = causal_window(qs, kw, vw, s)
+    if prior is not None:
+        out, lse = merge_grouped(prior[0], prior[1], out, lse)
+    score, count = block_saliency(qs, kw, lse, s, block_start, block_size, rule)
+    return out, lse, score, count
+
+
+def rotate_inputs(layout: BlockLayout, query: torch.Tensor, key: torch.Tensor,
+                  decode: "DecodeBatch | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``query R, key R`` in their dtypes for a layout with rotated keys, else unchanged
+    (through the step's decode plan when there is one: the same op, fewer host checks)."""
+    if not layout.rotate_keys:
+        return query, key
+    if decode is not None:
+        return decode.kernel.rotate(query), decode.kernel.rotate(key)
+    return hadamard_rotate(query, query.dtype), hadamard_rotate(key, key.dtype)
+
+
+def apply_step(pool: StagingPool, layer: int, plans: list[RequestPlan], query: torch.Tensor,
+               key: torch.Tensor, value: torch.Tensor, pages: torch.Tensor,
+               layout: BlockLayout, rule: SaliencyRule, scale: float,
+               output: torch.Tensor, decode: "DecodeBatch | None" = None) -> None:
+    """Run one layer's step for every planned row: write ``output``, filled pages, tails.
+
+    query ``[T, Hq, D]``, key/value ``[T, H, D]``, pages uint8 ``[num_blocks, page_bytes]``,
+    output ``[T, Hq, D]``. Decode rows (one query) run together in
+    :func:`apply_decode_rows` (``decode``: their :class:`DecodeBatch`, built once per
+    step by the caller, or here); chunks of several tokens run one request at a time.
+    Both are the same flow (a decode row is a chunk of length 1). With
+    ``layout.rotate_keys`` the query and key rows are rotated here, once, so pages,
+    staging and every attention read see rotated keys (``q R . k R = q . k``).
+    """
+    # Off the CPU, tensors the flow creates go to the query's device (a no-op context on
+    # the CPU, where entering a device mode would tax every op of the step).
+    with contextlib.nullcontext() if query.is_cpu else torch.device(query.device):
+        if decode is None:
+            decode_plans = [p for p in plans if p.q_len == 1]
+            decode = (DecodeBatch.from_plans(decode_plans, layout.block_size, rule, query.device)
+                      if decode_plans else None)
+        query, key = rotate_inputs(layout, query, key, decode)
+        if decode is not None:
+            apply_decode_rows(pool, layer, decode, query, key, value, pages, layout, rule, scale,
+                              output)
+        for plan in plans:
+            if plan.q_len > 1:
+                _apply_chunk(pool, layer, plan, query, key, value, pages, layout, rule, scale,
+                             output)
+
+
+def _apply_chunk(pool: StagingPool, layer: int, plan: RequestPlan, query: torch.Tensor,
+                 key: torch.Tensor, value: torch.Tensor, pages: torch.Tensor,
+                 layout: BlockLayout, rule: SaliencyRule, scale: float,
+                 output: torch.Tensor) -> None:
+    """One multi-token row, one block at a time: each query sees the blocks before its
+    own block as packed pages and its own block in full precision, as decode does.
+
+    So a request computes the same outputs and pages however vLLM splits it into
+    steps (one prefill chunk, a chunk cut by the token budget, the rest after a
+    prefix-cache hit, a recompute of prompt + generated tokens after preemption).
+
+    Speed: the chunk's keys and values are converted to float32 once; the packed prefix is
+    dequantized once per layer (and each block once, as it is packed) and the queries
+    of a block attend it as one dense float32 attention, instead of dequantizing every
+    page again for every few query rows.
+    """
+    B, H, slot = layout.block_size, layout.num_kv_heads, plan.slot
+    ctx, filled = plan.ctx, 0
+    start, end = plan.q_start, plan.q_start + plan.q_len
+    # The Triton path (CUDA) attends the packed pages with its own prefill kernel.
+    prefix = None if uses_triton(pages) else _DequantizedPrefix(
+        pages, plan.packed_ids, layout, plan.packed_ids.numel() + plan.filled_ids.numel())
+    packed = plan.packed_ids
+    # keys/values converted once for the chunk (float32 [H, q, D] views of [q, H, D]: a
+    # transposing conversion costs several times a straight one); queries once per block
+    k_all = key[start:end].float().transpose(0, 1)
+    v_all = value[start:end].float().transpose(0, 1)
+    g = query.shape[1] // H
+    while start < end:
+        n = min(end - start, B - ctx % B)  # up to the end of the current block
+        rows, i = slice(start, start + n), start - plan.q_start
+        qs = scaled_queries(query[rows], H, scale)  # contiguous: [H, g * n, D] is a view
+        staged = StagedBlock(pool.k[layer, slot], pool.v[layer, slot],
+                             pool.score[layer, slot], pool.count[layer, slot])
+        kw, vw = window(k_all[:, i:i + n], v_all[:, i:i + n], staged, ctx % B)
+        prior = (prefix.attend(qs) if prefix is not None
+                 else _packed_part(query[rows], pages, packed, layout, scale))
+        res = _step(qs, kw, vw, ctx, prior, staged, layout, rule)
+        output[rows].unflatten(1, (H, g)).copy_(res.out_grouped.permute(2, 0, 1, 3))
+        if res.pages.shape[0]:  # the block filled: later blocks read it packed
+            block = plan.filled_ids[filled:filled + 1]
+            pages.index_copy_(0, block, res.pages)
+            if prefix is not None:
+                prefix.extend(res.pages)
+            else:
+                packed = torch.cat([packed, block])
+            filled += 1
+        ctx, start = ctx + n, start + n
+        t = res.tail_len
+        if t:
+            pool.k[layer, slot, :, :t] = res.tail_k.to(pool.dtype)
+            pool.v[layer, slot, :, :t] = res.tail_v.to(pool.dtype)
+            pool.score[layer, slot, :, :t] = res.tail_score
+            pool.count[layer, slot, :t] = res.tail_count
+
+
+class _DequantizedPrefix:
+    """A request's packed blocks, dequantized to float32 ``[H, n*B, D]`` once per layer
+    (room for ``capacity`` blocks, filled as blocks are packed)."""
+
+    def __init__(self, pages: torch.Tensor, ids: torch.Tensor, layout: BlockLayout,
+                 capacity: int) -> None:
+        self.layout = layout
+        H, B, D = layout.num_kv_heads, layout.block_size, layout.head_size
+        self._k = torch.empty(H, capacity * B, D)
+        self._v = torch.empty(H, capacity * B, D)
+        self.len = 0
+        if ids.numel():
+            self.extend(pages.index_select(0, ids))
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self._k[:, :self.len]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self._v[:, :self.len]
+
+    def extend(self, new_pages: torch.Tensor) -> None:
+        k, v = dequantize_pages(new_pages, self.layout)  # [n, H, B, D], storage order
+        n = k.shape[0] * k.shape[2]
+        self._k[:, self.len:self.len + n] = k.transpose(0, 1).flatten(1, 2)
+        self._v[:, self.len:self.len + n] = v.transpose(0, 1).flatten(1, 2)
+        self.len += n
+
+    def attend(self, qs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(out [H, g, n, D], lse [H, g, n])`` of scaled queries ``qs [H, g, n, D]`` over
+        the prefix (no mask: every query comes after it); the query heads of a KV group
+        are folded into rows so one float32 flash attention per KV head serves the group."""
+        if self.len == 0:
+            return None
+        return flash_cpu(qs, self.k, self.v)
+
+
+def apply_decode_rows(pool: StagingPool, layer: int, batch: DecodeBatch, query: torch.Tensor,
+                      key: torch.Tensor, value: torch.Tensor, pages: torch.Tensor,
+                      layout: BlockLayout, rule: SaliencyRule, scale: float,
+                      output: torch.Tensor) -> None:
+    """All decode rows of a step at once: same math as :func:`run_request_step` with q = 1.
+
+    One fused kernel call (:class:`zipcache_vllm.kernels.DecodePlan`, as
+    :func:`~zipcache_vllm.kernels.decode_staged`: attention over
+    the packed pages and the staged tokens merged by log-sum-exp, the new token appended
+    to its staging slot, the slot's saliency accumulated); then each row whose block
+    filled is packed from its slot into its page.
+    """
+    batch.kernel.run(query, key, value, pages, *pool.layers[layer], output, layout, scale)
+    if batch.full:
+        fs = batch.full_slots
+        ranks = block_scores(pool.score[layer].index_select(0, fs),
+                             pool.count[layer].index_select(0, fs), rule, batch.full_starts)
+        salient = topk_salient_mask(ranks, layout.n_hi)
+        new_pages = quantize_pack(pool.k[layer].index_select(0, fs).transpose(1, 2),
+                                  pool.v[layer].index_select(0, fs).transpose(1, 2), salient, layout)
+        pages.index_copy_(0, batch.full_ids, new_pages)
+
+__all__ = ["StepResult", "apply_decode_rows", "apply_step", "rotate_inputs", "run_request_step"]
