@@ -150,8 +150,8 @@ setup(
             "pydantic>=2",
             "tqdm",
             "matplotlib",
-            "kubernetes-validate",  # tests/test_deploy.py: the k8s manifests against the offline schemas
-            "compose-spec",  # tests/test_deploy.py: the docker compose file parses and validates
+            "kubernetes-validate",  # tests/tools/test_deploy.py: the k8s manifests against the offline schemas
+            "compose-spec",  # tests/tools/test_deploy.py: the docker compose file parses and validates
             "requests",
         ],
     },

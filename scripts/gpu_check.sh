@@ -23,7 +23,7 @@
 #   GPU_CHECK_BENCH_ARGS   the benchmark's arguments (default: the contexts and batches below)
 #   GPU_CHECK_CPU_SELFTEST=1  check this script on a machine without a GPU: kernels in
 #                          Triton's interpreter, one tiny bench cell; the report says
-#                          "NOT a GPU result" (tests/test_gpu_check.py)
+#                          "NOT a GPU result" (tests/kernels/test_gpu_check.py)
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -130,7 +130,7 @@ record preflight 0 "$SECONDS" "$T_PREFLIGHT" "$("$PY" -c 'import json,sys; print
 echo "gpu_check: $(tail -n 1 "$STAGES" | cut -f5); report: $REPORT"
 
 # --- tests: collect every Triton test, run them in parallel shards --------------------
-TEST_FILES=(tests/test_triton_*.py)
+TEST_FILES=(tests/kernels/test_triton_kernels.py tests/step/test_triton_flow.py)
 HAVE_PYTEST=$("$PY" -c 'import json,sys; print(1 if json.load(open(sys.argv[1]))["pytest"] else 0)' "$LOGS/env.json")
 : >"$LOGS/ids.txt"
 SHARD_LOGS=()

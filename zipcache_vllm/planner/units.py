@@ -5,7 +5,7 @@ CLI builds its parser without importing vLLM).
 vLLM's ``--kv-cache-memory-bytes``, ``--max-num-batched-tokens`` and (with ``auto``)
 ``--max-model-len``: a plain integer, or a number with a suffix, ``k m g t`` decimal
 (``25.6k`` = 25,600) and ``K M G T`` binary (``2G`` = 2 x 2**30, no decimals).
-``tests/test_planner.py`` checks it against vLLM's on the same strings.
+``tests/tools/test_planner.py`` checks it against vLLM's on the same strings.
 """
 from __future__ import annotations
 

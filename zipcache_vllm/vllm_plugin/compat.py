@@ -5,7 +5,7 @@ imports the internals but patches nothing: the ``patch_*`` functions are called
 by :func:`zipcache_vllm.vllm_plugin.plugin.register` only, and only on a supported
 vLLM (``plugin.SUPPORTED_VLLM``; on another version ``register`` disables the plugin
 with one warning before anything imports this module). Each patch says why it
-exists; ``tests/test_vllm_compat.py`` checks that every target still has the shape
+exists; ``tests/serving/test_vllm_compat.py`` checks that every target still has the shape
 assumed here.
 """
 from __future__ import annotations
@@ -287,7 +287,7 @@ def patch_step_token_ids(record: Callable[[torch.Tensor], None]) -> None:
     ``self.input_ids.cpu[:total_num_scheduled_tokens]`` in scheduling order (the
     order of ``query_start_loc``) before ``_build_attention_metadata`` runs in the
     same ``execute_model``; the builder reads the recorded view. Checked by
-    ``tests/test_fastgen_engine.py::test_runner_fills_token_ids_before_building_metadata``.
+    ``tests/serving/test_fastgen_engine.py::test_runner_fills_token_ids_before_building_metadata``.
     """
     original = GPUModelRunner._prepare_inputs
     if _is_patched(original):

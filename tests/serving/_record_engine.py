@@ -1,7 +1,7 @@
 """Run the real vLLM engine in-process with ``--kv-cache-dtype zipcache`` and record, for a
 few layers, every step's attention inputs and outputs (used by test_engine_fidelity.py).
 
-    python tests/_record_engine.py MODEL_DIR OUT.pt [TOKEN_BUDGET]
+    python tests/serving/_record_engine.py MODEL_DIR OUT.pt [TOKEN_BUDGET]
 
 The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so the
 recorder wrapped around the backend's ``apply_step`` sees every call. Prompts of awkward

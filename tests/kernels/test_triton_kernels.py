@@ -361,7 +361,7 @@ def test_kernels_compile_for_sm90():
     """The interpreter misses compiler-only errors: build every kernel for sm_90 (no GPU needed)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # silence triton 3.9's notice; quantize_pack disables it
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
     res = subprocess.run([sys.executable, "-m", "triton_kernels.compile_check", "--quick"],
                          cwd=root, env=env, capture_output=True, text=True, timeout=600)

@@ -32,7 +32,7 @@ import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NOT_COPIED = (".git", ".venv", "build", "dist", "__pycache__", "*.egg-info", ".pytest_cache",
               ".hypothesis", "out")
 STEP_TIMEOUT_S = 600

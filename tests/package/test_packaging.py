@@ -1,7 +1,7 @@
 """Packaging without building anything: where the package data is looked up, what setup.py
 maps into the wheel, user presets next to the built-in ones, and the kernels' fallbacks.
 
-tests/test_wheel_install.py builds and installs the real wheel (slow).
+tests/package/test_wheel_install.py builds and installs the real wheel (slow).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from zipcache_vllm import config, resources
 from zipcache_vllm.config import CONFIG_DIR, PresetError, list_presets, load_preset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 USER_PRESET = "name: mine\nmethod: zipcache\nhi_bits: 4\nlo_bits: 2\nsalient_ratio: 0.25\n"
 
 

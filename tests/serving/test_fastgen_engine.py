@@ -4,7 +4,7 @@
   prediction, and grows over the same storage without eviction by ~B / S;
 * fidelity: engine logprobs equal the offline simulator of the same preset
   (the code behind the quality table), with the same tolerance argument as
-  tests/test_engine_fidelity.py;
+  tests/serving/test_engine_fidelity.py;
 * greedy output is sane (the chat prompt's answer names Paris).
 """
 import inspect
@@ -16,7 +16,7 @@ import pytest
 from zipcache_vllm.fastgen import engine_check
 
 DTYPES = ("zipcache_fastgen_t95", "zipcache_fastgen")
-# Same justification as tests/test_engine_fidelity.py: float32 summation order moves
+# Same justification as tests/serving/test_engine_fidelity.py: float32 summation order moves
 # logprobs by ~1e-5..1e-4; a near-tie in a block's ranking can flip one kept token,
 # which moves later logprobs by up to the size of the compression effect itself.
 MEDIAN_TOL = 1e-3
@@ -44,7 +44,7 @@ def results(model_dir):
     if out:
         from zipcache_vllm.eval.offline import machine_line
 
-        cmd = f"ZIPCACHE_FASTGEN_ENGINE_MD={out} pytest -m slow tests/test_fastgen_engine.py"
+        cmd = f"ZIPCACHE_FASTGEN_ENGINE_MD={out} pytest -m slow tests/serving/test_fastgen_engine.py"
         Path(out).write_text(engine_check.markdown(list(res.values()), cmd, machine_line()))
     return res
 
