@@ -203,12 +203,8 @@ class FastGenStepper:
             output[rows] = res.out.to(output.dtype)
             if res.pages.shape[0]:
                 pages.index_copy_(0, plan.filled_ids, res.pages)
-            t = res.tail_len
-            if t:
-                pool.k[layer, slot, :, :t] = res.tail_k.to(pool.dtype)
-                pool.v[layer, slot, :, :t] = res.tail_v.to(pool.dtype)
-                pool.score[layer, slot, :, :t] = res.tail_score
-                pool.count[layer, slot, :t] = res.tail_count
+            pool.store_tail(layer, slot, res)
+            if res.tail_len:
                 self.rung[layer, slot] = res.rung
 
 

@@ -137,6 +137,16 @@ class StagingPool:
             self._block_of_slot[slot] = block_id
         self.fill[slot] = fill
 
+    def store_tail(self, layer: int, slot: int, res) -> None:
+        """Write a step result's new partial block (``res.tail_*``, ``res.tail_len`` tokens,
+        maybe none) into ``slot`` of ``layer``: full-precision K/V and the saliency sums."""
+        t = res.tail_len
+        if t:
+            self.k[layer, slot, :, :t] = res.tail_k.to(self.dtype)
+            self.v[layer, slot, :, :t] = res.tail_v.to(self.dtype)
+            self.score[layer, slot, :, :t] = res.tail_score
+            self.count[layer, slot, :t] = res.tail_count
+
     def release_slot(self, slot: int) -> None:
         if self._block_of_slot[slot] != -1:
             self._release_slot(slot)

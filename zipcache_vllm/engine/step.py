@@ -262,12 +262,7 @@ def _apply_chunk(pool: StagingPool, layer: int, plan: RequestPlan, query: torch.
                 packed = torch.cat([packed, block])
             filled += 1
         ctx, start = ctx + n, start + n
-        t = res.tail_len
-        if t:
-            pool.k[layer, slot, :, :t] = res.tail_k.to(pool.dtype)
-            pool.v[layer, slot, :, :t] = res.tail_v.to(pool.dtype)
-            pool.score[layer, slot, :, :t] = res.tail_score
-            pool.count[layer, slot, :t] = res.tail_count
+        pool.store_tail(layer, slot, res)
 
 
 class _DequantizedPrefix:
