@@ -18,9 +18,8 @@ mean passkey log-probability within ``LOGPROB_MARGIN`` of ``auto``'s. A silent
 long-context collapse (vLLM's fp8 KV once went from 91% to 13% retrieval) fails both.
 The default ``zipcache`` preset (4-bit salient, 2-bit rest, Hadamard-rotated keys) must
 pass; without the key rotation it found 0 of 3 (docs/RELIABILITY.md). ``zipcache_kivi4``
-(uniform 4-bit) passed too when measured; CI does not re-run it: a bf16 server here
-takes about 10 minutes on a CPU without native bf16 for the three 8k prompts (2.3
-documents of prefill, the needles deepest first so the prompts share their prefixes).
+(uniform 4-bit) passed too when measured; CI does not re-run it: every server here
+prefills three 8k documents, about 13 minutes a server on a CPU without native bf16.
 """
 from __future__ import annotations
 
@@ -44,20 +43,12 @@ def tokenizer(model_dir):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-# Deepest needle first: every prompt is the same text with the needle inserted, so the
-# text before a needle is a prefix of every deeper needle's prompt, and a server prefills
-# 2.3 documents instead of 3 (the 0.5 prompt reads its first half from the prefix cache,
-# the 0.2 prompt its first fifth; for zipcache, packed pages). Each needle itself is in
-# the part prefilled fresh.
-ORDER = sorted(DEPTHS, reverse=True)
-
-
 @pytest.fixture(scope="module")
 def prompts(tokenizer):
     from zipcache_vllm.eval.corpus import corpus_ids
 
     ids = corpus_ids(tokenizer)
-    return [build_prompt(tokenizer, ids, d, PROMPT_TOKENS) for d in ORDER]
+    return [build_prompt(tokenizer, ids, d, PROMPT_TOKENS) for d in DEPTHS]
 
 
 def _key_logprob(s: Server, prompt: list[int], key_ids: list[int]) -> tuple[float, int]:
@@ -83,17 +74,14 @@ def _retrieval(model_dir, dtype: str, prompts: list[list[int]], key_ids: list[in
                 kv_space_gib=1) as s:
         s.wait_ready()
         for p in prompts:
-            hits = s.metric("vllm:prefix_cache_hits_total")
             r = s.complete(p, max_tokens=8)  # prefills the document; its blocks enter the prefix cache
             assert r["status"] == 200, r
             answer = r["json"]["choices"][0]["text"]
-            prefix_hit = s.metric("vllm:prefix_cache_hits_total") - hits
             hits = s.metric("vllm:prefix_cache_hits_total")
             key_logprob, missing = _key_logprob(s, p, key_ids)
             rows.append({"answer": answer, "found": answer.strip().startswith(KEY),
                          "key_logprob": key_logprob, "outside_top_k": missing,
                          "cache_hit_tokens": (s.metric("vllm:prefix_cache_hits_total") - hits) / len(key_ids),
-                         "prompt_cache_hit_tokens": prefix_hit,
                          "prompt_tokens": r["json"]["usage"]["prompt_tokens"]})
     return rows
 
@@ -115,18 +103,13 @@ def auto(model_dir, prompts, key_ids) -> list[dict]:
 @pytest.mark.parametrize("dtype", ["zipcache"])
 def test_passkey_retrieval_vs_auto(model_dir, prompts, key_ids, auto, dtype):
     got = _retrieval(model_dir, dtype, prompts, key_ids)
-    for d, a, z in zip(ORDER, auto, got):
-        print(f"\ndepth {d}: {a['prompt_tokens']} tokens ({z['prompt_cache_hit_tokens']:.0f} from the "
-              f"prefix cache) | auto found={a['found']} "
+    for d, a, z in zip(DEPTHS, auto, got):
+        print(f"\ndepth {d}: {a['prompt_tokens']} tokens | auto found={a['found']} "
               f"logprob={a['key_logprob']:.3f} {a['answer']!r} | {dtype} found={z['found']} "
               f"logprob={z['key_logprob']:.3f} {z['answer']!r} (outside top {TOP_K}: {z['outside_top_k']}, "
               f"prefix-cache hit {z['cache_hit_tokens']:.0f} tokens a request)")
     assert all(r["prompt_tokens"] == PROMPT_TOKENS for r in got)
     assert all(r["cache_hit_tokens"] >= PROMPT_TOKENS - 128 for r in auto + got)
-    # the shallower needles' prompts read the text before their needle from the cache
-    for rows in (auto, got):
-        assert all(r["prompt_cache_hit_tokens"] >= int(d * PROMPT_TOKENS) - 2 * 128
-                   for d, r in zip(ORDER[1:], rows[1:]))
     assert sum(r["found"] for r in got) >= sum(a["found"] for a in auto) - 1
     mean = lambda rows: sum(r["key_logprob"] for r in rows) / len(rows)  # noqa: E731
     assert mean(got) >= mean(auto) - LOGPROB_MARGIN
