@@ -1,4 +1,5 @@
-"""Package structure: the step engine (``zipcache_vllm/engine/``) never imports vLLM.
+"""Package structure: the step engine (``zipcache_vllm/engine/``) never imports vLLM,
+and no package imports another package's private names.
 
 Everything that touches vLLM lives in ``zipcache_vllm/vllm_plugin/``; the engine is
 driven by its backend and must stay importable and testable without vLLM. Checked
@@ -43,4 +44,28 @@ def test_engine_imports_no_vllm():
             parts = module.split(".")
             if parts[0] == "vllm" or parts[:2] == ["zipcache_vllm", "vllm_plugin"]:
                 bad.append(f"{path.relative_to(ENGINE.parent)}:{line} imports {module}")
+    assert not bad, bad
+
+
+def _package_of(path: Path) -> list[str]:
+    """The package a module's relative imports resolve against (``__init__`` included)."""
+    return ["zipcache_vllm", *path.relative_to(ENGINE.parent).parts[:-1]]
+
+
+def test_no_private_name_is_imported_from_another_package():
+    """``from ..eval.offline import _logits`` ties two packages to a helper one of them
+    may change at will: a name another package needs is public."""
+    bad = []
+    root = ENGINE.parent
+    for path in sorted(root.rglob("*.py")):
+        package = _package_of(path)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.ImportFrom) or not node.level:
+                continue
+            base = package[:len(package) - node.level + 1]
+            target = base + (node.module.split(".") if node.module else [])
+            if target[:2] == package[:2] or len(target) < 2:
+                continue  # the same top-level package (or the package root)
+            bad += [f"{path.relative_to(root)}:{node.lineno} imports {'.'.join(target)}.{a.name}"
+                    for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
     assert not bad, bad

@@ -148,10 +148,10 @@ def test_topk_kl_on_the_model_s_own_distributions(model_dir, one_intra_op_thread
 
     model, tok = offline.load_model(str(model_dir))
     ids = torch.tensor(offline.token_windows_for(tok, 384, 1)[0])
-    ref = offline._logits(model, KVSimulator(make_policy("none"), SimConfig(128, 128)), ids, 128)
+    ref = offline.simulated_logprobs(model, KVSimulator(make_policy("none"), SimConfig(128, 128)), ids, 128)
     ests = []
     for preset in ("kivi4", "zipcache", "kivi2"):
-        lp = offline._logits(model, KVSimulator(make_policy(preset), SimConfig(128, 128)), ids, 128)
+        lp = offline.simulated_logprobs(model, KVSimulator(make_policy(preset), SimConfig(128, 128)), ids, 128)
         exact = float((ref.exp() * (ref - lp)).sum(-1).mean())
         est = sum(engine_eval.topk_kl(*_top(a, 20), *_top(b, 20)) for a, b in zip(ref, lp)) / len(ref)
         print(preset, "exact", exact, "top-20 estimate", est)

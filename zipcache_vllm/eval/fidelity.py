@@ -58,14 +58,14 @@ def preset_of(kv_dtype: str) -> str:
 @torch.inference_mode()
 def simulated_logprobs(model, preset: str, prompt: list[int], gen: list[int]) -> list[float]:
     """Logprob of each generated token under the simulated cache of ``preset``."""
-    from .offline import _logits
+    from .offline import simulated_logprobs
 
     policy = make_policy(preset)
     # Block-aligned chunks from position 0: what the engine computes for any chunking
     # (each query sees earlier blocks packed, its own block in full precision).
     sim = KVSimulator(policy, SimConfig(prefill_len=0, chunk_size=policy.preset.block_size))
     ids = torch.tensor(prompt + gen)
-    lp = _logits(model, sim, ids, len(prompt) - 1)
+    lp = simulated_logprobs(model, sim, ids, len(prompt) - 1)
     return lp.gather(-1, torch.tensor(gen).unsqueeze(-1)).squeeze(-1).tolist()
 
 

@@ -41,11 +41,11 @@ def _attn(q, k, v, qpos, scale):
 
 @torch.inference_mode()
 def layer_errors(model, tok, seq_len: int = 512, prompt_len: int = 256, preset: str = "zipcache") -> dict:
-    from .offline import _logits, token_windows_for
+    from .offline import simulated_logprobs, token_windows_for
 
     store: dict = {}
     ids = torch.tensor(token_windows_for(tok, seq_len, 1)[0])
-    _logits(model, _Capture(store), ids, seq_len - 1)
+    simulated_logprobs(model, _Capture(store), ids, seq_len - 1)
     pol = make_policy(load_preset(preset))
     B, n_hi = pol.preset.block_size, pol.preset.n_salient
     nb = prompt_len // B

@@ -120,7 +120,10 @@ def load_model(model_dir: str):
 
 
 @torch.inference_mode()
-def _logits(model, sim: KVSimulator, ids: torch.Tensor, start: int) -> torch.Tensor:
+def simulated_logprobs(model, sim: KVSimulator, ids: torch.Tensor, start: int) -> torch.Tensor:
+    """float32 log-probabilities ``[len(ids) - start - 1, vocab]`` of the HF model over
+    ``ids``, its attention run through ``sim`` (a policy applied block by block, as the
+    paged engine stores the cache): row ``i`` predicts the token at ``start + 1 + i``."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTN_NAME, sim)
@@ -149,14 +152,14 @@ def evaluate(model, tok, variants: list[Variant], seq_len: int, prefill_len: int
         special, punct = _token_classes(tok, ids_list)
         labels = ids[prefill_len + 1:]
         ref_sim = KVSimulator(none, SimConfig(prefill_len, block))
-        ref = _logits(model, ref_sim, ids, prefill_len)
+        ref = simulated_logprobs(model, ref_sim, ids, prefill_len)
         ref_nll += float(-ref.gather(-1, labels.unsqueeze(-1)).sum())
         ref_n += labels.numel()
         bar.update()
         for v in variants:
             sim = KVSimulator(make_policy(v.preset), SimConfig(prefill_len, v.preset.block_size, v.saliency_window))
             sim.reset(special, punct)
-            lp = _logits(model, sim, ids, prefill_len)
+            lp = simulated_logprobs(model, sim, ids, prefill_len)
             a = acc[v.label]
             a["kl"] += float((ref.exp() * (ref - lp)).sum())
             a["top1"] += float((ref.argmax(-1) == lp.argmax(-1)).sum())

@@ -50,7 +50,7 @@ def offline(model_dir: str, presets: list[str], n_tokens: int, depths=DEPTHS, bl
 
     from ..policies import make_policy
     from .corpus import corpus_ids
-    from .offline import _logits, load_model
+    from .offline import simulated_logprobs, load_model
     from .simulate import KVSimulator, SimConfig
 
     model, tok = load_model(model_dir)
@@ -60,7 +60,7 @@ def offline(model_dir: str, presets: list[str], n_tokens: int, depths=DEPTHS, bl
         prompt = build_prompt(tok, ids, depth, n_tokens)
         x = torch.tensor(prompt + key)
         for name in presets:
-            lp = _logits(model, KVSimulator(make_policy(name), SimConfig(0, block)), x, len(prompt) - 1)
+            lp = simulated_logprobs(model, KVSimulator(make_policy(name), SimConfig(0, block)), x, len(prompt) - 1)
             top = [int(lp[i].argmax()) for i in range(len(key))]
             yield {"depth": depth, "preset": name, "key_logprob": sum(float(lp[i, k]) for i, k in enumerate(key)),
                    "argmax": tok.decode(top), "retrieved": top == key}

@@ -66,12 +66,12 @@ def _run(args) -> int:
         return 0
     import torch
 
-    from ..eval.cli import _model_dir
     from ..eval.offline import load_model, machine_line
+    from ..model.prepare import prepare_default_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_dir = _model_dir(args)
+    model_dir = args.model or str(prepare_default_model())
     command = "zipcache-vllm " + " ".join(sys.argv[1:])
     if args.mode == "profile-cost":
         from . import profile_cost

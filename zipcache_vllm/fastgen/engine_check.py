@@ -68,7 +68,7 @@ def expected_capacity(preset_name: str, model_dir: str, budget_bytes: int, dtype
 @torch.inference_mode()
 def simulated_logprobs(model, table: torch.Tensor, preset, prompt: list[int], gen: list[int]) -> list[float]:
     """Logprob of each generated token under the simulated cache of ``preset`` (name or Preset)."""
-    from ..eval.offline import _logits
+    from ..eval.offline import simulated_logprobs
     from ..eval.simulate import KVSimulator, SimConfig
     from ..policies import make_policy
     from .tokens import classify, masks
@@ -77,7 +77,7 @@ def simulated_logprobs(model, table: torch.Tensor, preset, prompt: list[int], ge
     sim = KVSimulator(policy, SimConfig(prefill_len=len(prompt), chunk_size=policy.preset.block_size))
     ids = torch.tensor(prompt + gen)
     sim.reset(*masks(classify(table, ids)))
-    lp = _logits(model, sim, ids, len(prompt) - 1)
+    lp = simulated_logprobs(model, sim, ids, len(prompt) - 1)
     return lp.gather(-1, torch.tensor(gen).unsqueeze(-1)).squeeze(-1).tolist()
 
 
