@@ -21,7 +21,7 @@ import os
 import torch
 
 from zipcache_vllm.config import list_presets, load_preset
-from zipcache_vllm.fastgen.sim import class_bytes
+from zipcache_vllm.eval.fastgen_sim import class_bytes
 from zipcache_vllm.layout import BlockLayout, FastGenLayout
 from zipcache_vllm.engine.fastgen import FastGenStepper
 from zipcache_vllm.engine.plan import plan_step

@@ -76,7 +76,7 @@ def test_setup_maps_every_data_file_into_the_package():
 
 # --------------------------------------------------------------------------- presets
 def test_user_presets_add_to_the_builtin_ones(tmp_path, monkeypatch):
-    from zipcache_vllm.vllm_plugin.dtypes import cache_dtypes
+    from zipcache_vllm.dtypes import cache_dtypes
 
     builtin = list_presets()
     (tmp_path / "mine.yaml").write_text(USER_PRESET)
@@ -121,7 +121,7 @@ def test_no_builtin_presets_is_an_error_not_an_empty_table(tmp_path, monkeypatch
     """An install without its package data must not look like a working plugin: the CLI's
     preset table fails, and so does the dtype list the plugin registers."""
     from zipcache_vllm.cli import main
-    from zipcache_vllm.vllm_plugin.dtypes import cache_dtypes
+    from zipcache_vllm.dtypes import cache_dtypes
 
     monkeypatch.setattr(config, "CONFIG_DIR", tmp_path)
     with pytest.raises(PresetError, match="no built-in presets"):

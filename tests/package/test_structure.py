@@ -69,3 +69,45 @@ def test_no_private_name_is_imported_from_another_package():
             bad += [f"{path.relative_to(root)}:{node.lineno} imports {'.'.join(target)}.{a.name}"
                     for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
     assert not bad, bad
+
+
+def _package_edges() -> dict[str, set[str]]:
+    """Top-level package (or module) -> the ones it imports, lazy imports included."""
+    root = ENGINE.parent
+    edges: dict[str, set[str]] = {}
+    for path in sorted(root.rglob("*.py")):
+        package = _package_of(path)
+        source = path.relative_to(root).parts[0].removesuffix(".py")
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                target = package[:len(package) - node.level + 1] + (node.module.split(".") if node.module else [])
+                names = [target[1]] if len(target) > 1 else [a.name for a in node.names]
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                names = [m.split(".")[1] for m in mods if m.startswith("zipcache_vllm.")]
+            else:
+                continue
+            edges.setdefault(source, set()).update(n for n in names if n != source)
+    return edges
+
+
+def test_packages_import_each_other_without_cycles():
+    """The packages form layers (engine below vllm_plugin, tools above both): a cycle,
+    even through a function-local import, means two packages are one."""
+    edges = _package_edges()
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == 1:
+                cycles.append(trail[trail.index(nxt):] + [nxt] if nxt in trail else [node, nxt])
+            elif nxt not in state:
+                visit(nxt, trail + [nxt])
+        state[node] = 2
+
+    for start in sorted(edges):
+        if start not in state:
+            visit(start, [start])
+    assert not cycles, cycles

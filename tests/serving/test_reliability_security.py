@@ -29,7 +29,8 @@ import pytest
 import zipcache_vllm
 
 PKG = Path(zipcache_vllm.__file__).resolve().parent
-LOADED_BY_VLLM = ["vllm_plugin", "engine", "kernels", "quant", "saliency", "config.py", "layout.py"]
+LOADED_BY_VLLM = ["vllm_plugin", "engine", "kernels", "quant", "saliency", "policies", "config.py", "dtypes.py",
+                  "layout.py", "resources.py"]
 NETWORK_MODULES = {"socket", "socketserver", "http", "urllib", "requests", "aiohttp", "uvicorn",
                    "httpx", "websockets", "zmq", "ssl", "ftplib", "smtplib", "xmlrpc"}
 FILE_CALLS = {"open", "read_text", "read_bytes", "write_text", "write_bytes", "fdopen"}
@@ -108,7 +109,7 @@ sys.addaudithook(hook)
 import torch
 from zipcache_vllm.engine import staging
 from zipcache_vllm.vllm_plugin import plugin, worker_ext
-from zipcache_vllm.vllm_plugin.dtypes import cache_dtypes
+from zipcache_vllm.dtypes import cache_dtypes
 plugin.register()
 cache_dtypes()
 from zipcache_vllm.config import load_preset

@@ -185,7 +185,7 @@ def test_spec_and_metadata_fields_we_use():
 def test_importing_the_package_patches_nothing():
     code = (
         "import sys, zipcache_vllm, zipcache_vllm.vllm_plugin, zipcache_vllm.vllm_plugin.plugin\n"
-        "import zipcache_vllm.vllm_plugin.dtypes\n"
+        "import zipcache_vllm.dtypes\n"
         "assert 'vllm' not in sys.modules, 'importing the plugin imported vllm'\n"
         "import typing, vllm.config.cache as c\n"
         "assert not any(n.startswith('zipcache') for n in typing.get_args(c.CacheDType))\n"
@@ -225,7 +225,7 @@ def test_dtype_names_are_legal_everywhere(registered):
     from vllm.config.cache import CacheConfig
     from vllm.utils.torch_utils import STR_DTYPE_TO_TORCH_DTYPE
 
-    from zipcache_vllm.vllm_plugin.dtypes import cache_dtypes
+    from zipcache_vllm.dtypes import cache_dtypes
     names = cache_dtypes()
     assert {"zipcache", "zipcache_hc", "zipcache_kivi2"} <= set(names)
     for name in names:

@@ -2,7 +2,7 @@
 
 The engine's FastGen step (``engine/fastgen.py``) is driven like the
 engine drives it (one prompt chunk, then one decode token per step) and must
-give the offline simulator's outputs (``fastgen/sim.py``), which the quality
+give the offline simulator's outputs (``eval/fastgen_sim.py``), which the quality
 table is computed with.
 """
 import pytest
@@ -10,14 +10,14 @@ import torch
 
 from zipcache_vllm.config import PresetError, list_presets, load_preset, parse_preset
 from zipcache_vllm.eval.simulate import KVSimulator, SimConfig
-from zipcache_vllm.fastgen.paged import (FULL, ladder_choice, pack_pages, read_counts, read_rungs,
+from zipcache_vllm.engine.fastgen_pages import (FULL, ladder_choice, pack_pages, read_counts, read_rungs,
                                          select_slots, unpack_pages)
-from zipcache_vllm.fastgen.sim import class_bytes
-from zipcache_vllm.fastgen.tokens import PUNCT, SPECIAL, build_class_table, is_punct_text
+from zipcache_vllm.eval.fastgen_sim import class_bytes
+from zipcache_vllm.engine.token_classes import PUNCT, SPECIAL, build_class_table, is_punct_text
 from zipcache_vllm.layout import FastGenLayout
 from zipcache_vllm.policies import make_policy
 from zipcache_vllm.quant.block import fake_quantize_blocks, topk_salient_mask
-from zipcache_vllm.vllm_plugin.dtypes import cache_dtypes, dtype_for_preset
+from zipcache_vllm.dtypes import cache_dtypes, dtype_for_preset
 from zipcache_vllm.engine.fastgen import run_fastgen_step
 from zipcache_vllm.engine.saliency import SaliencyRule
 from zipcache_vllm.engine.staging import StagedBlock

@@ -10,7 +10,7 @@ import pytest
 from zipcache_vllm import engine_proc
 from zipcache_vllm.bench import decode
 from zipcache_vllm.layout import BlockLayout
-from zipcache_vllm.vllm_plugin.dtypes import preset_for_dtype
+from zipcache_vllm.dtypes import preset_for_dtype
 
 FACTS = {"layers": 30, "kv_heads": 3, "head_size": 64, "weights_bytes": 269_000_000}
 

@@ -12,7 +12,7 @@ import math
 import pytest
 
 from zipcache_vllm.eval import engine_eval
-from zipcache_vllm.vllm_plugin.dtypes import cache_dtypes
+from zipcache_vllm.dtypes import cache_dtypes
 
 # --------------------------------------------------------------------------- fast
 
@@ -109,7 +109,7 @@ def test_quick_mode_capacity_is_the_page_ratio_less_staging(quick):
     reserve included) sits between 0.97x its page ratio and the page ratio itself: staging
     is the only difference. FastGen presets evict (their growth: test_fastgen_engine.py)."""
     from zipcache_vllm.layout import BlockLayout
-    from zipcache_vllm.vllm_plugin.dtypes import preset_for_dtype
+    from zipcache_vllm.dtypes import preset_for_dtype
 
     checked = []
     for r in quick["rows"]:

@@ -16,7 +16,7 @@ from zipcache_vllm.planner.hardware import load_catalog
 from zipcache_vllm.planner.model_spec import ModelSpecError, load_model_spec
 from zipcache_vllm.planner.plan import PlanError, PlanRequest, make_plan
 from zipcache_vllm.planner.report import markdown
-from zipcache_vllm.vllm_plugin.dtypes import cache_dtypes
+from zipcache_vllm.dtypes import cache_dtypes
 
 # Awkward on purpose: max_model_len not a multiple of any block size; TP that replicates KV
 # heads (9 > 3 KV heads of SmolLM2); PP that splits 30 layers unevenly.

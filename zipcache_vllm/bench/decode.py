@@ -78,7 +78,7 @@ def kv_bytes_per_request(kv_dtype: str, ctx: int, facts: dict) -> int:
     if kv_dtype == "fp8":
         return L * ctx * H * D * 2
     from ..layout import BlockLayout
-    from ..vllm_plugin.dtypes import preset_for_dtype
+    from ..dtypes import preset_for_dtype
 
     layout = BlockLayout.from_preset(preset_for_dtype(kv_dtype), head_size=D, num_kv_heads=H)
     B = layout.block_size

@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     from vllm import LLM
 
     from ..vllm_plugin.compat import cpu_attention_refusal
-    from ..vllm_plugin.dtypes import is_zipcache_dtype
+    from ..dtypes import is_zipcache_dtype
     from .decode import model_facts
 
     facts = model_facts(args.model)

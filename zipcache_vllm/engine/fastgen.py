@@ -11,7 +11,7 @@ differs is what a page holds and how a filled block is stored:
   ladder; later steps read it from the staging side state (partial block) or
   from the trailer of the request's last page;
 * a filled block keeps, per head, the ``S`` tokens of highest (rung priority,
-  saliency) (``fastgen.paged.select_slots``), saliency from the probe queries of
+  saliency) (``fastgen_pages.select_slots``), saliency from the probe queries of
   its own block exactly as ``step.py`` scores it (the rows of
   ``saliency.scoring_rows``).
 
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..fastgen.paged import kept_view, pack_pages, read_rungs, select_slots, ladder_choice
-from ..fastgen.tokens import classify, masks
+from .fastgen_pages import kept_view, pack_pages, read_rungs, select_slots, ladder_choice
+from .token_classes import classify, masks
 from ..kernels import attend_packed
 from ..layout import FastGenLayout
 from ..saliency.scores import probe_rows

@@ -1,7 +1,7 @@
 """``zipcache-vllm eval --engine``: every KV dtype through the real vLLM engine, against ``auto``.
 
 For each of ``auto``, ``fp8`` and every quantizing preset's ``--kv-cache-dtype``
-(:func:`zipcache_vllm.vllm_plugin.dtypes.cache_dtypes`, so a new preset file adds a
+(:func:`zipcache_vllm.dtypes.cache_dtypes`, so a new preset file adds a
 row) the engine starts once at the same KV budget (all engines one after another in
 one :mod:`engine_worker` process) and runs three jobs:
 
@@ -71,7 +71,7 @@ COPY_ANSWER = 8
 
 def dtypes() -> list[str]:
     """``auto``, ``fp8``, then every quantizing preset's cache dtype (default preset first)."""
-    from ..vllm_plugin.dtypes import cache_dtypes
+    from ..dtypes import cache_dtypes
 
     ours = sorted(cache_dtypes(), key=lambda d: (d != "zipcache", d))
     return [BASELINE, "fp8", *ours]

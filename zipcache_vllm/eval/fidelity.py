@@ -50,7 +50,7 @@ def engine_generate(model_dir: str, kv_dtype: str, prompts: list[list[int]], wor
 
 
 def preset_of(kv_dtype: str) -> str:
-    from ..vllm_plugin.dtypes import preset_for_dtype
+    from ..dtypes import preset_for_dtype
 
     return preset_for_dtype(kv_dtype).name
 

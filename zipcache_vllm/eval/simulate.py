@@ -93,7 +93,7 @@ class KVSimulator:
         q, k, v = query[0].float(), key[0].float(), value[0].float()
         scale = scaling if scaling is not None else q.shape[-1] ** -0.5
         if isinstance(self.policy, FastGenPolicy) and self.policy.paged:
-            from ..fastgen.sim import simulate_paged
+            from .fastgen_sim import simulate_paged
 
             out = simulate_paged(self, q, k, v, scale, module.layer_idx)
         elif isinstance(self.policy, FastGenPolicy):

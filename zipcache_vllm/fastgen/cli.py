@@ -39,7 +39,7 @@ def layout_table(head_size: int, num_kv_heads: int) -> str:
     lines = ["| preset | --kv-cache-dtype | T | slots S / B | kept storage | page bytes | bytes/token/KV head | "
              "vs bf16 | page bytes without eviction | growth |",
              "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
-    from ..vllm_plugin.dtypes import dtype_for_preset
+    from ..dtypes import dtype_for_preset
 
     for name in list_presets():
         preset = load_preset(name)

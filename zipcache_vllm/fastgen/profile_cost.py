@@ -47,7 +47,7 @@ def measure(model, tok, model_dir: str, preset_name: str, prompt_len: int, repea
     from ..engine.attention import QUERY_TILE
     from ..engine.fastgen import probe_mass, rung_from_mass
     from ..engine.saliency import SaliencyRule
-    from .tokens import class_table, classify
+    from ..engine.token_classes import class_table, classify
 
     preset = load_preset(preset_name)
     rule = SaliencyRule.from_preset(preset)
@@ -96,7 +96,7 @@ def _num_probes(n: int, rule) -> int:
 
 
 def markdown(rows: list[dict], command: str, machine: str) -> str:
-    from .paged import HYBRID
+    from ..engine.fastgen_pages import HYBRID
 
     names = ["+".join(p) for p in HYBRID]
     lines = [f"Command: `{command}`", "", f"Machine: {machine}", "",

@@ -60,7 +60,7 @@ def layers_per_stage(num_layers: int, pipeline_parallel_size: int) -> list[int]:
 
 
 def is_zipcache(cache_dtype: str) -> bool:
-    from ..vllm_plugin.dtypes import is_zipcache_dtype
+    from ..dtypes import is_zipcache_dtype
     return is_zipcache_dtype(cache_dtype)
 
 
@@ -108,7 +108,7 @@ def zipcache_layout(preset, head_size: int, num_kv_heads: int):
 
 def check_cache_dtype(cache_dtype: str) -> None:
     """Raise ``ValueError`` listing the valid names unless the planner knows ``cache_dtype``."""
-    from ..vllm_plugin.dtypes import cache_dtypes
+    from ..dtypes import cache_dtypes
     if cache_dtype in FP8_DTYPES or cache_dtype in FULL_PRECISION_DTYPES or cache_dtype in cache_dtypes():
         return
     raise ValueError(f"unknown --kv-cache-dtype {cache_dtype!r}; valid: "
@@ -119,7 +119,7 @@ def page_format(cache_dtype: str, head_size: int, num_kv_heads: int, model_dtype
                 device: str, block_size: int | None = None) -> PageFormat:
     """The page of ``cache_dtype`` for ``num_kv_heads`` heads of ``head_size`` (one rank)."""
     if is_zipcache(cache_dtype):
-        from ..vllm_plugin.dtypes import preset_for_dtype
+        from ..dtypes import preset_for_dtype
         preset = preset_for_dtype(cache_dtype)
         if block_size not in (None, preset.block_size):
             raise ValueError(f"{cache_dtype} stores blocks of {preset.block_size} tokens, not {block_size}")

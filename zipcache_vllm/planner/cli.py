@@ -133,7 +133,7 @@ def _dtypes(text: str | None) -> list[str] | None:
     if text is None:
         return None
     if text == "all":
-        from ..vllm_plugin.dtypes import cache_dtypes
+        from ..dtypes import cache_dtypes
         return ["auto", "fp8", *sorted(cache_dtypes())]
     return [d.strip() for d in text.split(",") if d.strip()]
 

@@ -44,7 +44,7 @@ from .compat import (
     KVCacheLayout,
     MultipleOf,
 )
-from .dtypes import is_zipcache_dtype, preset_for_dtype
+from ..dtypes import is_zipcache_dtype, preset_for_dtype
 
 logger = compat.logger
 
@@ -351,7 +351,7 @@ def ensure_fastgen_stepper(pool: StagingPool, tokenizer_path: str, cfg) -> FastG
         raise NotImplementedError("paged FastGen dtypes (zipcache_fastgen*) run on the CPU engine only "
                                   "for now (their step is PyTorch on CPU tensors); use a zipcache preset on CUDA")
     if _fastgen_stepper is None or _fastgen_stepper.pool is not pool:
-        from ..fastgen.tokens import class_table
+        from ..engine.token_classes import class_table
 
         compat.patch_step_token_ids(record_step_tokens)
         _fastgen_stepper = FastGenStepper(pool, class_table(tokenizer_path), cfg)

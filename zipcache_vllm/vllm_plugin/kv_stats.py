@@ -77,7 +77,7 @@ def _page_layers(vllm_config) -> list:
 def worker_stats(worker) -> dict:
     """This worker's KV stats (any ``--kv-cache-dtype``; page fields only for zipcache)."""
     from ..engine.staging import get_pool
-    from .dtypes import is_zipcache_dtype, preset_for_dtype
+    from ..dtypes import is_zipcache_dtype, preset_for_dtype
 
     cfg = worker.vllm_config
     runner = worker.model_runner

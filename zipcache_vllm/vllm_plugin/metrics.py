@@ -90,7 +90,7 @@ def layout_figures(vllm_config) -> dict:
     the backend's), one page per layer (zipcache serves dense attention only, every layer)."""
     from ..engine.staging import MARGIN
     from ..planner.capacity import zipcache_layout
-    from .dtypes import is_zipcache_dtype, preset_for_dtype
+    from ..dtypes import is_zipcache_dtype, preset_for_dtype
 
     cache_dtype = vllm_config.cache_config.cache_dtype
     if not is_zipcache_dtype(cache_dtype):

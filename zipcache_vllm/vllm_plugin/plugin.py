@@ -57,7 +57,7 @@ def vllm_version_problem(version: str | None = None) -> str | None:
 def requested_zipcache_dtype(argv: list[str]) -> str | None:
     """The zipcache ``--kv-cache-dtype`` value on a command line, or None (both spellings
     vLLM's parser accepts, ``--kv-cache-dtype X`` / ``=X`` and ``--kv_cache_dtype``)."""
-    from .dtypes import is_zipcache_dtype
+    from ..dtypes import is_zipcache_dtype
 
     for i, arg in enumerate(argv):
         flag, eq, value = arg.partition("=")
@@ -81,7 +81,7 @@ def register() -> None:
         return
     from ..engine import staging
     from . import backend, compat
-    from .dtypes import cache_dtypes, is_zipcache_dtype
+    from ..dtypes import cache_dtypes, is_zipcache_dtype
 
     compat.patch_cache_dtypes(sorted(cache_dtypes()))
     compat.register_backend(compat.AttentionBackendEnum.CUSTOM, backend.BACKEND_PATH)

@@ -12,7 +12,7 @@ No vLLM import: tests and the CLI use this without starting vLLM.
 """
 from __future__ import annotations
 
-from ..config import DEFAULT_PRESET, Preset, list_presets, load_preset
+from .config import DEFAULT_PRESET, Preset, list_presets, load_preset
 
 PREFIX = "zipcache"
 

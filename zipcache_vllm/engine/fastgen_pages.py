@@ -23,7 +23,7 @@ import torch
 from ..layout import FastGenLayout
 from ..quant.block import topk_salient_mask, unpack_dequantize_blocks
 from ..policies.fastgen import HYBRID
-from .tokens import masks
+from .token_classes import masks
 
 FULL = len(HYBRID) - 1  # rung index of "full"
 

@@ -13,8 +13,8 @@ import torch
 
 from ..layout import FastGenLayout
 from ..saliency import probe_rows
-from .paged import pack_pages, profile_heads, select_slots, unpack_pages
-from .tokens import PUNCT, SPECIAL
+from ..engine.fastgen_pages import pack_pages, profile_heads, select_slots, unpack_pages
+from ..engine.token_classes import PUNCT, SPECIAL
 
 
 def class_bytes(special: torch.Tensor | None, punct: torch.Tensor | None, L: int) -> torch.Tensor:
