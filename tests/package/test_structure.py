@@ -16,19 +16,24 @@ import zipcache_vllm
 ENGINE = Path(zipcache_vllm.__file__).resolve().parent / "engine"
 
 
-def _imports(path: Path) -> list[tuple[int, str]]:
-    """``(line, module)`` of every import statement; relative imports resolved against
-    the module's package (``from ..vllm_plugin import x`` -> ``zipcache_vllm.vllm_plugin``)."""
-    package = ["zipcache_vllm", "engine"]
+def _package_of(path: Path) -> list[str]:
+    """The package a module's relative imports resolve against (``__init__`` included)."""
+    return ["zipcache_vllm", *path.relative_to(ENGINE.parent).parts[:-1]]
+
+
+def _imports(path: Path) -> list[tuple[int, str, list[str], bool]]:
+    """``(line, module, names, relative)`` of every import statement, lazy ones included;
+    relative imports resolved against the module's package (``from ..vllm_plugin import
+    x`` in ``engine/`` -> ``zipcache_vllm.vllm_plugin``, names ``["x"]``)."""
+    package = _package_of(path)
     out = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            out += [(node.lineno, a.name) for a in node.names]
+            out += [(node.lineno, a.name, [], False) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = package[:len(package) - node.level + 1] if node.level else []
             module = ".".join(base + ([node.module] if node.module else []))
-            out.append((node.lineno, module))
-            out += [(node.lineno, f"{module}.{a.name}") for a in node.names]
+            out.append((node.lineno, module, [a.name for a in node.names], bool(node.level)))
     return out
 
 
@@ -40,16 +45,12 @@ def test_engine_modules_exist():
 def test_engine_imports_no_vllm():
     bad = []
     for path in sorted(ENGINE.rglob("*.py")):
-        for line, module in _imports(path):
-            parts = module.split(".")
-            if parts[0] == "vllm" or parts[:2] == ["zipcache_vllm", "vllm_plugin"]:
-                bad.append(f"{path.relative_to(ENGINE.parent)}:{line} imports {module}")
+        for line, module, names, _ in _imports(path):
+            for target in [module] + [f"{module}.{n}" for n in names]:
+                parts = target.split(".")
+                if parts[0] == "vllm" or parts[:2] == ["zipcache_vllm", "vllm_plugin"]:
+                    bad.append(f"{path.relative_to(ENGINE.parent)}:{line} imports {target}")
     assert not bad, bad
-
-
-def _package_of(path: Path) -> list[str]:
-    """The package a module's relative imports resolve against (``__init__`` included)."""
-    return ["zipcache_vllm", *path.relative_to(ENGINE.parent).parts[:-1]]
 
 
 def test_no_private_name_is_imported_from_another_package():
@@ -58,16 +59,13 @@ def test_no_private_name_is_imported_from_another_package():
     bad = []
     root = ENGINE.parent
     for path in sorted(root.rglob("*.py")):
-        package = _package_of(path)
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if not isinstance(node, ast.ImportFrom) or not node.level:
-                continue
-            base = package[:len(package) - node.level + 1]
-            target = base + (node.module.split(".") if node.module else [])
-            if target[:2] == package[:2] or len(target) < 2:
+        own = _package_of(path)[:2]
+        for line, module, names, relative in _imports(path):
+            target = module.split(".")
+            if not relative or len(target) < 2 or target[:2] == own:
                 continue  # the same top-level package (or the package root)
-            bad += [f"{path.relative_to(root)}:{node.lineno} imports {'.'.join(target)}.{a.name}"
-                    for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+            bad += [f"{path.relative_to(root)}:{line} imports {module}.{n}"
+                    for n in names if n.startswith("_") and not n.startswith("__")]
     assert not bad, bad
 
 
@@ -76,18 +74,13 @@ def _package_edges() -> dict[str, set[str]]:
     root = ENGINE.parent
     edges: dict[str, set[str]] = {}
     for path in sorted(root.rglob("*.py")):
-        package = _package_of(path)
         source = path.relative_to(root).parts[0].removesuffix(".py")
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.ImportFrom) and node.level:
-                target = package[:len(package) - node.level + 1] + (node.module.split(".") if node.module else [])
-                names = [target[1]] if len(target) > 1 else [a.name for a in node.names]
-            elif isinstance(node, (ast.Import, ast.ImportFrom)):
-                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
-                names = [m.split(".")[1] for m in mods if m.startswith("zipcache_vllm.")]
-            else:
+        for _, module, names, _ in _imports(path):
+            target = module.split(".")
+            if target[0] != "zipcache_vllm":
                 continue
-            edges.setdefault(source, set()).update(n for n in names if n != source)
+            found = [target[1]] if len(target) > 1 else names
+            edges.setdefault(source, set()).update(n for n in found if n != source)
     return edges
 
 
