@@ -55,17 +55,27 @@ def one_intra_op_thread():
 QUICK_EVAL_MAX_MODEL_LEN = 2000  # not a multiple of the block size: vLLM's logged token count rounds by blocks
 
 
+# The dtypes the session's quick engine eval serves: one per distinct page layout and step
+# flow. Left out, each covered elsewhere: zipcache_h2o_mixed and zipcache_exact (the
+# default's pages and flow with another ranking: tests/step/), zipcache_fastgen_t90 / _t98
+# (zipcache_fastgen_t95's pages and flow with another threshold) and zipcache_fastgen_hc
+# (zipcache_fastgen's flow, fewer slots).
+QUICK_EVAL_DTYPES = ["auto", "fp8", "zipcache", "zipcache_hc", "zipcache_kivi2", "zipcache_kivi3",
+                     "zipcache_kivi4", "zipcache_random_mixed", "zipcache_fastgen",
+                     "zipcache_fastgen_t95"]
+
+
 @pytest.fixture(scope="session")
 def engine_quick_eval(model_dir) -> dict:
-    """``zipcache-vllm eval --engine --quick`` for every dtype (one worker process, one
-    engine per dtype at 1 GiB): quality rows for test_engine_eval.py, the engine's own
-    capacity for test_planner_engine.py and the capacity ratios of every preset."""
+    """``zipcache-vllm eval --engine --quick`` for ``QUICK_EVAL_DTYPES`` (one worker process,
+    one engine per dtype at 1 GiB): quality rows for test_engine_eval.py, the engine's own
+    capacity for test_planner_engine.py and the capacity ratios of the presets."""
     from dataclasses import replace
 
     from zipcache_vllm.eval import engine_eval
 
-    # One generation prompt and two copy items (the CLI's --quick has 2 and 4): the 15
+    # One generation prompt and two copy items (the CLI's --quick has 2 and 4): the
     # engines' prompt tokens are most of this fixture's time on a 2-core CPU, and the
     # assertions read the scored window (KL, capacity) and that each job ran.
     settings = replace(engine_eval.QUICK, max_model_len=QUICK_EVAL_MAX_MODEL_LEN, gen_prompts=1, task_items=2)
-    return engine_eval.evaluate(str(model_dir), settings, progress=False)
+    return engine_eval.evaluate(str(model_dir), settings, QUICK_EVAL_DTYPES, progress=False)

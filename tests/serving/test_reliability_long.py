@@ -1,11 +1,12 @@
 """Long context: passkey retrieval in real text at the model's longest context (8,192).
 
 The prompts of :mod:`zipcache_vllm.eval.passkey`: a sentence "The secret passkey is
-71432. Remember the passkey 71432." is hidden at several depths of a document of real
+71432. Remember the passkey 71432." is hidden at two depths (``DEPTHS``) of a document of real
 English text (``eval/corpus.py``) that fills SmolLM2's 8,192-token context; the
 document ends with the cue "The secret passkey is" (a plain completion: the model retrieves by copying, the skill a 135M model has at
 this length; as a chat question the bf16 model itself found 1 of 3, measured). Two
-servers in turn (``auto`` in bf16, then each zipcache preset) answer the same prompts:
+servers in turn (``auto``, then each zipcache preset), both in float32, answer the same
+prompts:
 
 * greedy retrieval: the continuation of the cue starts with the passkey;
 * teacher-forced: the log-probability of the passkey's tokens after the cue (one
@@ -13,25 +14,36 @@ servers in turn (``auto`` in bf16, then each zipcache preset) answer the same pr
   the packed pages), a continuous measure that shows a collapse before greedy answers
   flip.
 
-A preset must retrieve at least as many needles as ``auto`` minus one and keep the
+A preset must retrieve as many needles as ``auto`` (which must find both) and keep the
 mean passkey log-probability within ``LOGPROB_MARGIN`` of ``auto``'s. A silent
 long-context collapse (vLLM's fp8 KV once went from 91% to 13% retrieval) fails both.
 The default ``zipcache`` preset (4-bit salient, 2-bit rest, Hadamard-rotated keys) must
 pass; without the key rotation it found 0 of 3 (docs/RELIABILITY.md). ``zipcache_kivi4``
-(uniform 4-bit) passed too when measured; CI does not re-run it: every server here
-prefills three 8k documents, about 13 minutes a server on a CPU without native bf16.
+(uniform 4-bit) passed too when measured; CI does not re-run it.
+
+Why float32 and two depths (``DEPTHS``): on a CPU without native bf16 (AVX2) the 8k
+prefills dominate CI. Measured on such a 2-core machine, the module took 1,203 s in bf16
+and 601 s in float32 (the compression is the same code; the quantizer reads the same
+values), with the default preset passing both: passkey log-probabilities -1.44 / -1.80
+against ``auto``'s -0.62 / -0.42 in bf16, -1.73 / -1.00 against -0.57 / -0.41 in float32,
+every needle found (docs/RELIABILITY.md).
 """
 from __future__ import annotations
 
 import pytest
 from _server import Server
 
-from zipcache_vllm.eval.passkey import DEPTHS, KEY, build_prompt, key_ids as passkey_ids
+from zipcache_vllm.eval.passkey import KEY, build_prompt, key_ids as passkey_ids
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
 MAX_MODEL_LEN = 8192
 PROMPT_TOKENS = 8180  # room for the answer
+# Needle depths: eval.passkey's 0.5 and 0.8. Its 0.2 needle is left out here: bf16 itself
+# finds it only barely (log-probability -3.87) and every compressed preset measured lost it,
+# so it told nothing the continuous log-probability check does not, at a third of the
+# module's time (each 8k prefill takes minutes on a CPU without native bf16).
+DEPTHS = (0.5, 0.8)
 TOP_K = 20  # vLLM's default --max-logprobs
 LOGPROB_MARGIN = 2.0  # nats over the passkey digits; a collapse costs far more (each lost digit ~2+)
 
@@ -70,8 +82,8 @@ def _key_logprob(s: Server, prompt: list[int], key_ids: list[int]) -> tuple[floa
 
 def _retrieval(model_dir, dtype: str, prompts: list[list[int]], key_ids: list[int]) -> list[dict]:
     rows = []
-    with Server(model_dir, "--kv-cache-dtype", dtype, max_model_len=MAX_MODEL_LEN,
-                kv_space_gib=1) as s:
+    with Server(model_dir, "--kv-cache-dtype", dtype, "--dtype", "float32",
+                max_model_len=MAX_MODEL_LEN, kv_space_gib=1) as s:
         s.wait_ready()
         for p in prompts:
             r = s.complete(p, max_tokens=8)  # prefills the document; its blocks enter the prefix cache
@@ -95,7 +107,7 @@ def key_ids(tokenizer) -> list[int]:
 def auto(model_dir, prompts, key_ids) -> list[dict]:
     rows = _retrieval(model_dir, "auto", prompts, key_ids)
     assert all(r["prompt_tokens"] == PROMPT_TOKENS for r in rows)
-    assert sum(r["found"] for r in rows) >= 2, \
+    assert all(r["found"] for r in rows), \
         "the bf16 baseline itself does not retrieve: the check measures nothing"
     return rows
 
@@ -110,6 +122,6 @@ def test_passkey_retrieval_vs_auto(model_dir, prompts, key_ids, auto, dtype):
               f"prefix-cache hit {z['cache_hit_tokens']:.0f} tokens a request)")
     assert all(r["prompt_tokens"] == PROMPT_TOKENS for r in got)
     assert all(r["cache_hit_tokens"] >= PROMPT_TOKENS - 128 for r in auto + got)
-    assert sum(r["found"] for r in got) >= sum(a["found"] for a in auto) - 1
+    assert sum(r["found"] for r in got) >= sum(a["found"] for a in auto)
     mean = lambda rows: sum(r["key_logprob"] for r in rows) / len(rows)  # noqa: E731
     assert mean(got) >= mean(auto) - LOGPROB_MARGIN

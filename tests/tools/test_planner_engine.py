@@ -1,5 +1,6 @@
 """The planner's CPU capacity equals what vLLM's engine computes and logs ("KV cache size: N
-tokens"), for auto, fp8 and every zipcache dtype.
+tokens"), for auto, fp8 and a zipcache dtype of every page layout (``QUICK_EVAL_DTYPES``;
+the others share those pages).
 
 The engines are the ones of the session's quick engine eval (``engine_quick_eval`` in
 conftest.py: one worker process, one engine per dtype, ``VLLM_CPU_KVCACHE_SPACE=1``, a
@@ -15,7 +16,7 @@ from zipcache_vllm.planner.plan import PlanRequest, make_plan
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
 
-def test_planner_equals_engine_capacity_for_every_cpu_dtype(engine_quick_eval, model_dir):
+def test_planner_equals_engine_capacity_for_each_page_layout(engine_quick_eval, model_dir):
     s = engine_quick_eval["settings"]
     rows = {r["kv_cache_dtype"]: r for r in engine_quick_eval["rows"]}
     plan = make_plan(PlanRequest(model=str(model_dir), hardware="cpu-dev", kv_cache_space_gib=s["kv_space_gib"],
