@@ -11,11 +11,19 @@
 //      token s starts from it, tokens t > s are cleared (stale); the count of probe
 //      queries that saw each token likewise (probe[r] is 1 for a probe row, else 0).
 //
-// Called once per layer by zipcache_vllm/engine/step.py::apply_decode_rows (through
-// kernels.DecodePlan); its PyTorch reference, tested against this op, is
+// Called once per layer by zipcache_vllm/engine/step.py::apply_decode_rows through
+// kernels.DecodePlan.run; the same formula in PyTorch ops is the portable path
+// zipcache_vllm/kernels/portable.py::decode_staged, and the tests hold both to the oracle
 // zipcache_vllm/kernels/reference.py::decode_staged_ref. A row whose block fills
 // (s == B - 1) is then packed by the caller from the slot, which holds all B tokens
 // and accumulators.
+//
+// Argument checks: DecodePlan.create checks the step's index tensors once for all
+// layers (int64 / float32 [R] and [R, max_blocks], contiguous, rows and slots >= 0,
+// slots distinct, 0 <= staged < B, 0 <= num_blocks <= max_blocks, block ids >= 0) and
+// passes `bounds`, the exclusive upper bounds of the query rows, slots and block ids
+// they address. This op does not read them again: per layer it checks only the layer's
+// own tensors, which no plan sees (a few integer compares, no pass over the data).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -169,10 +177,13 @@ void decode_staged(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
                    const Tensor& block_table, const Tensor& num_blocks, const Tensor& slots, const Tensor& staged,
                    const Tensor& probe, const Tensor& pool_k, const Tensor& pool_v, const Tensor& pool_score,
                    const Tensor& pool_count, const Tensor& out, std::vector<int64_t> layout,
-                   std::vector<int64_t> offsets, double scale, std::string isa) {
+                   std::vector<int64_t> offsets, double scale, std::string isa, std::vector<int64_t> bounds) {
   const PageLayout L = parse_layout(layout, offsets);
   const int64_t H = L.num_kv_heads, D = L.head_size, B = L.block_size;
   const auto dt = q.scalar_type();
+  // The layer's tensors: the loops below index them by the layout's H, B, D and the
+  // plan's rows, slots and block ids with raw pointers, so a wrong shape or a tensor
+  // smaller than the plan's bounds would read or write outside it.
   TORCH_CHECK_VALUE(q.dim() == 3 && q.size(2) == D && q.size(1) % H == 0 && q.stride(2) == 1,
               "q must be [T, Hq, D] with unit inner stride");
   TORCH_CHECK_VALUE(k.dim() == 3 && k.size(1) == H && k.size(2) == D && k.stride(2) == 1 && v.sizes() == k.sizes() &&
@@ -195,33 +206,18 @@ void decode_staged(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
   TORCH_CHECK_VALUE(pages.scalar_type() == at::kByte && pages.dim() == 2 && pages.size(1) == L.page_bytes &&
                   pages.stride(1) == 1 && pages.stride(0) >= L.page_bytes,
               "pages must be uint8 [num_pages, page_bytes] with rows of contiguous bytes");
+  const int64_t num_pages = pages.size(0);
+  TORCH_CHECK_VALUE(bounds.size() == 3, "bounds must be [rows_end, slots_end, pages_end]");
+  TORCH_CHECK_VALUE(q.size(0) >= bounds[0] && S >= bounds[1] && num_pages >= bounds[2],
+              "the plan addresses query rows < ", bounds[0], ", staging slots < ", bounds[1], " and pages < ",
+              bounds[2], "; this layer has ", q.size(0), ", ", S, " and ", num_pages);
   const int64_t R = rows.size(0);
-  for (const Tensor* t : {&rows, &num_blocks, &slots, &staged})
-    TORCH_CHECK_VALUE(t->scalar_type() == at::kLong && t->is_contiguous() && t->dim() == 1 && t->size(0) == R,
-                "rows, num_blocks, slots and staged must be contiguous int64 [R]");
-  TORCH_CHECK_VALUE(probe.scalar_type() == at::kFloat && probe.is_contiguous() && probe.dim() == 1 && probe.size(0) == R,
-              "probe must be contiguous float32 [R]");
-  TORCH_CHECK_VALUE(block_table.scalar_type() == at::kLong && block_table.is_contiguous() && block_table.dim() == 2 &&
-                  block_table.size(0) == R,
-              "block_table must be contiguous int64 [R, max_blocks]");
   const int64_t* rp = rows.data_ptr<int64_t>();
   const int64_t* nbp = num_blocks.data_ptr<int64_t>();
   const int64_t* slp = slots.data_ptr<int64_t>();
   const int64_t* stp = staged.data_ptr<int64_t>();
   const int64_t* btp = block_table.data_ptr<int64_t>();
-  const int64_t num_pages = pages.size(0), bt_stride = block_table.size(1);
-  for (int64_t r = 0; r < R; ++r) {
-    TORCH_CHECK_VALUE(rp[r] >= 0 && rp[r] < q.size(0), "rows[", r, "]=", rp[r], " out of range");
-    TORCH_CHECK_VALUE(slp[r] >= 0 && slp[r] < S, "slots[", r, "]=", slp[r], " must be in [0, ", S, ")");
-    TORCH_CHECK_VALUE(stp[r] >= 0 && stp[r] < B, "staged[", r, "]=", stp[r], " must be in [0, ", B, ")");
-    TORCH_CHECK_VALUE(nbp[r] >= 0 && nbp[r] <= bt_stride, "num_blocks[", r, "]=", nbp[r], " must be in [0, ",
-                      bt_stride, "]");
-    for (int64_t b = 0; b < nbp[r]; ++b)
-      TORCH_CHECK_VALUE(btp[r * bt_stride + b] >= 0 && btp[r * bt_stride + b] < num_pages, "block id ",
-                        btp[r * bt_stride + b], " of row ", r, " must be in [0, ", num_pages, ")");
-    for (int64_t r2 = 0; r2 < r; ++r2)
-      TORCH_CHECK_VALUE(slp[r2] != slp[r], "two rows share staging slot ", slp[r]);
-  }
+  const int64_t bt_stride = block_table.size(1);
   if (R == 0) return;
   PackedQuery pq{nullptr, 0, 0, pages.data_ptr<uint8_t>(), pages.stride(0), num_pages, btp, bt_stride, nbp,
                  nullptr, 0};
@@ -257,7 +253,7 @@ TORCH_LIBRARY_FRAGMENT(zipcache, m) {
       "decode_staged(Tensor q, Tensor k, Tensor v, Tensor rows, Tensor pages, Tensor block_table, "
       "Tensor num_blocks, Tensor slots, Tensor staged, Tensor probe, Tensor(a!) pool_k, Tensor(b!) pool_v, "
       "Tensor(c!) pool_score, Tensor(d!) pool_count, Tensor(e!) out, int[] layout, int[] offsets, float scale, "
-      "str isa) -> ()");
+      "str isa, int[] bounds) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(zipcache, CPU, m) { m.impl("decode_staged", &zc::decode_staged); }

@@ -80,9 +80,7 @@ void dequantize_head(const uint8_t* head, const PageLayout& L, float* k, float* 
 
 std::tuple<Tensor, Tensor> dequantize_pages(const Tensor& pages, std::vector<int64_t> layout,
                                             std::vector<int64_t> offsets) {
-  const PageLayout L = parse_layout(layout, offsets);
-  TORCH_CHECK(pages.scalar_type() == at::kByte && pages.dim() == 2 && pages.size(1) == L.page_bytes,
-              "pages must be uint8 [N, page_bytes]");
+  const PageLayout L = parse_layout(layout, offsets);  // pages: checked by kernels.ops.dequantize_pages
   const Tensor p = pages.contiguous();
   const int64_t N = p.size(0), H = L.num_kv_heads, B = L.block_size, D = L.head_size;
   Tensor k = at::empty({N, H, B, D}, p.options().dtype(at::kFloat));

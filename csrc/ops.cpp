@@ -2,10 +2,13 @@
 // `zipcache`), argument checks, work partitioning, run-time ISA dispatch,
 // the split-K log-sum-exp merge, and the bit-exact quantize/pack of full blocks.
 //
-// The Python wrappers in zipcache_vllm/kernels/ check shapes and dtypes (ValueError);
-// value checks that need a pass over the data (block ids, lengths) are done here,
-// as TORCH_CHECK_VALUE (also a Python ValueError), to keep the hot path free of
-// extra tensor ops.
+// Argument checks: the host wrappers in zipcache_vllm/kernels/ops.py check shapes,
+// dtypes, strides and devices (ValueError) before calling an op, and the ops trust
+// them. What stays here is what memory safety needs and no wrapper checks: the layout
+// vector (parse_layout: the fixed-size buffers and code widths of the kernels), and
+// attend_packed's index values (block ids, lengths), checked in the op's one pass over
+// them as TORCH_CHECK_VALUE (also a Python ValueError) to keep the hot path free of
+// extra tensor ops. decode.cpp has its own note.
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 #include <omp.h>
@@ -29,6 +32,9 @@
 namespace zc {
 
 // --------------------------------------------------------------------------- layout
+// A few integer compares per call, kept because the kernels size stack buffers by MAX_HEAD /
+// MAX_BLOCK, run 8-wide loops over D and B, and pack only these code widths: a layout
+// outside them would write past a buffer.
 PageLayout parse_layout(const std::vector<int64_t>& layout, const std::vector<int64_t>& offsets) {
   TORCH_CHECK(layout.size() == 8, "layout must be [B, D, H, hi_bits, lo_bits, n_hi, head_bytes, page_bytes]");
   TORCH_CHECK(offsets.size() == NUM_SECTIONS, "offsets must list the ", int(NUM_SECTIONS), " section offsets");
@@ -203,17 +209,10 @@ std::tuple<Tensor, Tensor> attend_packed(const Tensor& q, const Tensor& pages, c
                                          const Tensor& num_blocks, const Tensor& query_start_loc,
                                          std::vector<int64_t> layout, std::vector<int64_t> offsets,
                                          double scale, std::string isa) {
+  // Shapes, dtypes and strides: checked by kernels.ops.attend_packed_varlen. The index
+  // values are checked below (the wrapper leaves them to this pass).
   const PageLayout L = parse_layout(layout, offsets);
-  TORCH_CHECK(q.dim() == 3 && q.size(2) == L.head_size, "q must be [nq, Hq, D]");
-  TORCH_CHECK(pages.scalar_type() == at::kByte && pages.dim() == 2 && pages.size(1) >= L.page_bytes &&
-                  pages.stride(1) == 1,
-              "pages must be uint8 [num_pages, page_bytes] with unit inner stride");
-  TORCH_CHECK(block_table.dim() == 2 && num_blocks.dim() == 1 && query_start_loc.dim() == 1,
-              "block_table [nreq, max_blocks], num_blocks [nreq], query_start_loc [nreq + 1]");
-  const int64_t nreq = block_table.size(0), Hq = q.size(1), Hk = L.num_kv_heads;
-  TORCH_CHECK(Hq % Hk == 0, "Hq must be a multiple of the KV heads");
-  TORCH_CHECK(num_blocks.size(0) == nreq && query_start_loc.size(0) == nreq + 1, "request count mismatch");
-  const int64_t nq = q.size(0);
+  const int64_t nreq = block_table.size(0), Hq = q.size(1), nq = q.size(0);
 
   Tensor qf = q.to(at::kFloat).mul(scale).contiguous();
   Tensor bt = block_table.to(at::kLong).contiguous();
@@ -406,13 +405,10 @@ void pack_head(const float* k, const float* v, const bool* sal, const PageLayout
 Tensor quantize_pack(const Tensor& k, const Tensor& v, const Tensor& salient, std::vector<int64_t> layout,
                      std::vector<int64_t> offsets) {
   const PageLayout L = parse_layout(layout, offsets);
-  const int64_t B = L.block_size, H = L.num_kv_heads, D = L.head_size;
-  TORCH_CHECK(k.dim() == 4 && k.size(1) == B && k.size(2) == H && k.size(3) == D && v.sizes() == k.sizes(),
-              "k and v must be [N, B, H, D]");
+  // Shapes and dtypes (k, v [N, B, H, D]; salient bool [N, H, B] with n_hi per row):
+  // checked by kernels.ops.quantize_pack.
+  const int64_t B = L.block_size, H = L.num_kv_heads;
   const int64_t N = k.size(0);
-  TORCH_CHECK(salient.scalar_type() == at::kBool && salient.dim() == 3 && salient.size(0) == N &&
-                  salient.size(1) == H && salient.size(2) == B,
-              "salient must be bool [N, H, B]");
   // float32 in the input's strides (a strided view of the staging pool is not copied twice)
   Tensor kf = k.to(at::kFloat), vf = v.to(at::kFloat);
   if (kf.stride(3) != 1) kf = kf.contiguous();

@@ -62,7 +62,8 @@ void rotate_rows(const In* x, Out* y, int64_t n, int64_t D, bool vector) {
 }
 
 Tensor hadamard_rotate(const Tensor& x, at::ScalarType dtype, const std::string& isa) {
-  TORCH_CHECK(x.dim() >= 1, "x must have a last dimension to rotate");
+  // Kept although kernels.ops.hadamard_rotate checks it too: DecodePlan.rotate calls this op
+  // directly, and the butterfly's a[j + h] stays inside the row only for a power of two.
   const int64_t D = x.size(-1);
   TORCH_CHECK(D > 0 && (D & (D - 1)) == 0, "Hadamard rotation needs a power-of-two size, got ", D);
   Tensor xc = x.contiguous();

@@ -25,7 +25,7 @@ from zipcache_vllm.eval.fastgen_sim import class_bytes
 from zipcache_vllm.layout import BlockLayout, FastGenLayout
 from zipcache_vllm.engine.fastgen import FastGenStepper
 from zipcache_vllm.engine.plan import plan_step
-from zipcache_vllm.engine.saliency import SaliencyRule
+from zipcache_vllm.policies import make_policy
 from zipcache_vllm.engine.staging import StagedBlock, StagingPool
 from zipcache_vllm.engine.step import apply_step, rotate_inputs, run_request_step
 
@@ -78,7 +78,7 @@ def _run_steps(preset, dtype: torch.dtype, reqs: list[_Request]) -> tuple[str, s
     fastgen = preset.paged_fastgen
     layout = (FastGenLayout if fastgen else BlockLayout).from_preset(preset, head_size=D,
                                                                      num_kv_heads=H)
-    rule = SaliencyRule.from_preset(preset)
+    policy = make_policy(preset)
     num_blocks = max(int(r.block_ids.max()) for r in reqs) + 1
     pages = torch.zeros(num_blocks, layout.page_bytes, dtype=torch.uint8)
     pool = StagingPool(["layer0"], len(reqs) + 1, B, H, D, dtype)
@@ -101,9 +101,9 @@ def _run_steps(preset, dtype: torch.dtype, reqs: list[_Request]) -> tuple[str, s
         q, k, v = torch.cat(q), torch.cat(k), torch.cat(v)
         out = torch.zeros(q.shape, dtype=dtype)
         if stepper is not None:
-            stepper.apply(0, plans, wins, q, k, v, pages, layout, rule, scale, out)
+            stepper.apply(0, plans, wins, q, k, v, pages, layout, policy, scale, out)
         else:
-            apply_step(pool, 0, plans, q, k, v, pages, layout, rule, scale, out)
+            apply_step(pool, 0, plans, q, k, v, pages, layout, policy, scale, out)
         outs.append(out)
         for r, c in rows:
             r.pos += c
@@ -117,7 +117,7 @@ def _run_request_step(preset, dtype: torch.dtype, r: _Request) -> tuple[str, str
     """The whole prompt as one ``run_request_step`` (tiled window attention), then decode."""
     B = preset.block_size
     layout = BlockLayout.from_preset(preset, head_size=D, num_kv_heads=H)
-    rule = SaliencyRule.from_preset(preset)
+    policy = make_policy(preset)
     q, k = rotate_inputs(layout, r.q, r.k)
     pages = torch.zeros(r.len // B + 1, layout.page_bytes, dtype=torch.uint8)
 
@@ -128,7 +128,7 @@ def _run_request_step(preset, dtype: torch.dtype, r: _Request) -> tuple[str, str
     staged, outs, state, ctx, n_pages = empty(), [], [], 0, 0
     for a, b in [(0, r.prompt)] + [(t, t + 1) for t in range(r.prompt, r.len)]:
         res = run_request_step(q[a:b], k[a:b], r.v[a:b], ctx, torch.arange(n_pages), pages,
-                               staged, layout, rule, D ** -0.5)
+                               staged, layout, policy, D ** -0.5)
         n_new = res.pages.shape[0]
         pages[n_pages:n_pages + n_new] = res.pages
         n_pages += n_new

@@ -34,8 +34,12 @@ CONFIG_DIR = data_dir("configs")  # the built-in presets; hardware/ and models/ 
 USER_CONFIG_ENV = "ZIPCACHE_VLLM_CONFIG_DIR"
 DEFAULT_PRESET = "zipcache"
 
-Method = Literal["none", "kivi", "zipcache", "h2o_mixed", "random_mixed", "fastgen"]
-QUANTIZING_METHODS = ("kivi", "zipcache", "h2o_mixed", "random_mixed")
+# Methods with a flow of their own; every other method is a quantizing policy (a class
+# registered in zipcache_vllm/policies/, which also checks that the name exists).
+NON_QUANTIZING_METHODS = ("none", "fastgen")
+# The saliency a method's class ranks by, where it is not normalized attention: the
+# preset field must agree with the class (FastGen chooses its own).
+IMPLIED_SALIENCY = {"h2o_mixed": "accumulated", "random_mixed": "random"}
 
 
 class PresetError(ValueError):
@@ -79,7 +83,9 @@ class Preset(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    method: Method
+    method: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description=(
+        "the policy: none, fastgen, or a quantizing method registered in zipcache_vllm/policies/ "
+        "(kivi, zipcache, h2o_mixed, random_mixed, ...)"))
     description: str = ""
     block_size: int = Field(128, ge=16, le=1024, multiple_of=16, description="tokens per page")
     hi_bits: Literal[2, 3, 4, 8] = Field(4, description="bit width of salient tokens")
@@ -87,8 +93,10 @@ class Preset(BaseModel):
     salient_ratio: float = Field(0.5, ge=0.0, le=1.0, description="share of each block kept at hi_bits")
     topk_scope: Literal["block", "sequence"] = Field(
         "block", description="rank saliency per block (what the engine stores) or over the sequence (offline only)")
-    saliency_source: Literal["normalized", "accumulated", "random"] = Field(
-        "normalized", description="normalized attention (ZipCache), accumulated attention (H2O), or random")
+    saliency_source: Optional[Literal["normalized", "accumulated", "random"]] = Field(
+        None, description="normalized attention (ZipCache), accumulated attention (H2O), or random: "
+        "chosen by the method (h2o_mixed: accumulated, random_mixed: random, others normalized); "
+        "a fastgen preset may set it to rank the tokens of its slots")
     key_rotation: Literal["none", "hadamard"] = Field(
         "none", description="store keys Hadamard-rotated (same bytes; quant/rotation.py)")
     probes: ProbeConfig = Field(default_factory=ProbeConfig)
@@ -104,9 +112,15 @@ class Preset(BaseModel):
             raise ValueError("method fastgen needs a 'fastgen' section (threshold, r_local, r_frequent)")
         if self.method != "fastgen" and self.fastgen is not None:
             raise ValueError(f"a 'fastgen' section is only valid with method fastgen, not {self.method}")
-        if self.key_rotation != "none" and self.method not in QUANTIZING_METHODS:
-            raise ValueError(f"key_rotation applies to quantized pages ({', '.join(QUANTIZING_METHODS)}), "
-                             f"not to method {self.method}")
+        if self.key_rotation != "none" and not self.quantizes:
+            raise ValueError(f"key_rotation applies to quantized pages, not to method {self.method}")
+        implied = IMPLIED_SALIENCY.get(self.method, "normalized")
+        if self.method != "fastgen" and self.saliency_source not in (None, implied):
+            raise ValueError(f"method {self.method} ranks tokens by {implied} attention: "
+                             f"saliency_source must be {implied!r} (or unset)")
+        if self.method == "fastgen" and self.saliency_source == "random":
+            raise ValueError("fastgen ranks the tokens of its slots by normalized or accumulated "
+                             "attention: saliency_source 'random' is not supported")
         fg = self.fastgen
         if fg is not None and fg.slots is not None:
             if fg.slots % 8 or fg.slots > self.block_size:
@@ -128,7 +142,7 @@ class Preset(BaseModel):
 
     @property
     def quantizes(self) -> bool:
-        return self.method in QUANTIZING_METHODS
+        return self.method not in NON_QUANTIZING_METHODS
 
     @property
     def paged_fastgen(self) -> bool:

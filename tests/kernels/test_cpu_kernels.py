@@ -1,19 +1,22 @@
-"""C++ CPU kernels (csrc/, zipcache_vllm/kernels/) against the PyTorch reference.
+"""C++ CPU kernels (csrc/, zipcache_vllm/kernels/) and the portable PyTorch path against
+PyTorch references, and the routing between them.
 
 Attention is compared with explicit softmax attention over the *dequantized*
 pages (quant.block.unpack_dequantize_blocks, token order), so only kernel error
-is measured; quantize_pack must produce the reference's bytes exactly. The
+is measured; quantize_pack must produce quant.block's bytes exactly. The
 extension is built on first use; a failed build FAILS these tests (no skip).
 """
 from __future__ import annotations
 
+import ast
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 from zipcache_vllm import kernels
-from zipcache_vllm.engine.attention import merge_attention
+from zipcache_vllm.engine.attention import merge_lse
 from zipcache_vllm.kernels import build, ops, reference
 from zipcache_vllm.layout import BlockLayout
 from zipcache_vllm.quant.block import quantize_pack_blocks, topk_salient_mask, unpack_dequantize_blocks
@@ -177,17 +180,23 @@ def test_attend_packed_batch_decode(threads, nreq, heads):
         assert_attention_close(out[r:r + 1], lse[:, r:r + 1], ro, rl)
 
 
-def test_varlen_matches_reference_fallback_math():
-    """The varlen op and the PyTorch fallback agree (several requests, several queries)."""
+@pytest.mark.parametrize("route", ["", "torch"])  # the C++ op, the portable PyTorch path
+def test_varlen_matches_the_oracle(route, monkeypatch):
+    """Several requests with several queries each (one with none, one without blocks,
+    more than GROUP_BLOCKS blocks) against the float64 oracle."""
+    monkeypatch.setenv("ZIPCACHE_VLLM_KERNELS", route)
     layout = layout_for(64, 64, 2, BITS[0])
-    pages = make_pages(layout, 15, seed=9)
-    q = torch.randn(10, 8, 64)
-    qsl = torch.tensor([0, 3, 3, 10])
-    table = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 0, 0, 0], [14, 13, 12, 11, 0]])
-    nb = torch.tensor([5, 2, 4])
+    pages = make_pages(layout, 19, seed=9)
+    q = torch.randn(12, 8, 64)
+    qsl = torch.tensor([0, 3, 3, 10, 12])
+    table = torch.stack([torch.arange(18), torch.arange(18).flip(0), torch.arange(1, 19),
+                         torch.arange(18)])
+    table[1, 2:] = 0
+    nb = torch.tensor([5, 2, 18, 0])
     out, lse = kernels.attend_packed_varlen(q, pages, table, nb, qsl, layout, 0.125)
     ref_out, ref_lse = reference.attend_packed_varlen_ref(q, pages, table, nb, qsl, layout, 0.125)
     assert_attention_close(out, lse, ref_out, ref_lse)
+    assert bool(torch.isneginf(lse[:, 10:]).all()) and not bool(out[10:].any())
 
 
 def test_merge_with_staging_equals_full_attention():
@@ -200,7 +209,9 @@ def test_merge_with_staging_equals_full_attention():
     ks, vs = torch.randn(3, 20, 64), torch.randn(3, 20, 64)  # staged tokens [H, s, D]
     s = torch.einsum("qhd,htd->hqt", q * 0.125, ks.repeat_interleave(3, 0))
     out_s = torch.einsum("hqt,htd->qhd", torch.softmax(s, -1), vs.repeat_interleave(3, 0))
-    out, lse = merge_attention(out_p, lse_p, out_s, torch.logsumexp(s, -1))
+    # flat [n, Hq, D] parts, lse [Hq, n]: merged through transposed views, as the FastGen step does
+    out, lse = merge_lse(out_p, lse_p.t(), out_s.clone(), torch.logsumexp(s, -1).t())
+    lse = lse.t()
     kd, vd = unpack_dequantize_blocks(pages.index_select(0, ids), layout)
     k = torch.cat([kd.permute(1, 0, 2, 3).reshape(3, -1, 64), ks], 1).repeat_interleave(3, 0)
     v = torch.cat([vd.permute(1, 0, 2, 3).reshape(3, -1, 64), vs], 1).repeat_interleave(3, 0)
@@ -208,9 +219,23 @@ def test_merge_with_staging_equals_full_attention():
     assert_attention_close(out, lse, torch.einsum("hqt,htd->qhd", torch.softmax(sf, -1), v),
                            torch.logsumexp(sf, -1))
     # an empty packed part (lse = -inf) leaves the staging part unchanged
-    out2, lse2 = merge_attention(torch.zeros_like(out_s), torch.full_like(lse_p, float("-inf")),
-                                 out_s, torch.logsumexp(s, -1))
+    out2, lse2 = merge_lse(torch.zeros_like(out_s), torch.full_like(lse_p, float("-inf")).t(),
+                           out_s.clone(), torch.logsumexp(s, -1).t())
     torch.testing.assert_close(out2, out_s)
+    torch.testing.assert_close(lse2.t(), torch.logsumexp(s, -1))
+
+
+def test_merge_of_two_empty_parts_is_empty():
+    """Rows where neither part saw a key: out 0, lse -inf (not NaN); the other rows as usual."""
+    g = torch.Generator().manual_seed(4)
+    oa, ob = torch.randn(3, 5, 64, generator=g), torch.randn(3, 5, 64, generator=g)
+    la, lb = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    la[1], lb[1], oa[1], ob[1] = float("-inf"), float("-inf"), 0.0, 0.0
+    expect_lse = torch.logaddexp(la, lb)
+    expect = oa * torch.exp(la - expect_lse).unsqueeze(-1) + ob * torch.exp(lb - expect_lse).unsqueeze(-1)
+    out, lse = merge_lse(oa.clone(), la, ob.clone(), lb)
+    assert not bool(out[1].any()) and bool(torch.isneginf(lse[1]).all())
+    assert torch.equal(out[[0, 2]], expect[[0, 2]]) and torch.equal(lse, expect_lse)
 
 
 # --------------------------------------------------------------------------- quantize / pack
@@ -435,9 +460,10 @@ def test_fallback_warns_once_and_matches(monkeypatch):
         assert torch.equal(kernels.quantize_pack(k, k, sal, layout), quantize_pack_blocks(k, k, sal, layout))
         assert torch.equal(kernels.dequantize_pages(pages, layout)[0],
                            unpack_dequantize_blocks(pages, layout, order="storage")[0])
-    msgs = [w for w in caught if "PyTorch reference" in str(w.message)]
+    msgs = [w for w in caught if "portable PyTorch path" in str(w.message)]
     assert len(msgs) == 1 and issubclass(msgs[0].category, RuntimeWarning)
-    assert kernels.cpu_isa() == "reference"
+    assert kernels.cpu_isa() == "torch"
+    assert kernels.kernel_path(q) == "torch"
     assert_attention_close(out, lse, *dense_attention(q, pages, ids, layout, 0.125))
 
 
@@ -464,3 +490,37 @@ def test_stale_install_time_extension_is_ignored(monkeypatch):
 def test_jit_can_be_forced(monkeypatch):
     monkeypatch.setenv("ZIPCACHE_VLLM_EXT", "jit")
     assert build.installed_extension() is None
+
+
+# --------------------------------------------------------------------------- routing
+@pytest.mark.parametrize("route,path", [("", "cpp"), ("torch", "torch"), ("reference", "torch"),
+                                        ("triton", "triton")])
+def test_kernel_path_routes_cpu_tensors(route, path, monkeypatch):
+    """ZIPCACHE_VLLM_KERNELS picks the path of CPU tensors (``reference``: the portable
+    path's older name); tensors on other non-CUDA devices take the portable path."""
+    monkeypatch.setenv("ZIPCACHE_VLLM_KERNELS", route)
+    assert kernels.kernel_path(torch.zeros(1)) == path
+    assert kernels.uses_triton(torch.zeros(1)) == (path == "triton")
+    if path != "triton":
+        assert kernels.kernel_path(torch.zeros(1, device="meta")) == "torch"
+
+
+def test_no_production_module_imports_the_oracles():
+    """kernels/reference.py holds the tests' oracles: nothing in the package imports it."""
+    package = Path(kernels.__file__).resolve().parents[1]
+    importers = []
+    for path in package.rglob("*.py"):
+        if path == package / "kernels" / "reference.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                names = [base] + [f"{base}.{a.name}".lstrip(".") for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            if any(n.endswith("kernels.reference") or (n == "reference" and path.parent.name == "kernels")
+                   for n in names):
+                importers.append(str(path.relative_to(package)))
+    assert not importers, importers

@@ -33,11 +33,11 @@ def _select(dtype="zipcache"):
 def test_cuda_platform_routes_to_the_zipcache_backend(registered, monkeypatch):
     from vllm.platforms import current_platform
 
-    from zipcache_vllm.vllm_plugin.backend import BACKEND_PATH
+    from zipcache_vllm.vllm_plugin.backend import backend_path
 
     monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
     monkeypatch.setattr(current_platform, "is_cuda", lambda: True)
-    assert _select() == BACKEND_PATH
+    assert _select() == backend_path("zipcache")
 
 
 def test_other_platforms_refuse_with_the_fix(registered, monkeypatch):

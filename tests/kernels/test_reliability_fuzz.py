@@ -29,7 +29,7 @@ from zipcache_vllm.config import load_preset
 from zipcache_vllm.layout import BlockLayout
 from zipcache_vllm.quant.block import topk_salient_mask, unpack_dequantize_blocks
 from zipcache_vllm.engine.plan import plan_step
-from zipcache_vllm.engine.saliency import SaliencyRule
+from zipcache_vllm.policies import make_policy
 from zipcache_vllm.engine.staging import StagingPool
 from zipcache_vllm.engine.step import apply_step
 
@@ -137,7 +137,7 @@ def _two_requests(poison: str | None, steps: int = 20, B_fill: int = 120):
     """
     preset = load_preset("zipcache")
     layout = BlockLayout.from_preset(preset, D, H)
-    rule = SaliencyRule.from_preset(preset)
+    policy = make_policy(preset)
     B = layout.block_size
     pool = StagingPool(["l0"], 3, B, H, D, torch.bfloat16)
     pages = torch.zeros(6, layout.page_bytes, dtype=torch.uint8)
@@ -156,12 +156,12 @@ def _two_requests(poison: str | None, steps: int = 20, B_fill: int = 120):
     for r in range(2):  # prefills, one request per step
         plans = plan_step(pool, B, [0, B_fill], [B_fill], table[r:r + 1])
         apply_step(pool, 0, plans, q[r, :B_fill], k[r, :B_fill], v[r, :B_fill], pages, layout,
-                   rule, scale, torch.zeros(B_fill, H * G, D))
+                   policy, scale, torch.zeros(B_fill, H * G, D))
     for t in range(steps):  # decode steps, both requests in each
         pos = B_fill + t
         plans = plan_step(pool, B, [0, 1, 2], [pos + 1, pos + 1], table)
         o = torch.zeros(2, H * G, D)
-        apply_step(pool, 0, plans, q[:, pos], k[:, pos], v[:, pos], pages, layout, rule, scale, o)
+        apply_step(pool, 0, plans, q[:, pos], k[:, pos], v[:, pos], pages, layout, policy, scale, o)
         outs[:, t] = o
     return outs
 

@@ -28,6 +28,7 @@ from zipcache_vllm.kernels.triton_loader import load  # noqa: E402
 _ops = load("ops")
 decode_attention, merge_lse, prefill_attention = _ops.decode_attention, _ops.merge_lse, _ops.prefill_attention
 quantize_pack, staging_attention = _ops.quantize_pack, _ops.staging_attention
+from zipcache_vllm.engine.attention import merge_lse as engine_merge_lse  # noqa: E402
 from zipcache_vllm.layout import BlockLayout  # noqa: E402
 from zipcache_vllm.quant.block import (quantize_pack_blocks, topk_salient_mask,  # noqa: E402
                                        unpack_dequantize_blocks)
@@ -308,6 +309,11 @@ def test_merge_lse_identities():
     torch.testing.assert_close(out[0], ob[0])
     torch.testing.assert_close(out[1], oa[1])
     assert bool((out[2, 0] == 0).all()) and bool(torch.isneginf(lse[2, 0]))
+    # the step engine's merge (engine/attention.py, every Python caller's): the same result
+    oa[2, 0] = ob[2, 0] = 0.0  # a part without keys has out = 0
+    eng_out, eng_lse = engine_merge_lse(oa.clone(), la, ob.clone(), lb)
+    torch.testing.assert_close(out, eng_out, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, eng_lse, atol=1e-6, rtol=1e-6)
 
 
 # --------------------------------------------------------------------------- prefill

@@ -115,24 +115,29 @@ cache_dtypes()
 from zipcache_vllm.config import load_preset
 from zipcache_vllm.layout import BlockLayout
 from zipcache_vllm.engine.plan import plan_step
-from zipcache_vllm.engine.saliency import SaliencyRule
+from zipcache_vllm.policies import make_policy
 from zipcache_vllm.engine.step import apply_step
 preset = load_preset("zipcache")
 H, G, D = 3, 3, 64
 layout = BlockLayout.from_preset(preset, D, H)
 B = layout.block_size
 pool = staging.StagingPool(["l0"], 3, B, H, D, torch.bfloat16)
-staging.set_pool(pool)
 pages = torch.zeros(6, layout.page_bytes, dtype=torch.uint8)
 table = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32)
-rule = SaliencyRule.from_preset(preset)
+policy = make_policy(preset)
 plans = plan_step(pool, B, [0, 200, 330], [200, 130], table)
 q = torch.randn(330, H * G, D).bfloat16()
 k = torch.randn(330, H, D).bfloat16()
-apply_step(pool, 0, plans, q, k, k.clone(), pages, layout, rule, D ** -0.5, torch.zeros(330, H * G, D))
+apply_step(pool, 0, plans, q, k, k.clone(), pages, layout, policy, D ** -0.5, torch.zeros(330, H * G, D))
 plans = plan_step(pool, B, [0, 1, 2], [201, 131], table)
-apply_step(pool, 0, plans, q[:2], k[:2], k[:2].clone(), pages, layout, rule, D ** -0.5, torch.zeros(2, H * G, D))
+apply_step(pool, 0, plans, q[:2], k[:2], k[:2].clone(), pages, layout, policy, D ** -0.5, torch.zeros(2, H * G, D))
+from types import SimpleNamespace
+from zipcache_vllm.vllm_plugin import backend
+impl = backend.ZipCacheImpl(H * G, D, D ** -0.5, H, None, None, "zipcache")
+impl.attach(backend.ZipCacheEngine(pool), 0)  # what the engine's metadata builder does
 ext = worker_ext.ZipCacheWorkerExtension()
+ext.vllm_config = SimpleNamespace(compilation_config=SimpleNamespace(
+    static_forward_context={"l0": SimpleNamespace(impl=impl)}))
 ext.zipcache_staging_stats(); ext.zipcache_request_state()
 print("EVENTS " + json.dumps(events))
 '''

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import pickle
 import subprocess
 import sys
 import typing
@@ -151,6 +152,8 @@ def test_patch_targets_have_the_expected_shape():
     assert _params(CPUWorker.determine_available_memory) == ["self"]
     assert _params(GPUModelRunner._on_request_state_removed) == ["self", "req_id", "req_state"]
     assert _params(GPUModelRunner._update_states) == ["self", "scheduler_output"]
+    runner_init = inspect.getsource(GPUModelRunner.__init__)  # what the hooks read off the runner
+    assert "self.vllm_config = vllm_config" in runner_init and "self.requests:" in runner_init
     assert {"finished_req_ids", "preempted_req_ids"} <= set(SchedulerOutput.__dataclass_fields__)
     assert "resumed_req_ids" in CachedRequestData.__dataclass_fields__
 
@@ -249,9 +252,10 @@ def test_cli_accepts_presets_and_lists_them_for_unknown_names(registered, capsys
 
 def test_routing_and_clear_rejections(registered):
     from vllm.platforms.cpu import CpuPlatform
+    from vllm.utils.import_utils import resolve_obj_by_qualname
     from vllm.v1.attention.selector import AttentionSelectorConfig
 
-    from zipcache_vllm.vllm_plugin.backend import BACKEND_PATH
+    from zipcache_vllm.vllm_plugin import backend
 
     def select(**kw):
         cfg = AttentionSelectorConfig(head_size=kw.pop("head_size", 64), dtype=torch.bfloat16,
@@ -259,8 +263,14 @@ def test_routing_and_clear_rejections(registered):
                                       block_size=None, **kw)
         return CpuPlatform.get_attn_backend_cls(None, cfg)
 
-    assert select() == BACKEND_PATH
-    assert select(dtype="zipcache_kivi2") == BACKEND_PATH
+    assert select() == backend.backend_path("zipcache")
+    assert select(dtype="zipcache_kivi2") == backend.backend_path("zipcache_kivi2")
+    # vLLM imports the class by that name; it carries the dtype and is one class per dtype
+    cls = resolve_obj_by_qualname(select(dtype="zipcache_kivi2"))
+    assert issubclass(cls, backend.ZipCacheBackend) and cls.cache_dtype == "zipcache_kivi2"
+    assert cls is backend.backend_for("zipcache_kivi2") is pickle.loads(pickle.dumps(cls))
+    assert backend.ZipCacheBackend.cache_dtype is None
+    assert not hasattr(backend, "ZipCacheBackend_zipcache_nope")
     assert "cpu_attn" in select(dtype="auto").lower()
     with pytest.raises(ValueError, match="head size 80"):
         select(head_size=80)
@@ -272,7 +282,7 @@ def test_routing_and_clear_rejections(registered):
         select(dtype="zipcache_nope")
 
 
-def test_customize_spec_declares_exact_page_bytes(registered, monkeypatch):
+def test_customize_spec_declares_exact_page_bytes(registered):
     from vllm.v1.kv_cache_interface import FullAttentionSpec, compute_layer_kv_cache_shape_bytes
 
     from zipcache_vllm.config import load_preset
@@ -280,9 +290,50 @@ def test_customize_spec_declares_exact_page_bytes(registered, monkeypatch):
     from zipcache_vllm.vllm_plugin import backend
 
     for dtype, preset in (("zipcache", "zipcache"), ("zipcache_hc", "zipcache_hc")):
-        monkeypatch.setattr(backend, "_active_cache_dtype", dtype)
         spec = FullAttentionSpec(block_size=128, num_kv_heads=3, head_size=64, dtype=torch.uint8)
-        out = backend.ZipCacheBackend.customize_spec(spec)
+        out = backend.backend_for(dtype).customize_spec(spec)  # no current config: the class's dtype
         layout = BlockLayout.from_preset(load_preset(preset), 64, 3)
         assert out.page_size_bytes == layout.page_bytes
         assert compute_layer_kv_cache_shape_bytes(out, 10) == (10, 1, 1, layout.page_bytes)
+
+
+def test_two_engines_in_one_process_keep_their_own_state(registered):
+    """An engine's staging pool and step token ids hang off its own layers: its builders,
+    its runner's hooks and its stats never reach another engine's in the same process."""
+    from types import SimpleNamespace
+
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from zipcache_vllm.config import load_preset
+    from zipcache_vllm.vllm_plugin import backend
+
+    def engine_config(num_layers: int):
+        layers = {f"model.layers.{i}.self_attn.attn": SimpleNamespace(
+            impl=backend.ZipCacheImpl(6, 64, 0.125, 2, None, None, "zipcache"))
+            for i in range(num_layers)}
+        return SimpleNamespace(compilation_config=SimpleNamespace(static_forward_context=layers),
+                               scheduler_config=SimpleNamespace(max_num_seqs=2),
+                               model_config=SimpleNamespace(dtype=torch.bfloat16))
+
+    preset = load_preset("zipcache")
+    cfg_a, cfg_b = engine_config(2), engine_config(3)
+    assert backend.engine_of(cfg_a) is None  # before its first metadata builder
+    a = backend.engine_for(cfg_a, "cpu", preset)
+    b = backend.engine_for(cfg_b, "cpu", preset)
+    assert a is not b and a.pool is not b.pool
+    assert backend.engine_for(cfg_a, "cpu", preset) is a  # a second builder shares it
+    assert backend.engine_of(cfg_a) is a and backend.staging_pool_of(cfg_b) is b.pool
+    layers_b = cfg_b.compilation_config.static_forward_context.values()
+    assert [(layer.impl.engine, layer.impl.layer_index) for layer in layers_b] == [
+        (b, 0), (b, 1), (b, 2)]
+    backend.record_step_tokens(cfg_a, torch.arange(4))
+    assert a.step_token_ids.tolist() == [0, 1, 2, 3] and b.step_token_ids is None
+
+    class State:
+        block_ids = ([7],)
+
+    for engine in (a, b):
+        engine.pool.acquire(7)
+    # The runner's lifecycle hook (patched by register) releases in its own engine's pool.
+    GPUModelRunner._on_request_state_removed(SimpleNamespace(vllm_config=cfg_b), "r", State())
+    assert (a.pool.in_use, b.pool.in_use) == (1, 0)

@@ -19,7 +19,6 @@ from zipcache_vllm.policies import make_policy
 from zipcache_vllm.quant.block import fake_quantize_blocks, topk_salient_mask
 from zipcache_vllm.dtypes import cache_dtypes, dtype_for_preset
 from zipcache_vllm.engine.fastgen import run_fastgen_step
-from zipcache_vllm.engine.saliency import SaliencyRule
 from zipcache_vllm.engine.staging import StagedBlock
 
 PAGED = ("fastgen_t90", "fastgen_t95", "fastgen_t98", "zipcache_fastgen", "zipcache_fastgen_hc")
@@ -137,7 +136,7 @@ def _engine_steps(q, k, v, preset, prompt_len, scale, cls):
     H = k.shape[1]
     lay = FastGenLayout.from_preset(preset, D, H)
     B = lay.block_size
-    rule = SaliencyRule.from_preset(preset)
+    policy = make_policy(preset)
     pages = torch.zeros(L // B + 1, lay.page_bytes, dtype=torch.uint8)
 
     def empty():
@@ -149,7 +148,7 @@ def _engine_steps(q, k, v, preset, prompt_len, scale, cls):
         if ctx and not s:
             rung = read_rungs(pages[n_pages - 1:n_pages], lay)[0]
         res = run_fastgen_step(q[a:b], k[a:b], v[a:b], ctx, torch.arange(n_pages), pages, staged,
-                               cls[ctx - s:b], rung, lay, rule, preset.fastgen, scale)
+                               cls[ctx - s:b], rung, lay, policy, preset.fastgen, scale)
         rung = res.rung
         n_new = res.pages.shape[0]
         pages[n_pages:n_pages + n_new] = res.pages

@@ -53,6 +53,14 @@ def test_every_method_has_a_policy_and_presets_load():
         make_policy(preset)
 
 
+def test_a_method_must_be_registered_and_agree_with_its_saliency():
+    with pytest.raises(PresetError, match="unknown method 'nosuch'.*h2o_mixed"):
+        make_policy(parse_preset({"name": "x", "method": "nosuch"}, "x.yaml"))
+    with pytest.raises(PresetError, match="saliency_source must be 'accumulated'"):
+        parse_preset({"name": "x", "method": "h2o_mixed", "saliency_source": "random"}, "x.yaml")
+    assert parse_preset({"name": "x", "method": "random_mixed"}, "x.yaml").saliency_source is None
+
+
 def test_bad_presets_name_the_field():
     with pytest.raises(PresetError, match="hi_bits"):
         parse_preset({"name": "x", "method": "zipcache", "hi_bits": 5}, "x.yaml")
@@ -102,7 +110,7 @@ def test_saliency_policies_rank_a_dominant_token_first():
     pos = torch.arange(B)
     for name in ("zipcache", "h2o_mixed"):
         pol = make_policy(name)
-        scores = pol.block_scores(probs, pos, pos, hk, B, seed=0)
+        scores = pol.rank_from_probs(probs, pos, pos, hk, B, 0)
         assert pol.select(scores.unsqueeze(0))[0, 0, 70]
 
 
@@ -111,8 +119,8 @@ def test_normalized_saliency_removes_the_early_token_bias():
     B = 64
     probs = (torch.ones(B, B).tril() / torch.arange(1, B + 1).unsqueeze(1)).unsqueeze(0)
     pos = torch.arange(B)
-    acc = make_policy("h2o_mixed").block_scores(probs, pos, pos, 1, B, 0)[0]
-    norm = make_policy("zipcache_exact").block_scores(probs, pos, pos, 1, B, 0)[0]
+    acc = make_policy("h2o_mixed").rank_from_probs(probs, pos, pos, 1, B, 0)[0]
+    norm = make_policy("zipcache_exact").rank_from_probs(probs, pos, pos, 1, B, 0)[0]
     assert acc[0] > 3 * acc[-8]
     assert norm.max() / norm.min() < acc.max() / acc.min()
 

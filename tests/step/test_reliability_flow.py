@@ -17,7 +17,7 @@ import torch
 from zipcache_vllm.config import load_preset
 from zipcache_vllm.layout import BlockLayout
 from zipcache_vllm.engine.plan import plan_step
-from zipcache_vllm.engine.saliency import SaliencyRule
+from zipcache_vllm.policies import make_policy
 from zipcache_vllm.engine.staging import StagingPool
 from zipcache_vllm.engine.step import apply_step
 
@@ -40,7 +40,7 @@ def _run(chunks: list[int], preset: str = "zipcache"):
     """Drive one request through ``plan_step`` / ``apply_step``; outputs and pages."""
     p = load_preset(preset)
     layout = BlockLayout.from_preset(p, D, H)
-    rule = SaliencyRule.from_preset(p)
+    policy = make_policy(p)
     pool = StagingPool(["layer0"], 2, p.block_size, H, D, torch.bfloat16)
     pages = torch.zeros(8, layout.page_bytes, dtype=torch.uint8)
     gen = torch.Generator().manual_seed(3)
@@ -54,7 +54,7 @@ def _run(chunks: list[int], preset: str = "zipcache"):
         plans = plan_step(pool, layout.block_size, [0, c], [pos + c], table)
         o = torch.zeros(c, H * G, D)
         apply_step(pool, 0, plans, q[pos:pos + c], k[pos:pos + c], v[pos:pos + c], pages,
-                   layout, rule, D ** -0.5, o)
+                   layout, policy, D ** -0.5, o)
         out[pos:pos + c] = o
         pos += c
     return out, pages[[5, 2]].clone()

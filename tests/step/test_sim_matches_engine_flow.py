@@ -10,10 +10,10 @@ engine really serves.
 import pytest
 import torch
 
+from zipcache_vllm.config import USER_CONFIG_ENV, load_preset
 from zipcache_vllm.eval.simulate import KVSimulator, SimConfig
 from zipcache_vllm.layout import BlockLayout
-from zipcache_vllm.policies import make_policy
-from zipcache_vllm.engine.saliency import SaliencyRule
+from zipcache_vllm.policies import POLICIES, KVPolicy, make_policy, register
 from zipcache_vllm.engine.staging import StagedBlock
 from zipcache_vllm.engine.step import rotate_inputs, run_request_step
 
@@ -29,14 +29,14 @@ def _engine_steps(q, k, v, preset, prompt_len, scale):
     layout = BlockLayout.from_preset(preset, D, H)
     q, k = rotate_inputs(layout, q, k)  # what apply_step does first
     B = layout.block_size
-    rule = SaliencyRule.from_preset(preset)
+    policy = make_policy(preset)
     pages = torch.zeros(L // B + 1, layout.page_bytes, dtype=torch.uint8)
     staged = StagedBlock(torch.zeros(H, B, D), torch.zeros(H, B, D), torch.zeros(H, B), torch.zeros(B))
     outs, ctx, n_pages = [], 0, 0
     steps = [(0, prompt_len)] + [(t, t + 1) for t in range(prompt_len, L)]
     for a, b in steps:
         res = run_request_step(q[a:b], k[a:b], v[a:b], ctx, torch.arange(n_pages), pages, staged,
-                               layout, rule, scale)
+                               layout, policy, scale)
         n_new = res.pages.shape[0]
         pages[n_pages:n_pages + n_new] = res.pages
         n_pages += n_new
@@ -68,3 +68,57 @@ def test_simulator_equals_engine_flow(preset_name, hq, hk, prompt_len):
     out, _ = sim(_Module(), q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
                  v.transpose(0, 1).unsqueeze(0), scaling=scale)
     torch.testing.assert_close(engine, out[0], rtol=1e-4, atol=1e-4)
+
+
+TOY_PRESET = """name: toy_recent
+method: toy_recent
+description: the most recent tokens of every block at hi_bits (the policy recipe's test)
+block_size: 64
+hi_bits: 4
+lo_bits: 2
+salient_ratio: 0.25
+"""
+
+
+@pytest.fixture
+def toy_method(tmp_path, monkeypatch):
+    """A method added by the recipe of docs/POLICIES.md: one registered class and one
+    preset YAML (here in the user preset folder), nothing else."""
+
+    @register("toy_recent")
+    class RecentSalient(KVPolicy):
+        uses_attention = False
+        ranked: list[list[int]] = []
+
+        def rank(self, score, count, block_starts, window_ends=None):
+            self.ranked.append(list(block_starts))
+            return torch.arange(score.shape[-1], dtype=torch.float32).expand_as(score).clone()
+
+    (tmp_path / "toy_recent.yaml").write_text(TOY_PRESET)
+    monkeypatch.setenv(USER_CONFIG_ENV, str(tmp_path))
+    yield RecentSalient
+    POLICIES.pop("toy_recent")
+
+
+def test_a_policy_added_by_the_recipe_runs_in_the_engine_and_the_simulator(toy_method):
+    preset = load_preset("toy_recent")
+    prompt_len, hq, hk, D = 150, 6, 2, 64
+    L = prompt_len + 90
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(L, hq, D, generator=g)
+    k = torch.randn(L, hk, D, generator=g) * 2
+    v = torch.randn(L, hk, D, generator=g)
+    scale = D ** -0.5
+    engine = _engine_steps(q, k, v, preset, prompt_len, scale)
+    engine_blocks = sorted(s for call in toy_method.ranked for s in call)
+    toy_method.ranked.clear()
+    sim = KVSimulator(make_policy(preset), SimConfig(prefill_len=prompt_len, chunk_size=64))
+    out, _ = sim(_Module(), q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                 v.transpose(0, 1).unsqueeze(0), scaling=scale)
+    sim_blocks = sorted(s for call in toy_method.ranked for s in call)
+    assert engine_blocks == sim_blocks == [0, 64, 128]  # every filled block, ranked by the toy
+    torch.testing.assert_close(engine, out[0], rtol=1e-4, atol=1e-4)
+    # the toy's choice is what was stored: zipcache's ranking at the same bytes differs
+    zipcache = load_preset("zipcache").model_copy(update={
+        "block_size": 64, "salient_ratio": 0.25, "key_rotation": "none"})
+    assert not torch.allclose(engine, _engine_steps(q, k, v, zipcache, prompt_len, scale))

@@ -20,13 +20,18 @@ from zipcache_vllm.config import ProbeConfig  # noqa: E402
 from zipcache_vllm.kernels.triton_loader import load  # noqa: E402
 from zipcache_vllm.layout import BlockLayout  # noqa: E402
 from zipcache_vllm.engine.plan import plan_step  # noqa: E402
-from zipcache_vllm.engine.saliency import SaliencyRule  # noqa: E402
+from zipcache_vllm.policies import make_policy  # noqa: E402
+from zipcache_vllm.config import load_preset  # noqa: E402
 from zipcache_vllm.engine.staging import StagingPool  # noqa: E402
 from zipcache_vllm.engine.step import apply_step  # noqa: E402
 
 B = 16
 CHUNKS = [[21, 11], [1, 1], [1, 1], [1, 1], [12, 1], [1, 1]]  # per step, two requests
 OUT_TOL = 2e-5  # float32 math in both, different summation order
+# the Triton host wrappers the CUDA route must run (decode: the packed part, the staged
+# tokens and their merge; chunks: the packed prefix; filled blocks: packing)
+TRITON_WRAPPERS = ("decode_attention", "staging_attention", "merge_lse", "prefill_attention",
+                   "quantize_pack")
 triton_ops = load("ops")
 
 
@@ -34,15 +39,15 @@ def _run(route: str, monkeypatch, H: int, g: int, D: int, calls: list | None = N
     monkeypatch.setenv("ZIPCACHE_VLLM_KERNELS", route)
     dev = torch.device("cuda" if route == "triton" and torch.cuda.is_available() else "cpu")
     if calls is not None:  # record which Triton host wrappers ran
-        for name in ("decode_attention", "prefill_attention", "quantize_pack"):
+        for name in TRITON_WRAPPERS:
             fn = getattr(triton_ops, name)
             monkeypatch.setattr(triton_ops, name,
                                 lambda *a, _fn=fn, _n=name, **kw: calls.append(_n) or _fn(*a, **kw))
     gen = torch.Generator().manual_seed(7)
     layout = BlockLayout(B, D, H, 4, 2, 7)
-    rule = SaliencyRule(source="normalized",
-                        probes=ProbeConfig(strategy="recent_random", recent_frac=0.25,
-                                           random_frac=0.25, seed=3), n_hi=7)
+    policy = make_policy(load_preset("zipcache").model_copy(update={
+        "block_size": B, "salient_ratio": 7 / B, "key_rotation": "none",
+        "probes": ProbeConfig(strategy="recent_random", recent_frac=0.25, random_frac=0.25, seed=3)}))
     pool = StagingPool(["layer0"], 4, B, H, D, torch.bfloat16, dev)
     pages = torch.zeros(12, layout.page_bytes, dtype=torch.uint8, device=dev)
     length = [sum(c[i] for c in CHUNKS) for i in range(2)]
@@ -59,7 +64,7 @@ def _run(route: str, monkeypatch, H: int, g: int, D: int, calls: list | None = N
         qq = torch.cat([q[i][sl[i]] for i in range(2)])
         out = torch.zeros(qq.shape, dtype=torch.float32, device=dev)
         apply_step(pool, 0, plans, qq, torch.cat([k[i][sl[i]] for i in range(2)]),
-                   torch.cat([v[i][sl[i]] for i in range(2)]), pages, layout, rule, D ** -0.5, out)
+                   torch.cat([v[i][sl[i]] for i in range(2)]), pages, layout, policy, D ** -0.5, out)
         outs.append(out.cpu())
         pos = seq
     return outs, pages.cpu()
@@ -70,7 +75,7 @@ def test_flow_on_triton_equals_flow_on_cpu_kernels(monkeypatch, H, g, D):
     outs_c, pages_c = _run("", monkeypatch, H, g, D)
     calls: list[str] = []
     outs_t, pages_t = _run("triton", monkeypatch, H, g, D, calls)
-    assert {"decode_attention", "prefill_attention", "quantize_pack"} <= set(calls)
+    assert set(TRITON_WRAPPERS) <= set(calls)
     for a, b in zip(outs_c, outs_t):
         torch.testing.assert_close(b, a, atol=OUT_TOL * float(a.abs().max()), rtol=OUT_TOL)
     assert torch.equal(pages_c, pages_t)

@@ -234,7 +234,7 @@ def test_gpu_block_size_and_budgets_equal_vllm(vllm_kv, model_dir, tp, pp):
             assert (ours.num_blocks, ours.kv_tokens) == vllm_kv(dtype, tp, pp, 1, 1000, 16, budget)[:2]
 
 
-def test_page_bytes_equal_the_backend_spec(monkeypatch):
+def test_page_bytes_equal_the_backend_spec():
     """For every zipcache dtype and head count the planner's page is the backend's declared page."""
     import torch
     from vllm.v1.kv_cache_interface import FullAttentionSpec
@@ -242,11 +242,11 @@ def test_page_bytes_equal_the_backend_spec(monkeypatch):
     from zipcache_vllm.vllm_plugin import backend
 
     for dtype in sorted(cache_dtypes()):
-        # what validate_selector_config records when a worker routes a layer to the backend
-        monkeypatch.setattr(backend, "_active_cache_dtype", dtype)
+        # the backend class the router gives a worker's layers of this dtype
+        dtype_backend = backend.backend_for(dtype)
         block = backend.preset_for_dtype(dtype).block_size
         for heads, head_size in ((1, 64), (3, 64), (8, 128)):
-            spec = backend.ZipCacheBackend.customize_spec(FullAttentionSpec(
+            spec = dtype_backend.customize_spec(FullAttentionSpec(
                 block_size=block, num_kv_heads=heads, head_size=head_size, dtype=torch.uint8))
             assert cap.page_format(dtype, head_size, heads, 2, "cpu").page_bytes == spec.page_size_bytes
 

@@ -38,7 +38,7 @@ def zipcache_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, preset_name
     from zipcache_vllm.config import load_preset
     from zipcache_vllm.layout import BlockLayout
     from zipcache_vllm.engine.plan import plan_step
-    from zipcache_vllm.engine.saliency import SaliencyRule
+    from zipcache_vllm.policies import make_policy
     from zipcache_vllm.engine.staging import StagingPool
     from zipcache_vllm.engine.step import apply_step
 
@@ -46,7 +46,7 @@ def zipcache_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, preset_name
     Hk = k.shape[1]
     preset = load_preset(preset_name)
     layout = BlockLayout.from_preset(preset, D, Hk)
-    rule = SaliencyRule.from_preset(preset)
+    policy = make_policy(preset)
     B = layout.block_size
     nb = -(-ctx // B)
     pages = torch.zeros(nb, layout.page_bytes, dtype=torch.uint8)
@@ -56,7 +56,7 @@ def zipcache_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, preset_name
     def call():
         pool = StagingPool(["layer"], 1, B, Hk, D, q.dtype)  # a fresh request each call
         plans = plan_step(pool, B, [0, ctx], [ctx], table)
-        apply_step(pool, 0, plans, q, k, v, pages, layout, rule, D ** -0.5, out)
+        apply_step(pool, 0, plans, q, k, v, pages, layout, policy, D ** -0.5, out)
 
     return call, out, layout
 

@@ -8,7 +8,8 @@
   chunks; :func:`~.step.run_request_step` for one request).
 * ``attention.py``: the attention math (local window, causal and tiled attention,
   online softmax, log-sum-exp merges).
-* ``saliency.py``: how the tokens of a block are ranked (:class:`~.saliency.SaliencyRule`).
+* ``saliency.py``: the probe-attention accumulators a block's tokens are ranked by (the
+  ranking itself is the policy's: :meth:`zipcache_vllm.policies.KVPolicy.rank`).
 * ``fastgen.py``: the step of a paged FastGen preset.
 
 ``vllm_plugin/backend.py`` drives it from vLLM; the packed pages are read and written

@@ -7,11 +7,13 @@
   flash-attention call, :func:`flash_cpu`, per step on the CPU).
 * :func:`tiled_attention`: causal attention over a window of several blocks, in
   tiles of at most ``QUERY_TILE x KEY_TILE`` scores folded into :class:`OnlineSoftmax`.
-* Log-sum-exp merges of two partial attentions over disjoint keys, one per layout:
-  :func:`merge_grouped` (grouped ``[H, g, q, D]``, in place: the zipcache step) and
-  :func:`merge_attention` (flat ``[n, Hq, D]`` as the packed-page kernels return it:
-  the FastGen step). They are two float formulas of the same merge and give
-  different last bits, so each step keeps its own (``scripts/page_hashes.py``).
+* :func:`merge_lse`: the log-sum-exp merge of two partial attentions over disjoint
+  keys, the one merge formula of every Python caller (the zipcache step's grouped
+  ``[H, g, q, D]`` parts, the FastGen step's flat ``[n, Hq, D]`` ones through a
+  transposed ``lse``). Online softmax folds keys into a running max and sum instead
+  (:class:`OnlineSoftmax`; the portable decode in ``kernels/portable.py`` folds the
+  packed part in as ``csrc/decode.cpp`` does), and the kernels merge on their own
+  side (``csrc/ops.cpp`` split-K, Triton ``merge_lse``).
 
 Every partial attention here is ``out`` (normalized) and the natural-log
 log-sum-exp ``lse`` of the scaled scores; ``lse = -inf`` (with ``out = 0``) where a
@@ -66,30 +68,22 @@ class OnlineSoftmax:
         return self.acc / self.l.unsqueeze(-1), self.m + torch.log(self.l)
 
 
-def merge_grouped(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
-                  lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-sum-exp merge of two attentions over disjoint keys, grouped ``out [H, g, q, D]``,
-    ``lse [H, g, q]``; ``lse_b`` is finite (``lse_a = -inf`` rows saw no key). Overwrites
-    ``out_a`` and ``out_b`` (the step's own temporaries) and returns ``out_a``."""
-    lse = torch.logaddexp(lse_a, lse_b)
-    out = out_a.mul_(torch.exp(lse_a - lse).unsqueeze(-1))
-    return out.add_(out_b.mul_(torch.exp(lse_b - lse).unsqueeze(-1))), lse
+def merge_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+              lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-sum-exp merge of two partial attentions over disjoint keys, in place.
 
-
-def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
-                    lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine two partial attentions over disjoint keys by log-sum-exp, flat layout.
-
-    ``out_*`` ``[n, Hq, D]`` (normalized), ``lse_*`` ``[Hq, n]``; a part with
-    ``lse = -inf`` (no keys) contributes nothing. Returns float32 ``(out, lse)``.
+    ``out_*`` float32 ``[..., D]`` (normalized), ``lse_*`` ``[...]`` (``out``'s shape
+    without ``D``; a transposed view is fine). A part with ``lse = -inf`` (and ``out = 0``)
+    saw no key and contributes nothing; a row where neither part saw a key gives
+    ``out = 0``, ``lse = -inf``. Overwrites ``out_a`` and ``out_b`` (the callers' own
+    temporaries) and returns ``(out_a, lse)``.
     """
-    m = torch.maximum(lse_a, lse_b)
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    wa, wb = torch.exp(lse_a - m), torch.exp(lse_b - m)
-    tot = wa + wb
-    safe = torch.where(tot > 0, tot, torch.ones_like(tot))
-    out = (out_a.float() * (wa / safe).t().unsqueeze(-1) + out_b.float() * (wb / safe).t().unsqueeze(-1))
-    return out, m + torch.log(tot)
+    lse = torch.logaddexp(lse_a, lse_b)
+    # lse itself wherever it is finite (the same bits); the most negative float where
+    # both parts are empty, so that their weights are exp(-inf) = 0 and not exp(nan).
+    m = lse.clamp(min=torch.finfo(lse.dtype).min)
+    out = out_a.mul_(torch.exp(lse_a - m).unsqueeze(-1))
+    return out.add_(out_b.mul_(torch.exp(lse_b - m).unsqueeze(-1))), lse
 
 
 def local_window(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, ctx: int,
@@ -192,5 +186,4 @@ def tiled_attention(qs: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, s: int
 
 
 __all__ = ["KEY_TILE", "QUERY_TILE", "OnlineSoftmax", "causal_window", "flash_cpu",
-           "local_window", "merge_attention", "merge_grouped", "scaled_queries",
-           "tiled_attention", "window"]
+           "local_window", "merge_lse", "scaled_queries", "tiled_attention", "window"]

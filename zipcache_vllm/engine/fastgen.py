@@ -31,9 +31,10 @@ from .token_classes import classify, masks
 from ..kernels import attend_packed
 from ..layout import FastGenLayout
 from ..saliency.scores import probe_rows
-from .attention import QUERY_TILE, local_window, merge_attention
+from .attention import QUERY_TILE, local_window, merge_lse
 from .plan import RequestPlan
-from .saliency import SaliencyRule, block_scores, scoring_rows
+from ..policies import KVPolicy
+from .saliency import scoring_rows
 from .staging import StagedBlock, StagingPool
 
 
@@ -65,7 +66,7 @@ def rung_from_mass(acc: torch.Tensor, cls: torch.Tensor, cfg) -> torch.Tensor:
 def run_fastgen_step(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, ctx: int,
                      packed_ids: torch.Tensor, pages: torch.Tensor, staged: StagedBlock,
                      cls_window: torch.Tensor, rung: torch.Tensor | None, layout: FastGenLayout,
-                     rule: SaliencyRule, cfg, scale: float) -> FastGenResult:
+                     policy: KVPolicy, cfg, scale: float) -> FastGenResult:
     """One request's step. ``cls_window`` uint8 ``[ctx % B + q]`` classes of the local window;
     ``rung`` ``[H]`` (None: this step profiles, only when ``ctx == 0``)."""
     ql, Hq, D = q.shape
@@ -85,7 +86,7 @@ def run_fastgen_step(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         raise ValueError("only a request's first step (ctx == 0) profiles its heads")
     probe = torch.zeros(ql, dtype=torch.bool)
     if profiling:
-        probe[probe_rows(ql, rule.probes, seed=0)] = True
+        probe[probe_rows(ql, policy.preset.probes, seed=0)] = True
     acc = torch.zeros(H, Lw)
     out_l = torch.empty(H, g, ql, D)
     lse_l = torch.empty(H, g, ql)
@@ -103,7 +104,8 @@ def run_fastgen_step(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     lse_all = lse_l.reshape(Hq, ql)
     if b0:
         out_p, lse_p = attend_packed(q, kept_view(pages, layout), packed_ids, layout.kept, scale)
-        out, lse_all = merge_attention(out_p, lse_p, out, lse_all)
+        out, lse_t = merge_lse(out_p, lse_p.t(), out, lse_all.t())  # lse [Hq, n] -> [n, Hq]
+        lse_all = lse_t.t()
     lse = lse_all.reshape(H, g, ql)
 
     if profiling:
@@ -115,7 +117,7 @@ def run_fastgen_step(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     nb = -(-Lw // B)
     score = torch.zeros(nb, H, B)
     count = torch.zeros(nb, B)
-    probes = None if rule.probes.strategy == "exact" else rule.probes_json
+    probes = None if policy.preset.probes.strategy == "exact" else policy.probes_json
     for c in range(nb):
         lo, hi = c * B, min((c + 1) * B, Lw)
         r0, r1 = max(lo - s, 0), hi - s
@@ -137,7 +139,7 @@ def run_fastgen_step(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         kf = kw[:, :n_full * B].reshape(H, n_full, B, D).permute(1, 2, 0, 3)  # [n, B, H, D]
         vf = vw[:, :n_full * B].reshape(H, n_full, B, D).permute(1, 2, 0, 3)
         starts = [(b0 + c) * B for c in range(n_full)]
-        ranks = block_scores(score[:n_full], count[:n_full], rule, starts)
+        ranks = policy.rank(score[:n_full], count[:n_full], starts)
         rungs = rung.expand(n_full, H)
         kept = select_slots(ranks, rungs, cls_window[:n_full * B].reshape(n_full, B), torch.tensor(starts),
                             torch.full((n_full,), ctx + ql), cfg, layout.slots)
@@ -152,7 +154,7 @@ def run_fastgen_step(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
 
 
 class FastGenStepper:
-    """Per-process FastGen state next to the staging pool, and the per-step hooks.
+    """One engine's FastGen state next to its staging pool, and the per-step hooks.
 
     ``rung [L, S, H]``: each staging slot's heads' rungs (per layer); ``cls [S, B]``:
     the class bytes of the slot's staged tokens (the same for every layer).
@@ -184,7 +186,7 @@ class FastGenStepper:
 
     def apply(self, layer: int, plans: list[RequestPlan], windows: list[torch.Tensor],
               query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pages: torch.Tensor,
-              layout: FastGenLayout, rule: SaliencyRule, scale: float, output: torch.Tensor) -> None:
+              layout: FastGenLayout, policy: KVPolicy, scale: float, output: torch.Tensor) -> None:
         """Run every planned row of one layer (one request at a time)."""
         pool, B = self.pool, layout.block_size
         for plan, win in zip(plans, windows):
@@ -199,7 +201,7 @@ class FastGenStepper:
             staged = StagedBlock(pool.k[layer, slot], pool.v[layer, slot],
                                  pool.score[layer, slot], pool.count[layer, slot])
             res = run_fastgen_step(query[rows], key[rows], value[rows], plan.ctx, plan.packed_ids,
-                                   pages, staged, win, rung, layout, rule, self.cfg, scale)
+                                   pages, staged, win, rung, layout, policy, self.cfg, scale)
             output[rows] = res.out.to(output.dtype)
             if res.pages.shape[0]:
                 pages.index_copy_(0, plan.filled_ids, res.pages)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import DecodePlan
-from .saliency import SaliencyRule, probe_mask
+from ..policies import KVPolicy
+from .saliency import probe_mask
 from .staging import StagingPool
 
 
@@ -80,17 +81,17 @@ class DecodeBatch:
     full_starts: list[int]  # position of each full block's first token
 
     @classmethod
-    def from_plans(cls, plans: list[RequestPlan], block_size: int, rule: SaliencyRule,
+    def from_plans(cls, plans: list[RequestPlan], block_size: int, policy: KVPolicy,
                    device: torch.device | str = "cpu") -> "DecodeBatch":
         B, R = block_size, len(plans)
         s = [p.ctx % B for p in plans]
         b0 = [p.ctx // B for p in plans]
-        if rule.source == "random":
+        if not policy.uses_attention:
             probe = [0.0] * R
-        elif rule.probes.strategy == "exact":
+        elif policy.preset.probes.strategy == "exact":
             probe = [1.0] * R
         else:
-            probe = [float(probe_mask(B, rule.probes_json, b0[r] * B)[s[r]]) for r in range(R)]
+            probe = [float(probe_mask(B, policy.probes_json, b0[r] * B)[s[r]]) for r in range(R)]
         table = torch.zeros(R, max(max(b0, default=0), 1), dtype=torch.int64, device=device)
         for r, p in enumerate(plans):
             table[r, :b0[r]] = p.packed_ids

@@ -1,44 +1,27 @@
-"""Saliency of a step's tokens: how the tokens of a block are ranked for quantization.
+"""Saliency accumulators of a step's tokens, which the policy ranks a filled block by.
 
 A token of the local window is scored by the queries of its own block only
 (``exp(q.k * scale - lse)``, summed over the query heads of its KV group),
-optionally only by probe rows chosen from the position. A block's ranking is
-therefore a function of its own tokens and its prefix, however its tokens were
-split into steps. Pure PyTorch, no vLLM import.
+optionally only by probe rows chosen from the position. A block's accumulators
+(and so its ranking, :meth:`~zipcache_vllm.policies.KVPolicy.rank`) are therefore a
+function of its own tokens and its prefix, however its tokens were split into steps.
+Pure PyTorch, no vLLM import.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import lru_cache
 
 import torch
 
-from ..config import Preset, ProbeConfig
+from ..config import ProbeConfig
+from ..policies import KVPolicy
 from ..saliency.scores import probe_rows
-
-
-@dataclass(frozen=True)
-class SaliencyRule:
-    """How the tokens of a block are ranked (from the preset)."""
-
-    source: str  # "normalized" | "accumulated" | "random"
-    probes: ProbeConfig
-    n_hi: int
-
-    @classmethod
-    def from_preset(cls, preset: Preset) -> "SaliencyRule":
-        return cls(source=preset.saliency_source, probes=preset.probes, n_hi=preset.n_salient)
-
-    @cached_property
-    def probes_json(self) -> str:
-        """The probe config as the key of :func:`probe_mask` (dumped once per rule, not per block)."""
-        return self.probes.model_dump_json()
 
 
 @lru_cache(maxsize=4096)
 def probe_mask(block_size: int, probes_json: str, block_start: int) -> torch.Tensor:
     """bool ``[B]``: which positions of the block starting at ``block_start`` are probe rows
-    (``probes_json``: :attr:`SaliencyRule.probes_json`).
+    (``probes_json``: :attr:`~zipcache_vllm.policies.KVPolicy.probes_json`).
 
     A function of the position only, so a block's probes do not depend on how its
     tokens were split into steps.
@@ -48,49 +31,25 @@ def probe_mask(block_size: int, probes_json: str, block_start: int) -> torch.Ten
     return mask
 
 
-def _random_scores(num_kv_heads: int, block_size: int, seed: int, block_start: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + block_start) % (2 ** 63))
-    return torch.rand(num_kv_heads, block_size, generator=gen, device="cpu")
-
-
-def block_scores(score: torch.Tensor, count: torch.Tensor, rule: SaliencyRule,
-                 block_starts: list[int]) -> torch.Tensor:
-    """Ranking scores ``[n, H, B]`` of full blocks from their accumulators.
-
-    score ``[n, H, B]`` (sum of probe attention), count ``[n, B]`` (probe rows that saw
-    the token); ``block_starts``: the position of each block's first token.
-    """
-    n, H, B = score.shape
-    if rule.source == "accumulated":
-        return score
-    if rule.source == "random":
-        return torch.stack([_random_scores(H, B, rule.probes.seed, p)
-                            for p in block_starts]).to(score.device)
-    if rule.probes.normalize == "l_minus_i":
-        denom = torch.arange(B, 0, -1, dtype=torch.float32).expand(n, B)
-    else:
-        denom = count
-    return score / denom.clamp_min(1.0).unsqueeze(1)
-
-
 def block_saliency(qs: torch.Tensor, kw: torch.Tensor, lse: torch.Tensor, s: int,
-                   first_block_start: int, block_size: int, rule: SaliencyRule
+                   first_block_start: int, block_size: int, policy: KVPolicy
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Accumulators of the local window's blocks from this step's queries.
 
     qs ``[H, g, q, D]`` scaled queries, kw ``[H, Lw, D]`` local keys (Lw = s + q),
     lse ``[H, g, q]``. Returns score ``[nb, H, B]`` and count ``[nb, B]`` for the
     ``nb = ceil(Lw / B)`` local blocks (zero past the window). Only the query rows
-    that fall in a block (and are probes, unless ``exact``) score its tokens.
+    that fall in a block (and are probes, unless ``exact``) score its tokens; a policy
+    that ranks without attention (``policy.uses_attention`` False) gets zeros.
     """
     H, g, q, D = qs.shape
     B, Lw = block_size, kw.shape[1]
     nb = -(-Lw // B)
     score = torch.zeros(nb, H, B)
     count = torch.zeros(nb, B)
-    if rule.source == "random":
-        return score, count  # ranks come from the position only
-    probes = None if rule.probes.strategy == "exact" else rule.probes_json
+    if not policy.uses_attention:
+        return score, count
+    probes = None if policy.preset.probes.strategy == "exact" else policy.probes_json
     for c in range(nb):
         lo, hi = c * B, min((c + 1) * B, Lw)  # local key range of block c
         r0, r1 = max(lo - s, 0), hi - s  # query rows (chunk index) inside block c
@@ -126,4 +85,4 @@ def scoring_rows(block_size: int, probes_json: str | None, block_start: int, row
     return rows, ~visible, visible.sum(0).float()
 
 
-__all__ = ["SaliencyRule", "block_saliency", "block_scores", "probe_mask", "scoring_rows"]
+__all__ = ["block_saliency", "probe_mask", "scoring_rows"]

@@ -18,10 +18,14 @@ when the request finishes or is aborted, and when it is preempted.
 Sizing: one slot per schedulable request (``max_num_seqs``) plus ``MARGIN``;
 the bytes are reserved out of the KV budget (``compat.patch_cpu_kv_budget``).
 
+A pool belongs to one engine's worker (held by the backend's ``ZipCacheEngine``), with
+its slots and its request lifecycle bookkeeping: two engines in one process keep
+separate pools.
+
 No vLLM import: the backend's metadata builder advances the bookkeeping through
-:func:`~zipcache_vllm.engine.plan.plan_step`; ``vllm_plugin/plugin.py`` hooks the
-request lifecycle functions at the end of this module into vLLM's model runner
-(``compat.patch_request_lifecycle``).
+:func:`~zipcache_vllm.engine.plan.plan_step`; vLLM's model runner reports finished,
+preempted and resumed requests to the engine's pool (``compat.patch_request_lifecycle``
+calls :meth:`StagingPool.on_request_removed` and the two methods beside it).
 """
 from __future__ import annotations
 
@@ -81,6 +85,7 @@ class StagingPool:
         self._slot_of_block: dict[int, int] = {}
         self._block_of_slot: list[int] = [-1] * S
         self.fill: list[int] = [0] * S  # staged tokens per slot, as of the end of the planned step
+        self._released_on_preemption: set[str] = set()  # request ids, see on_request_preempted
 
     @property
     def nbytes(self) -> int:
@@ -164,53 +169,39 @@ class StagingPool:
             if slot is not None:
                 self._release_slot(slot)
 
+    # -- request lifecycle, reported by vLLM's model runner -----------------------
+    # A request's slots are released exactly once, keyed by the block ids it held: a
+    # preempted request loses its blocks at once and they may be reallocated to another
+    # request, so its old ids must not be released again later (that would free the new
+    # owner's slot) when it resumes or finishes while waiting.
 
-# The worker process's pool (one engine per process); created by the metadata builder.
-_POOL: StagingPool | None = None
+    @property
+    def preempted_pending(self) -> int:
+        """Preempted requests whose slots were released and that have not resumed or ended."""
+        return len(self._released_on_preemption)
 
+    def release_request(self, req_state: object) -> None:
+        """Free the slots of a request's blocks (``req_state.block_ids``: one list of block
+        ids per KV cache group, as in the runner's request state)."""
+        for group in getattr(req_state, "block_ids", ()) or ():
+            self.release_blocks(group)
 
-def get_pool() -> StagingPool | None:
-    return _POOL
+    def on_request_preempted(self, req_id: str, req_state: object) -> None:
+        """Preempted: vLLM takes its blocks back now, so its slots are released now."""
+        if req_id not in self._released_on_preemption:
+            self.release_request(req_state)
+            self._released_on_preemption.add(req_id)
 
+    def on_request_resumed(self, req_id: str, req_state: object) -> None:
+        """Resumed after preemption (its old block ids are still in ``req_state``)."""
+        if req_id in self._released_on_preemption:
+            self._released_on_preemption.discard(req_id)
+        else:  # forced preemption (e.g. reset_prefix_cache) comes without a preempted notice
+            self.release_request(req_state)
 
-def set_pool(pool: StagingPool | None) -> None:
-    global _POOL
-    _POOL = pool
-
-
-def release_request(req_state: object) -> None:
-    """Free the slots of a request's blocks (no-op without a pool)."""
-    pool = _POOL
-    if pool is None or req_state is None:
-        return
-    for group in getattr(req_state, "block_ids", ()) or ():
-        pool.release_blocks(group)
-
-
-# Runner lifecycle. A request's slots are released exactly once, keyed by the block ids
-# it held: a preempted request loses its blocks at once and they may be reallocated to
-# another request, so its old ids must not be released again later (that would free the
-# new owner's slot) when it resumes or finishes while waiting.
-_released_on_preemption: set[str] = set()
-
-
-def on_request_preempted(req_id: str, req_state: object) -> None:
-    if req_id not in _released_on_preemption:
-        release_request(req_state)
-        _released_on_preemption.add(req_id)
-
-
-def on_request_resumed(req_id: str, req_state: object) -> None:
-    """Resumed after preemption (its old block ids are still in ``req_state``)."""
-    if req_id in _released_on_preemption:
-        _released_on_preemption.discard(req_id)
-    else:  # forced preemption (e.g. reset_prefix_cache) comes without a preempted notice
-        release_request(req_state)
-
-
-def on_request_removed(req_id: str, req_state: object) -> None:
-    """Finished or aborted (running, or waiting after a preemption)."""
-    if req_id in _released_on_preemption:
-        _released_on_preemption.discard(req_id)
-    else:
-        release_request(req_state)
+    def on_request_removed(self, req_id: str, req_state: object) -> None:
+        """Finished or aborted (running, or waiting after a preemption)."""
+        if req_id in self._released_on_preemption:
+            self._released_on_preemption.discard(req_id)
+        else:
+            self.release_request(req_state)

@@ -38,11 +38,11 @@ import torch
 
 from ..kernels import attend_packed, dequantize_pages, hadamard_rotate, quantize_pack, uses_triton
 from ..layout import BlockLayout
-from ..quant.block import topk_salient_mask
-from .attention import (causal_window, flash_cpu, local_window, merge_grouped, scaled_queries,
+from ..policies import KVPolicy
+from .attention import (causal_window, flash_cpu, local_window, merge_lse, scaled_queries,
                         tiled_attention, window)
 from .plan import DecodeBatch, RequestPlan
-from .saliency import SaliencyRule, block_saliency, block_scores
+from .saliency import block_saliency
 from .staging import StagedBlock, StagingPool
 
 
@@ -73,7 +73,7 @@ class StepResult:
 
 def run_request_step(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                      ctx: int, packed_ids: torch.Tensor, pages: torch.Tensor,
-                     staged: StagedBlock, layout: BlockLayout, rule: SaliencyRule,
+                     staged: StagedBlock, layout: BlockLayout, policy: KVPolicy,
                      scale: float) -> StepResult:
     """One request's attention step over packed pages + staging + its own chunk.
 
@@ -84,13 +84,14 @@ def run_request_step(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
         packed_ids: int64 ``[ctx // B]`` block ids of the complete blocks, in order.
         pages: uint8 ``[num_blocks, page_bytes]`` the layer's cache.
         staged: the request's staging block (first ``ctx % B`` tokens valid).
-        layout: page layout; rule: saliency rule; scale: softmax scale.
+        layout: page layout; policy: ranks and selects a filled block's tokens; scale: softmax scale.
     """
     qs, kw, vw = local_window(q, k_new, v_new, ctx, packed_ids, staged, layout.block_size, scale)
-    # (a1) complete packed blocks: dequantized inside the kernel (C++ on CPU, or the
-    # PyTorch reference a bounded group of pages at a time), merged below by LSE.
+    # (a1) complete packed blocks: dequantized inside the kernel (C++ on the CPU, Triton on
+    # CUDA, or the portable PyTorch path a bounded group of pages at a time), merged below
+    # by LSE.
     prior = _packed_part(q, pages, packed_ids, layout, scale)
-    return _step(qs, kw, vw, ctx, prior, staged, layout, rule)
+    return _step(qs, kw, vw, ctx, prior, staged, layout, policy)
 
 
 def _packed_part(q: torch.Tensor, pages: torch.Tensor, packed_ids: torch.Tensor,
@@ -108,7 +109,7 @@ def _packed_part(q: torch.Tensor, pages: torch.Tensor, packed_ids: torch.Tensor,
 
 def _step(qs: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, ctx: int,
           prior: tuple[torch.Tensor, torch.Tensor] | None, staged: StagedBlock,
-          layout: BlockLayout, rule: SaliencyRule) -> StepResult:
+          layout: BlockLayout, policy: KVPolicy) -> StepResult:
     """The step after the packed part: local window (causal), merged with ``prior`` (the
     packed part, grouped), saliency, quantization of the blocks that fill, the tail.
 
@@ -119,11 +120,11 @@ def _step(qs: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, ctx: int,
     s, b0 = ctx % B, ctx // B
     Lw = s + ql
     if Lw <= B:  # one local block (every chunk of _apply_chunk, every one-token step)
-        out, lse, score, count = _one_block(qs, kw, vw, s, prior, rule, b0 * B, B)
+        out, lse, score, count = _one_block(qs, kw, vw, s, prior, policy, b0 * B, B)
     else:
         out, lse = tiled_attention(qs, kw, vw, s, prior)
         # (b) saliency of the local window's blocks from the queries of the same block.
-        score, count = block_saliency(qs, kw, lse, s, b0 * B, B, rule)
+        score, count = block_saliency(qs, kw, lse, s, b0 * B, B, policy)
     if s:  # only the first s entries of a slot are meaningful (the rest is stale)
         score[0, :, :s] += staged.score[:, :s].float()
         count[0, :s] += staged.count[:s].float()
@@ -135,8 +136,8 @@ def _step(qs: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, ctx: int,
         kf = kw[:, :n_full * B].reshape(H, n_full, B, D).permute(1, 2, 0, 3)  # [n, B, H, D] views
         vf = vw[:, :n_full * B].reshape(H, n_full, B, D).permute(1, 2, 0, 3)
         starts = [(b0 + c) * B for c in range(n_full)]
-        ranks = block_scores(score[:n_full], count[:n_full], rule, starts)
-        salient = topk_salient_mask(ranks, layout.n_hi)
+        ranks = policy.rank(score[:n_full], count[:n_full], starts)
+        salient = policy.select(ranks)
         new_pages = quantize_pack(kf, vf, salient, layout)
     else:
         new_pages = torch.zeros(0, layout.page_bytes, dtype=torch.uint8)
@@ -156,7 +157,7 @@ def _step(qs: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, ctx: int,
 
 
 def _one_block(qs: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, s: int,
-               prior: tuple[torch.Tensor, torch.Tensor] | None, rule: SaliencyRule,
+               prior: tuple[torch.Tensor, torch.Tensor] | None, policy: KVPolicy,
                block_start: int, block_size: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention and saliency when the local window is one block (``s + q <= B``): one
@@ -167,8 +168,8 @@ def _one_block(qs: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, s: int,
     """
     out, lse = causal_window(qs, kw, vw, s)
     if prior is not None:
-        out, lse = merge_grouped(prior[0], prior[1], out, lse)
-    score, count = block_saliency(qs, kw, lse, s, block_start, block_size, rule)
+        out, lse = merge_lse(prior[0], prior[1], out, lse)
+    score, count = block_saliency(qs, kw, lse, s, block_start, block_size, policy)
     return out, lse, score, count
 
 
@@ -185,7 +186,7 @@ def rotate_inputs(layout: BlockLayout, query: torch.Tensor, key: torch.Tensor,
 
 def apply_step(pool: StagingPool, layer: int, plans: list[RequestPlan], query: torch.Tensor,
                key: torch.Tensor, value: torch.Tensor, pages: torch.Tensor,
-               layout: BlockLayout, rule: SaliencyRule, scale: float,
+               layout: BlockLayout, policy: KVPolicy, scale: float,
                output: torch.Tensor, decode: "DecodeBatch | None" = None) -> None:
     """Run one layer's step for every planned row: write ``output``, filled pages, tails.
 
@@ -202,21 +203,21 @@ def apply_step(pool: StagingPool, layer: int, plans: list[RequestPlan], query: t
     with contextlib.nullcontext() if query.is_cpu else torch.device(query.device):
         if decode is None:
             decode_plans = [p for p in plans if p.q_len == 1]
-            decode = (DecodeBatch.from_plans(decode_plans, layout.block_size, rule, query.device)
+            decode = (DecodeBatch.from_plans(decode_plans, layout.block_size, policy, query.device)
                       if decode_plans else None)
         query, key = rotate_inputs(layout, query, key, decode)
         if decode is not None:
-            apply_decode_rows(pool, layer, decode, query, key, value, pages, layout, rule, scale,
+            apply_decode_rows(pool, layer, decode, query, key, value, pages, layout, policy, scale,
                               output)
         for plan in plans:
             if plan.q_len > 1:
-                _apply_chunk(pool, layer, plan, query, key, value, pages, layout, rule, scale,
+                _apply_chunk(pool, layer, plan, query, key, value, pages, layout, policy, scale,
                              output)
 
 
 def _apply_chunk(pool: StagingPool, layer: int, plan: RequestPlan, query: torch.Tensor,
                  key: torch.Tensor, value: torch.Tensor, pages: torch.Tensor,
-                 layout: BlockLayout, rule: SaliencyRule, scale: float,
+                 layout: BlockLayout, policy: KVPolicy, scale: float,
                  output: torch.Tensor) -> None:
     """One multi-token row, one block at a time: each query sees the blocks before its
     own block as packed pages and its own block in full precision, as decode does.
@@ -251,7 +252,7 @@ def _apply_chunk(pool: StagingPool, layer: int, plan: RequestPlan, query: torch.
         kw, vw = window(k_all[:, i:i + n], v_all[:, i:i + n], staged, ctx % B)
         prior = (prefix.attend(qs) if prefix is not None
                  else _packed_part(query[rows], pages, packed, layout, scale))
-        res = _step(qs, kw, vw, ctx, prior, staged, layout, rule)
+        res = _step(qs, kw, vw, ctx, prior, staged, layout, policy)
         output[rows].unflatten(1, (H, g)).copy_(res.out_grouped.permute(2, 0, 1, 3))
         if res.pages.shape[0]:  # the block filled: later blocks read it packed
             block = plan.filled_ids[filled:filled + 1]
@@ -305,7 +306,7 @@ class _DequantizedPrefix:
 
 def apply_decode_rows(pool: StagingPool, layer: int, batch: DecodeBatch, query: torch.Tensor,
                       key: torch.Tensor, value: torch.Tensor, pages: torch.Tensor,
-                      layout: BlockLayout, rule: SaliencyRule, scale: float,
+                      layout: BlockLayout, policy: KVPolicy, scale: float,
                       output: torch.Tensor) -> None:
     """All decode rows of a step at once: same math as :func:`run_request_step` with q = 1.
 
@@ -318,9 +319,9 @@ def apply_decode_rows(pool: StagingPool, layer: int, batch: DecodeBatch, query: 
     batch.kernel.run(query, key, value, pages, *pool.layers[layer], output, layout, scale)
     if batch.full:
         fs = batch.full_slots
-        ranks = block_scores(pool.score[layer].index_select(0, fs),
-                             pool.count[layer].index_select(0, fs), rule, batch.full_starts)
-        salient = topk_salient_mask(ranks, layout.n_hi)
+        ranks = policy.rank(pool.score[layer].index_select(0, fs),
+                            pool.count[layer].index_select(0, fs), batch.full_starts)
+        salient = policy.select(ranks)
         new_pages = quantize_pack(pool.k[layer].index_select(0, fs).transpose(1, 2),
                                   pool.v[layer].index_select(0, fs).transpose(1, 2), salient, layout)
         pages.index_copy_(0, batch.full_ids, new_pages)

@@ -65,7 +65,7 @@ def layer_errors(model, tok, seq_len: int = 512, prompt_len: int = 256, preset: 
         for j in range(nb):
             r = probe_rows(B, pol.preset.probes, seed=j * B) + j * B
             kp = torch.arange(j * B, (j + 1) * B)
-            probes.append(pol.block_scores(p_pre[:, r][:, :, j * B:(j + 1) * B], r, kp, hk, (j + 1) * B, j * B))
+            probes.append(pol.rank_from_probs(p_pre[:, r][:, :, j * B:(j + 1) * B], r, kp, hk, (j + 1) * B, j * B))
             orc.append(oracle[:, j * B:(j + 1) * B])
         masks = {"kivi3": (torch.zeros(nb, hk, B, dtype=torch.bool), 3, 3),
                  "mix_probes": (topk_salient_mask(torch.stack(probes), n_hi), pol.preset.hi_bits, pol.preset.lo_bits),

@@ -167,7 +167,7 @@ class KVSimulator:
         p = torch.cat([x for x, _ in pieces], 1)
         rows = torch.cat([r for _, r in pieces])
         end = (j + 1) * B if self.cfg.saliency_window == "block" else c1
-        return self.policy.block_scores(p, rows, torch.arange(j * B, (j + 1) * B), hk, end, seed=j * B)
+        return self.policy.rank_from_probs(p, rows, torch.arange(j * B, (j + 1) * B), hk, end, j * B)
 
     def _block_scores(self, probs, c0, c1, j, hk):
         """Saliency of block ``j`` from one chunk's attention (the uncompressed prepass)."""
@@ -190,8 +190,8 @@ class KVSimulator:
             for j in range(c0 // B, c1 // B):
                 if self.cfg.saliency_window == "oracle":
                     pos = torch.arange(L)
-                    scores[j] = self.policy.block_scores(probs[:, :, j * B:(j + 1) * B], pos,
-                                                         pos[j * B:(j + 1) * B], hk, L, seed=j * B)
+                    scores[j] = self.policy.rank_from_probs(probs[:, :, j * B:(j + 1) * B], pos,
+                                           pos[j * B:(j + 1) * B], hk, L, j * B)
                 else:
                     scores[j] = self._block_scores(probs, c0, c1, j, hk)
         if not scores:

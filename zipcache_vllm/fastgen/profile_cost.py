@@ -46,11 +46,11 @@ def measure(model, tok, model_dir: str, preset_name: str, prompt_len: int, repea
     from ..saliency import probe_rows
     from ..engine.attention import QUERY_TILE
     from ..engine.fastgen import probe_mass, rung_from_mass
-    from ..engine.saliency import SaliencyRule
+    from ..policies import make_policy
     from ..engine.token_classes import class_table, classify
 
     preset = load_preset(preset_name)
-    rule = SaliencyRule.from_preset(preset)
+    policy = make_policy(preset)
     ids = torch.tensor(token_windows_for(tok, prompt_len, 1)[0])
     table = class_table(model_dir)
     layers = _capture(model, ids)
@@ -66,7 +66,7 @@ def measure(model, tok, model_dir: str, preset_name: str, prompt_len: int, repea
             t0 = time.perf_counter()
             cls = classify(table, ids)
             probe = torch.zeros(L, dtype=torch.bool)
-            probe[probe_rows(L, rule.probes, seed=0)] = True
+            probe[probe_rows(L, policy.preset.probes, seed=0)] = True
             spent = time.perf_counter() - t0
             rungs = []
             for qs, k in layers:
@@ -86,13 +86,13 @@ def measure(model, tok, model_dir: str, preset_name: str, prompt_len: int, repea
     p, f = min(prefill), min(profile)
     hist = torch.bincount(torch.cat(rungs), minlength=5).tolist()
     return {"preset": preset_name, "prompt_len": prompt_len, "prefill_s": p, "profile_s": f,
-            "share": f / p, "rung_histogram": hist, "probe_rows": _num_probes(prompt_len, rule)}
+            "share": f / p, "rung_histogram": hist, "probe_rows": _num_probes(prompt_len, policy)}
 
 
-def _num_probes(n: int, rule) -> int:
+def _num_probes(n: int, policy) -> int:
     from ..saliency import probe_rows
 
-    return int(probe_rows(n, rule.probes, seed=0).numel())
+    return int(probe_rows(n, policy.preset.probes, seed=0).numel())
 
 
 def markdown(rows: list[dict], command: str, machine: str) -> str:

@@ -1,23 +1,26 @@
 """The kernels of :mod:`.ops` on CUDA tensors: the Triton kernels (``triton_kernels/``).
 
 Same signatures and results as the CPU ops (float32 ``out``, ``lse [Hq, nq]``), so
-the step engine (``zipcache_vllm/engine/``) runs unchanged on either device. :mod:`.ops` routes here when
-the tensors are on a CUDA device, or, for tests on a machine without a GPU, when
-``ZIPCACHE_VLLM_KERNELS=triton`` (with ``TRITON_INTERPRET=1`` Triton then runs the
-kernels on CPU tensors in its interpreter).
+the step engine (``zipcache_vllm/engine/``) runs unchanged on either device. :mod:`.ops`
+routes here (:func:`.ops.kernel_path` ``"triton"``) when the tensors are on a CUDA
+device, or, for tests on a machine without a GPU, when ``ZIPCACHE_VLLM_KERNELS=triton``
+(with ``TRITON_INTERPRET=1`` Triton then runs the kernels on CPU tensors in its
+interpreter). Arguments are checked by :mod:`.ops` (and the Triton host wrappers).
 
 Mapping: decode batches (one query per request) -> ``decode_attention``; a request with
 several queries -> ``prefill_attention`` (all its blocks visible); packing ->
 ``quantize_pack`` into fresh pages; the fused decode step -> ``decode_attention`` for
-the packed part, then the staging part as in :func:`.reference.decode_staged_ref`
-(torch ops on the device: one staged block per row).
+the packed part, ``staging_attention`` for the staged tokens, ``merge_lse`` for their
+log-sum-exp merge, then the staging append and the saliency accumulation as torch ops on
+the device (:mod:`.portable`'s ``stage_tokens`` / ``staged_scores`` /
+``accumulate_saliency``: one staged block per row).
 """
 from __future__ import annotations
 
 import torch
 
 from ..layout import BlockLayout
-from . import reference
+from . import portable
 from .triton_loader import load
 
 
@@ -60,11 +63,21 @@ def quantize_pack(k: torch.Tensor, v: torch.Tensor, salient: torch.Tensor,
 def decode_staged(q, k, v, rows, pages, block_table, num_blocks, slots, staged, probe,
                   pool_k, pool_v, pool_score, pool_count, out, layout: BlockLayout,
                   scale: float) -> None:
-    if rows.numel() == 0:
+    """The fused decode step (:func:`.ops.decode_staged`) on the Triton kernels, in place."""
+    R = rows.numel()
+    if R == 0:
         return
+    ops = _ops()
+    H = layout.num_kv_heads
     qr = q.index_select(0, rows)
-    out_p, lse_p = _ops().decode_attention(qr, pages, block_table.to(torch.int32).contiguous(),
-                                           num_blocks.to(torch.int32).contiguous(), layout, scale)
-    reference.decode_staged_ref(q, k, v, rows, pages, block_table, num_blocks, slots, staged, probe,
-                                pool_k, pool_v, pool_score, pool_count, out, layout, scale,
-                                packed=(out_p, lse_p.t()))
+    out_p, lse_p = ops.decode_attention(qr, pages, block_table.to(torch.int32).contiguous(),
+                                        num_blocks.to(torch.int32).contiguous(), layout, scale)
+    portable.stage_tokens(k, v, rows, slots, staged, pool_k, pool_v)
+    kl = pool_k.index_select(0, slots)  # [R, H, B, D], the new token included
+    out_s, lse_s = ops.staging_attention(qr, kl, pool_v.index_select(0, slots),
+                                         (staged + 1).to(torch.int32), scale)
+    merged, lse = ops.merge_lse(out_p, lse_p, out_s, lse_s)  # [R, Hq, D], [R, Hq]
+    out[rows] = merged.to(out.dtype)
+    sc, visible = portable.staged_scores(qr, kl.float(), staged, H, scale)
+    portable.accumulate_saliency(sc, lse.reshape(R, H, -1), visible, staged, probe, slots,
+                                 pool_score, pool_count)

@@ -1,11 +1,22 @@
-"""Host wrappers of the C++ CPU kernels: check, then launch (or fall back).
+"""Host wrappers of the kernels: route by device, check, then launch.
+
+:func:`kernel_path` is the one place that decides which implementation runs an op:
+
+* ``"triton"``: CUDA tensors, the Triton kernels (:mod:`.gpu`, ``triton_kernels/``);
+  ``ZIPCACHE_VLLM_KERNELS=triton`` forces it on CPU tensors for the tests (Triton's
+  interpreter, ``TRITON_INTERPRET=1``);
+* ``"cpp"``: CPU tensors, the C++ kernels (``torch.ops.zipcache``, ``csrc/``);
+* ``"torch"``: CPU tensors when the C++ extension cannot be built (no compiler, compile
+  error: a warning, ONCE) or with ``ZIPCACHE_VLLM_KERNELS=torch`` (``reference``, its
+  older spelling, still works): the portable PyTorch path (:mod:`.portable`, the page
+  format's own ``quant.block`` functions, ``quant.rotation``).
 
 Every public function validates shapes, dtypes, devices and strides and raises
-``ValueError`` on misuse, then calls the ``torch.ops.zipcache`` op. If the C++
-extension cannot be built (no compiler, compile error), it warns ONCE and runs
-the pure-PyTorch reference (:mod:`.reference`) instead; set
-``ZIPCACHE_VLLM_KERNELS=reference`` to choose the reference explicitly, and
-``ZIPCACHE_VLLM_KERNEL_ISA=scalar|avx2|avx512`` to force an ISA variant.
+``ValueError`` on misuse before launching; the kernels trust these checks (the C++ ops
+keep only cheap asserts where a bad argument would reach memory it must not, see
+``csrc/``). :class:`DecodePlan` checks a decode step's index tensors once, at plan time,
+for every layer. ``ZIPCACHE_VLLM_KERNEL_ISA=scalar|avx2|avx512`` forces the C++
+kernels' ISA variant.
 
 Layout parameters come from :class:`~zipcache_vllm.layout.BlockLayout` (block
 size, head size, KV heads, bit widths, salient count) and its ``sections``
@@ -26,10 +37,9 @@ from functools import lru_cache
 import torch
 
 from ..layout import BlockLayout
-from ..quant.rotation import hadamard_rotate as hadamard_rotate_reference
-from ..quant.rotation import is_power_of_two
-from ..quant.block import unpack_dequantize_blocks
-from . import build, reference
+from ..quant import rotation
+from ..quant.block import quantize_pack_blocks, unpack_dequantize_blocks
+from . import build, portable
 
 # Section order expected by csrc/zc_kernels.h (enum SectionIdx).
 SECTION_ORDER = ("k_hi_codes", "k_lo_codes", "v_hi_codes", "v_lo_codes", "k_hi_params",
@@ -38,20 +48,26 @@ MAX_HEAD_SIZE = 256  # csrc MAX_HEAD
 MAX_BLOCK_SIZE = 1024  # csrc MAX_BLOCK
 Q_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int32, torch.int64)
+TORCH_ROUTE = ("torch", "reference")  # ZIPCACHE_VLLM_KERNELS values that force the portable path
 
 _fallback_warned = False
 # What the fallback costs, measured with `zipcache-vllm bench kernels --contexts 1024,4096
-# --batches 1,8 --timer cpu`, with and without ZIPCACHE_VLLM_KERNELS=reference (one thread,
+# --batches 1,8 --timer cpu`, with and without ZIPCACHE_VLLM_KERNELS=torch (one thread,
 # SmolLM2 and Llama-like shapes): decode attention 18-24x slower than the C++ kernels,
 # about 10x slower than vLLM's own bf16 CPU attention.
 REFERENCE_COST = ("about 20x slower decode attention than the C++ kernels and about 10x slower "
                   "than vLLM's bf16 attention (zipcache-vllm bench kernels, 1k-4k context)")
 
 
+def _forced_route() -> str:
+    """``ZIPCACHE_VLLM_KERNELS``, lower case ("" = route by device)."""
+    return os.environ.get("ZIPCACHE_VLLM_KERNELS", "").lower()
+
+
 def _use_extension() -> bool:
-    """True when the C++ ops are usable; otherwise warn once and use the reference."""
+    """True when the C++ ops are usable and not switched off; a failed build warns once."""
     global _fallback_warned
-    if os.environ.get("ZIPCACHE_VLLM_KERNELS", "").lower() == "reference":
+    if _forced_route() in TORCH_ROUTE:
         return False
     try:
         build.load()
@@ -60,18 +76,27 @@ def _use_extension() -> bool:
         if not _fallback_warned:
             _fallback_warned = True
             warnings.warn(
-                f"\n*** zipcache C++ kernels unavailable: {exc}\n*** Using the PyTorch reference instead, "
+                f"\n*** zipcache C++ kernels unavailable: {exc}\n*** Using the portable PyTorch path instead, "
                 f"{REFERENCE_COST}.\n*** Fix: install zipcache_vllm with the kernels built against the "
                 "installed torch (pip install --no-build-isolation ...) or give this machine a C++ "
-                "compiler (they then compile on first use); ZIPCACHE_VLLM_KERNELS=reference silences "
+                "compiler (they then compile on first use); ZIPCACHE_VLLM_KERNELS=torch silences "
                 "this.", RuntimeWarning, stacklevel=3)
         return False
 
 
 def uses_triton(t: torch.Tensor) -> bool:
-    """Route to the Triton kernels (:mod:`.gpu`): CUDA tensors, or forced for tests with
-    ``ZIPCACHE_VLLM_KERNELS=triton`` (then under ``TRITON_INTERPRET=1`` on CPU tensors)."""
-    return t.is_cuda or os.environ.get("ZIPCACHE_VLLM_KERNELS", "").lower() == "triton"
+    """Whether ops on ``t`` run the Triton kernels (:func:`kernel_path` ``"triton"``): CUDA
+    tensors, or forced for tests with ``ZIPCACHE_VLLM_KERNELS=triton`` (then under
+    ``TRITON_INTERPRET=1`` on CPU tensors)."""
+    return t.is_cuda or _forced_route() == "triton"
+
+
+def kernel_path(t: torch.Tensor) -> str:
+    """Which implementation runs an op on ``t``: ``"triton"``, ``"cpp"`` or ``"torch"``
+    (the module docstring); the only routing decision of the package."""
+    if uses_triton(t):
+        return "triton"
+    return "cpp" if t.is_cpu and _use_extension() else "torch"
 
 
 def _check_same_device(**tensors: torch.Tensor) -> None:
@@ -95,9 +120,10 @@ def _requested_isa() -> str:
 
 
 def cpu_isa() -> str:
-    """ISA variant the kernels run with: ``avx512``, ``avx2`` or ``scalar`` (or ``reference``)."""
+    """ISA variant the CPU kernels run with: ``avx512``, ``avx2`` or ``scalar`` (``torch``:
+    the portable PyTorch path)."""
     if not _use_extension():
-        return "reference"
+        return "torch"
     return _requested_isa() or torch.ops.zipcache.cpu_isa()
 
 
@@ -174,17 +200,13 @@ def attend_packed_varlen(q: torch.Tensor, pages: torch.Tensor, block_table: torc
         ``out`` float32 ``[nq, Hq, D]``, ``lse`` float32 ``[Hq, nq]`` (natural log).
     """
     _check_layout(layout)
-    if uses_triton(q):
-        _check_same_device(q=q, pages=pages, block_table=block_table, num_blocks=num_blocks,
-                           query_start_loc=query_start_loc)
-        _check_q(q, layout)
-        _check_pages(pages, layout)
-        from . import gpu
-
-        return gpu.attend_packed_varlen(q, pages, block_table, num_blocks, query_start_loc,
-                                        layout, float(scale))
-    _check_cpu(q=q, pages=pages, block_table=block_table, num_blocks=num_blocks,
-               query_start_loc=query_start_loc)
+    path = kernel_path(q)
+    tensors = dict(q=q, pages=pages, block_table=block_table, num_blocks=num_blocks,
+                   query_start_loc=query_start_loc)
+    if path == "triton":
+        _check_same_device(**tensors)
+    else:
+        _check_cpu(**tensors)
     _check_q(q, layout)
     _check_pages(pages, layout)
     _check_index("block_table", block_table, 2)
@@ -194,8 +216,16 @@ def attend_packed_varlen(q: torch.Tensor, pages: torch.Tensor, block_table: torc
     if num_blocks.shape[0] != nreq or query_start_loc.shape[0] != nreq + 1:
         raise ValueError(f"num_blocks must be [{nreq}] and query_start_loc [{nreq + 1}], got "
                          f"{list(num_blocks.shape)} and {list(query_start_loc.shape)}")
-    use_ext = _use_extension()
-    if nreq and not use_ext:  # the C++ op checks these values itself (ValueError too)
+    if path == "triton":  # values unchecked: reading them would sync with the device
+        from . import gpu
+
+        return gpu.attend_packed_varlen(q, pages, block_table, num_blocks, query_start_loc,
+                                        layout, float(scale))
+    if path == "cpp":  # the op checks the values itself, in its one pass over them
+        lay, offs = layout_args(layout)
+        return torch.ops.zipcache.attend_packed(q, pages, block_table, num_blocks, query_start_loc,
+                                                lay, offs, float(scale), _requested_isa())
+    if nreq:
         nb_min, nb_max = int(num_blocks.min()), int(num_blocks.max())
         if nb_min < 0 or nb_max > block_table.shape[1]:
             raise ValueError(f"num_blocks must be in [0, {block_table.shape[1]}], got [{nb_min}, {nb_max}]")
@@ -208,12 +238,8 @@ def attend_packed_varlen(q: torch.Tensor, pages: torch.Tensor, block_table: torc
             if int(ids.min()) < 0 or int(ids.max()) >= pages.shape[0]:
                 raise ValueError(f"block ids must be in [0, {pages.shape[0]}), got "
                                  f"[{int(ids.min())}, {int(ids.max())}]")
-    if not use_ext:
-        return reference.attend_packed_varlen_ref(q, pages, block_table, num_blocks,
-                                                  query_start_loc, layout, float(scale))
-    lay, offs = layout_args(layout)
-    return torch.ops.zipcache.attend_packed(q, pages, block_table, num_blocks, query_start_loc,
-                                            lay, offs, float(scale), _requested_isa())
+    return portable.attend_packed_varlen(q, pages, block_table, num_blocks, query_start_loc,
+                                         layout, float(scale))
 
 
 def attend_packed(q: torch.Tensor, pages: torch.Tensor, block_ids: torch.Tensor,
@@ -259,7 +285,8 @@ def quantize_pack(k: torch.Tensor, v: torch.Tensor, salient: torch.Tensor,
         uint8 ``[N, layout.page_bytes]``.
     """
     _check_layout(layout)
-    if uses_triton(k):
+    path = kernel_path(k)
+    if path == "triton":
         _check_same_device(k=k, v=v, salient=salient)
     else:
         _check_cpu(k=k, v=v, salient=salient)
@@ -273,12 +300,12 @@ def quantize_pack(k: torch.Tensor, v: torch.Tensor, salient: torch.Tensor,
         raise ValueError(f"salient must be bool [{n}, {H}, {B}], got {salient.dtype} {list(salient.shape)}")
     if n and not bool((salient.sum(-1) == layout.n_hi).all()):
         raise ValueError(f"every (block, head) needs exactly n_hi={layout.n_hi} salient tokens")
-    if uses_triton(k):
+    if path == "triton":
         from . import gpu
 
         return gpu.quantize_pack(k, v, salient, layout)
-    if not _use_extension():
-        return reference.quantize_pack_ref(k, v, salient, layout)
+    if path == "torch":
+        return quantize_pack_blocks(k, v, salient, layout)
     lay, offs = layout_args(layout)
     return torch.ops.zipcache.quantize_pack(k, v, salient, lay, offs)
 
@@ -289,7 +316,7 @@ def dequantize_pages(pages: torch.Tensor, layout: BlockLayout) -> tuple[torch.Te
     ``quant.block.unpack_dequantize_blocks(pages, layout, order="storage")``."""
     _check_layout(layout)
     _check_pages(pages, layout)
-    if pages.is_cpu and not uses_triton(pages) and _use_extension():
+    if kernel_path(pages) == "cpp":
         lay, offs = layout_args(layout)
         return torch.ops.zipcache.dequantize_pages(pages, lay, offs)
     return unpack_dequantize_blocks(pages, layout, order="storage")
@@ -314,21 +341,85 @@ def decode_staged(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch
         pool_k, pool_v: ``[S, H, B, D]`` one layer of the staging pool (any float dtype;
             the new K/V are rounded to it);
         pool_score float32 ``[S, H, B]``, pool_count float32 ``[S, B]``.
-    See :func:`.reference.decode_staged_ref` for the semantics. A step that runs every
-    layer over the same rows plans once (:class:`DecodePlan`) and runs it per layer.
+    Semantics: :func:`.portable.decode_staged` (its test oracle:
+    :func:`.reference.decode_staged_ref`). A step that runs every layer over the same rows
+    plans once (:class:`DecodePlan`) and runs it per layer.
     """
     _check_layout(layout)
     plan = DecodePlan.create(rows, block_table, num_blocks, slots, staged, probe, layout.block_size)
     plan.run(q, k, v, pages, pool_k, pool_v, pool_score, pool_count, out, layout, scale)
 
 
+def _decode_bounds(rows: torch.Tensor, block_table: torch.Tensor, num_blocks: torch.Tensor,
+                   slots: torch.Tensor, staged: torch.Tensor, block_size: int) -> tuple[int, int, int]:
+    """Checks the values of a decode step's index tensors (on the host: on CUDA a few small
+    device-to-host copies per step, none per layer) and returns the exclusive upper bounds
+    of the query rows, staging slots and block ids they address, which every layer's
+    tensors must cover (:meth:`DecodePlan.run` compares sizes only)."""
+    R = rows.shape[0]
+    if R == 0:
+        return 0, 0, 0
+    rows_l, slots_l, staged_l, nb_l = (t.tolist() for t in (rows, slots, staged, num_blocks))
+    if min(rows_l) < 0 or min(slots_l) < 0:
+        raise ValueError(f"rows and slots must be >= 0, got {rows_l} and {slots_l}")
+    if len(set(slots_l)) != R:
+        raise ValueError(f"two rows share a staging slot: slots {slots_l}")
+    if min(staged_l) < 0 or max(staged_l) >= block_size:
+        raise ValueError(f"staged must be in [0, {block_size}), got {staged_l}")
+    max_blocks = block_table.shape[1]
+    if min(nb_l) < 0 or max(nb_l) > max_blocks:
+        raise ValueError(f"num_blocks must be in [0, {max_blocks}], got {nb_l}")
+    pages_end = 0
+    if max(nb_l):
+        used = _arange(max_blocks).unsqueeze(0) < num_blocks.cpu().unsqueeze(1)
+        lo, hi = torch.aminmax(block_table.cpu()[used])
+        if int(lo) < 0:
+            raise ValueError(f"block ids must be >= 0, got {int(lo)}")
+        pages_end = int(hi) + 1
+    return max(rows_l) + 1, max(slots_l) + 1, pages_end
+
+
+def _check_decode_layer(bounds: tuple[int, int, int], q: torch.Tensor, k: torch.Tensor,
+                        v: torch.Tensor, pages: torch.Tensor, pool_k: torch.Tensor,
+                        pool_v: torch.Tensor, pool_score: torch.Tensor, pool_count: torch.Tensor,
+                        out: torch.Tensor, layout: BlockLayout) -> None:
+    """One layer's tensors of a planned decode step (the C++ op checks the same itself)."""
+    _check_q(q, layout)
+    _check_pages(pages, layout)
+    H, B, D = layout.num_kv_heads, layout.block_size, layout.head_size
+    T = q.shape[0]
+    if tuple(k.shape) != (T, H, D) or v.shape != k.shape or out.shape != q.shape:
+        raise ValueError(f"k, v must be [{T}, {H}, {D}] and out like q {list(q.shape)}, got "
+                         f"{list(k.shape)}, {list(v.shape)}, {list(out.shape)}")
+    if len({q.dtype, k.dtype, v.dtype}) != 1 or pool_v.dtype != pool_k.dtype:
+        raise ValueError("q, k and v must share one dtype, and pool_k and pool_v another")
+    if out.dtype not in (q.dtype, torch.float32):
+        raise ValueError(f"out must be {q.dtype} or float32, got {out.dtype}")
+    if any(t.stride(-1) != 1 for t in (q, k, v, out, pool_k)):
+        raise ValueError("q, k, v, out and the pool need a unit inner stride")
+    if pool_k.dtype not in Q_DTYPES:
+        raise ValueError(f"pool_k/pool_v must be one of {Q_DTYPES}, got {pool_k.dtype}")
+    S = pool_k.shape[0]
+    if (pool_k.dim() != 4 or tuple(pool_k.shape[1:]) != (H, B, D) or pool_v.shape != pool_k.shape
+            or tuple(pool_score.shape) != (S, H, B) or tuple(pool_count.shape) != (S, B)
+            or pool_score.dtype != torch.float32 or pool_count.dtype != torch.float32):
+        raise ValueError(f"pool must be k/v [S, {H}, {B}, {D}], score float32 [S, {H}, {B}], "
+                         f"count float32 [S, {B}]")
+    rows_end, slots_end, pages_end = bounds
+    if T < rows_end or S < slots_end or pages.shape[0] < pages_end:
+        raise ValueError(f"the plan addresses query rows < {rows_end}, staging slots < {slots_end} "
+                         f"and pages < {pages_end}; this layer has {T}, {S} and {pages.shape[0]}")
+
+
 @dataclass(frozen=True)
 class DecodePlan:
     """The decode rows of a step, checked once (flashinfer's plan / run split).
 
-    :meth:`create` checks the per-step index tensors (see :func:`decode_staged`) and
-    picks the kernel path; :meth:`run`, called once per layer, checks only that
-    layer's tensors and launches.
+    :meth:`create` picks the kernel path (:func:`kernel_path`) and checks the per-step
+    index tensors (see :func:`decode_staged`): devices, dtypes, shapes, and their values
+    (rows, slots, staged counts, block ids), for every layer; :meth:`run`, called once
+    per layer, checks only that layer's own tensors (their shapes cover the plan's
+    ``bounds``) and launches.
     """
 
     rows: torch.Tensor
@@ -337,8 +428,9 @@ class DecodePlan:
     slots: torch.Tensor
     staged: torch.Tensor
     probe: torch.Tensor
-    path: str  # "triton", "cpp" or "reference"
+    path: str  # kernel_path: "triton", "cpp" or "torch"
     isa: str  # ZIPCACHE_VLLM_KERNEL_ISA at plan time ("" = the CPU's best)
+    bounds: tuple[int, int, int]  # exclusive bounds of the rows, slots and block ids addressed
 
     @classmethod
     def create(cls, rows: torch.Tensor, block_table: torch.Tensor, num_blocks: torch.Tensor,
@@ -346,8 +438,11 @@ class DecodePlan:
                block_size: int) -> "DecodePlan":
         tensors = dict(rows=rows, block_table=block_table, num_blocks=num_blocks, slots=slots,
                        staged=staged, probe=probe)
-        triton = uses_triton(rows)
-        if triton:
+        for name, t in tensors.items():
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+        path = kernel_path(rows)
+        if path == "triton":
             _check_same_device(**tensors)
         else:
             _check_cpu(**tensors)
@@ -361,11 +456,11 @@ class DecodePlan:
         if block_table.dtype != torch.int64 or block_table.dim() != 2 or block_table.shape[0] != R:
             raise ValueError(f"block_table must be int64 [{R}, max_blocks], got "
                              f"{list(block_table.shape)}")
-        path = "triton" if triton else "cpp" if _use_extension() else "reference"
-        if path == "reference" and R and (int(staged.min()) < 0 or int(staged.max()) >= block_size):
-            raise ValueError(f"staged must be in [0, {block_size}), got {staged.tolist()}")
-        return cls(rows, block_table.contiguous(), num_blocks, slots, staged, probe, path,
-                   _requested_isa())
+        bounds = _decode_bounds(rows, block_table, num_blocks, slots, staged, block_size)
+        # contiguous: the C++ op reads them as plain arrays
+        return cls(rows.contiguous(), block_table.contiguous(), num_blocks.contiguous(),
+                   slots.contiguous(), staged.contiguous(), probe.contiguous(), path,
+                   _requested_isa(), bounds)
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """:func:`hadamard_rotate` of ``x`` into its own dtype on the plan's kernel path
@@ -381,8 +476,10 @@ class DecodePlan:
         """One layer's fused decode step over the planned rows (arguments as in
         :func:`decode_staged`).
 
-        On the C++ path the op itself checks every layer tensor (ValueError, as here), so
-        the per-layer Python is one cached layout lookup and the launch."""
+        The layer's tensors are checked once (ValueError): on the C++ path by the op itself
+        (shapes against the layout and the plan's ``bounds``, a few integer compares), so
+        the per-layer Python is one cached layout lookup and the launch; on the other paths
+        here."""
         if self.path == "cpp":
             if not isinstance(layout, BlockLayout):  # unhashable ones too: ValueError, not TypeError
                 _check_layout(layout)
@@ -390,7 +487,7 @@ class DecodePlan:
             torch.ops.zipcache.decode_staged(
                 q, k, v, self.rows, pages, self.block_table, self.num_blocks, self.slots,
                 self.staged, self.probe, pool_k, pool_v, pool_score, pool_count, out, lay, offs,
-                float(scale), self.isa)
+                float(scale), self.isa, self.bounds)
             return
         _check_layout(layout)
         tensors = dict(q=q, k=k, v=v, pages=pages, pool_k=pool_k, pool_v=pool_v,
@@ -399,27 +496,7 @@ class DecodePlan:
             _check_same_device(rows=self.rows, **tensors)
         else:
             _check_cpu(**tensors)
-        _check_q(q, layout)
-        _check_pages(pages, layout)
-        H, B, D = layout.num_kv_heads, layout.block_size, layout.head_size
-        T = q.shape[0]
-        if tuple(k.shape) != (T, H, D) or v.shape != k.shape or out.shape != q.shape:
-            raise ValueError(f"k, v must be [{T}, {H}, {D}] and out like q {list(q.shape)}, got "
-                             f"{list(k.shape)}, {list(v.shape)}, {list(out.shape)}")
-        if len({q.dtype, k.dtype, v.dtype}) != 1 or pool_v.dtype != pool_k.dtype:
-            raise ValueError("q, k and v must share one dtype, and pool_k and pool_v another")
-        if out.dtype not in (q.dtype, torch.float32):
-            raise ValueError(f"out must be {q.dtype} or float32, got {out.dtype}")
-        if any(t.stride(-1) != 1 for t in (q, k, v, out, pool_k)):
-            raise ValueError("q, k, v, out and the pool need a unit inner stride")
-        if pool_k.dtype not in Q_DTYPES:
-            raise ValueError(f"pool_k/pool_v must be one of {Q_DTYPES}, got {pool_k.dtype}")
-        S = pool_k.shape[0]
-        if (pool_k.dim() != 4 or tuple(pool_k.shape[1:]) != (H, B, D) or pool_v.shape != pool_k.shape
-                or tuple(pool_score.shape) != (S, H, B) or tuple(pool_count.shape) != (S, B)
-                or pool_score.dtype != torch.float32 or pool_count.dtype != torch.float32):
-            raise ValueError(f"pool must be k/v [S, {H}, {B}, {D}], score float32 [S, {H}, {B}], "
-                             f"count float32 [S, {B}]")
+        _check_decode_layer(self.bounds, layout=layout, **tensors)
         meta = (self.rows, pages, self.block_table, self.num_blocks, self.slots, self.staged,
                 self.probe, pool_k, pool_v, pool_score, pool_count, out)
         if self.path == "triton":
@@ -427,21 +504,21 @@ class DecodePlan:
 
             gpu.decode_staged(q, k, v, *meta, layout, float(scale))
         else:
-            reference.decode_staged_ref(q, k, v, *meta, layout, float(scale))
+            portable.decode_staged(q, k, v, *meta, layout, float(scale))
 
 
 def hadamard_rotate(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``x R`` along the last dimension (:mod:`zipcache_vllm.quant.rotation`), in ``dtype``
-    (default float32): the same bits as the float64 reference rounded to float32 and then
-    to ``dtype``, from one pass of the C++ butterfly on the CPU (eight doubles per
-    register on AVX-512; the reference elsewhere, or for float64 input)."""
+    (default float32): the same bits as the float64 matmul of ``quant.rotation`` rounded to
+    float32 and then to ``dtype``, from one pass of the C++ butterfly on the CPU (eight
+    doubles per register on AVX-512; that matmul elsewhere, or for float64 input)."""
     dtype = torch.float32 if dtype is None else dtype
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError("x must be a tensor with a last dimension to rotate")
-    if not is_power_of_two(x.shape[-1]):
+    if not rotation.is_power_of_two(x.shape[-1]):
         raise ValueError(f"Hadamard rotation needs a power-of-two head size, got {x.shape[-1]}")
     if dtype not in Q_DTYPES:
         raise ValueError(f"dtype must be one of {Q_DTYPES}, got {dtype}")
-    if x.is_cpu and x.dtype in Q_DTYPES and not uses_triton(x) and _use_extension():
+    if x.dtype in Q_DTYPES and kernel_path(x) == "cpp":
         return torch.ops.zipcache.hadamard_rotate(x, dtype, _requested_isa())
-    return hadamard_rotate_reference(x).to(dtype)
+    return rotation.hadamard_rotate(x).to(dtype)

@@ -12,7 +12,7 @@ import math
 import torch
 
 from ..saliency import gqa_aggregate
-from .base import KVPolicy
+from .base import KVPolicy, register
 
 HYBRID = (
     ("special",),
@@ -24,6 +24,7 @@ HYBRID = (
 HYBRID_NAMES = tuple("+".join(p) for p in HYBRID)
 
 
+@register("fastgen")
 class FastGenPolicy(KVPolicy):
     """Eviction, not quantization: kept tokens are stored at ``kept_bits``."""
 
@@ -50,13 +51,12 @@ class FastGenPolicy(KVPolicy):
             return self.layout(head_size, 1).bytes_per_token_per_head
         return 2 * head_size * self.cfg.kept_bits / 8
 
-    def block_scores(self, probs, probe_pos, key_pos, num_kv_heads, window_end, seed):
-        """Saliency that ranks a block's tokens for its slots (the preset's ``saliency_source``)."""
+    def rank(self, score, count, block_starts, window_ends=None):
+        """Ranking of a block's tokens for its slots (the preset's ``saliency_source``:
+        accumulated, or ZipCache's normalized attention)."""
         if self.preset.saliency_source == "accumulated":
-            from ..saliency import accumulated_scores
-
-            return accumulated_scores(probs, num_kv_heads)
-        return super().block_scores(probs, probe_pos, key_pos, num_kv_heads, window_end, seed)
+            return score
+        return super().rank(score, count, block_starts, window_ends)
 
     def frequent(self, acc: torch.Tensor) -> torch.Tensor:
         """Heavy hitters: top ``r_frequent`` of accumulated attention ``acc [Hk, L]`` -> bool."""

@@ -1,8 +1,10 @@
 """Accumulated attention (H2O / MiKV) picks the salient tokens, at the zipcache bit mix."""
-from ..saliency import accumulated_scores
-from .base import KVPolicy
+from .base import KVPolicy, register
 
 
+@register("h2o_mixed")
 class H2OMixedPolicy(KVPolicy):
-    def block_scores(self, probs, probe_pos, key_pos, num_kv_heads, window_end, seed):
-        return accumulated_scores(probs, num_kv_heads)
+    """Salient = top accumulated probe attention (not divided by how many probes saw it)."""
+
+    def rank(self, score, count, block_starts, window_ends=None):
+        return score

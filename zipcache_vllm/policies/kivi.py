@@ -1,9 +1,12 @@
 """KIVI-style uniform quantization: per-channel keys, per-token values, no saliency."""
 import torch
 
-from .base import KVPolicy
+from .base import KVPolicy, register
 
 
+@register("kivi")
 class KiviPolicy(KVPolicy):
-    def block_scores(self, probs, probe_pos, key_pos, num_kv_heads, window_end, seed):
-        return torch.zeros(num_kv_heads, key_pos.numel())
+    """Every token at the same bits (``n_salient = 0``): the ranking picks nothing."""
+
+    def rank(self, score, count, block_starts, window_ends=None):
+        return torch.zeros_like(score)

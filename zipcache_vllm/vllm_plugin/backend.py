@@ -1,5 +1,6 @@
-"""The zipcache attention backend for vLLM 0.32 (CPU: the C++ kernels of
-``zipcache_vllm.kernels`` and PyTorch ops; CUDA: the Triton kernels and PyTorch ops).
+"""The zipcache attention backend for vLLM 0.32 (the kernels of ``zipcache_vllm.kernels``,
+routed by device in ``kernels/ops.py``: C++ on the CPU, Triton on CUDA, the portable
+PyTorch path without the C++ build; the rest PyTorch ops).
 
 Four parts, like vLLM's ``cpu_attn.py`` / ``turboquant_attn.py``:
 
@@ -16,10 +17,20 @@ Four parts, like vLLM's ``cpu_attn.py`` / ``turboquant_attn.py``:
   :meth:`~zipcache_vllm.engine.fastgen.FastGenStepper.apply`; the step lives in the
   vLLM-free package ``zipcache_vllm.engine`` so it is testable without vLLM.
 
+Per-engine state lives on objects, never in module globals, so two engines in one
+process stay apart: an engine's staging pool, paged FastGen stepper and step token ids
+are one :class:`ZipCacheEngine`, created by its first metadata builder and attached to
+its zipcache layers' impls, where its other builders, the runner's hooks
+(``compat.patch_request_lifecycle``, ``compat.patch_step_token_ids``) and the worker
+extension find it (:func:`engine_of`). The cache dtype reaches ``customize_spec``
+through the backend class: the router gives each dtype's layers a subclass that
+carries it (:func:`backend_for`).
+
 See ``docs/BACKEND.md`` for the step flow.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -28,10 +39,10 @@ import torch
 from ..config import Preset
 from ..engine.fastgen import FastGenStepper
 from ..engine.plan import DecodeBatch, RequestPlan, plan_step
-from ..engine.saliency import SaliencyRule
-from ..engine.staging import MARGIN, StagingPool, get_pool, set_pool, staging_bytes
+from ..engine.staging import MARGIN, StagingPool, staging_bytes
 from ..engine.step import apply_step
 from ..layout import BlockLayout, FastGenLayout
+from ..policies import make_policy
 from . import compat
 from .compat import (
     AttentionBackend,
@@ -49,27 +60,15 @@ from ..dtypes import is_zipcache_dtype, preset_for_dtype
 logger = compat.logger
 
 SUPPORTED_HEAD_SIZES = (64, 128, 256)
-BACKEND_PATH = "zipcache_vllm.vllm_plugin.backend.ZipCacheBackend"
+BACKEND_PATH = "zipcache_vllm.vllm_plugin.backend.ZipCacheBackend"  # vLLM's CUSTOM slot
+DTYPE_BACKEND_PREFIX = "ZipCacheBackend_"  # + cache dtype: the class the router names
 DEFAULT_MAX_NUM_SEQS = 8  # staging slots cost a bf16 block each (see docs/BACKEND.md)
 
-# The cache dtype of this process's engine, recorded when a layer is routed here:
-# customize_spec gets only the spec, and is not always called under a current config.
-_active_cache_dtype: str | None = None
 
-# Paged FastGen: the token ids of the current step (``GPUModelRunner.input_ids``),
-# recorded by ``compat.patch_step_token_ids`` right after the runner fills them, and the
-# process's stepper (created by the first metadata builder, see ensure_fastgen_stepper).
-_step_token_ids: torch.Tensor | None = None
-_fastgen_stepper: FastGenStepper | None = None
-
-
-def _cache_dtype_of(vllm_config=None) -> str:
-    cfg = vllm_config if vllm_config is not None else compat.get_current_vllm_config_or_none()
-    dtype = getattr(getattr(cfg, "cache_config", None), "cache_dtype", None)
+def _cache_dtype_of(vllm_config) -> str:
+    dtype = getattr(getattr(vllm_config, "cache_config", None), "cache_dtype", None)
     if is_zipcache_dtype(dtype):
         return dtype
-    if _active_cache_dtype is not None:
-        return _active_cache_dtype
     raise RuntimeError("zipcache backend used without a zipcache --kv-cache-dtype")
 
 
@@ -88,6 +87,9 @@ class ZipCacheBackend(AttentionBackend):
 
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
     supported_kv_cache_dtypes: ClassVar[list] = []  # any zipcache* name, see supports_kv_cache_dtype
+    # The cache dtype of the layers this class serves: set on the per-dtype subclasses the
+    # router names (backend_for); None on the CUSTOM-registered class itself.
+    cache_dtype: ClassVar[str | None] = None
 
     @staticmethod
     def get_name() -> str:
@@ -128,11 +130,14 @@ class ZipCacheBackend(AttentionBackend):
         """One page per (layer, block): ``[1 head slot, 1 state, page_bytes]``.
 
         ``tokens_per_state = block_size`` makes the whole block one opaque state, so
-        ``page_size_bytes == layout.page_bytes`` exactly (no padding, no split).
+        ``page_size_bytes == layout.page_bytes`` exactly (no padding, no split). The preset
+        is the class's :attr:`cache_dtype` (vLLM calls this where no current config is
+        set: the worker's ``get_kv_cache_spec``), else the current config's.
         """
         if spec.state_content_bytes is not None:
             return spec
-        preset = preset_for_dtype(_cache_dtype_of())
+        preset = preset_for_dtype(
+            cls.cache_dtype or _cache_dtype_of(compat.get_current_vllm_config_or_none()))
         layout = layout_for(preset, spec.head_size, spec.num_kv_heads)
         if spec.block_size not in (1, layout.block_size):
             raise ValueError(f"zipcache preset {preset.name} needs block size {layout.block_size}, "
@@ -141,12 +146,54 @@ class ZipCacheBackend(AttentionBackend):
                        state_content_bytes=layout.page_bytes * spec.block_size // layout.block_size)
 
 
+@functools.cache
+def backend_for(cache_dtype: str) -> type[ZipCacheBackend]:
+    """The :class:`ZipCacheBackend` subclass for layers of ``cache_dtype`` (one per dtype
+    and process, named ``ZipCacheBackend_<dtype>`` in this module, see :func:`backend_path`)."""
+    preset_for_dtype(cache_dtype)  # unknown names list the valid ones
+    name = DTYPE_BACKEND_PREFIX + cache_dtype
+    return type(name, (ZipCacheBackend,), {"cache_dtype": cache_dtype, "__module__": __name__,
+                                           "__qualname__": name})
+
+
+def backend_path(cache_dtype: str) -> str:
+    """The qualified name of :func:`backend_for` ``(cache_dtype)``: what the router returns
+    to vLLM, which imports it by name (:func:`__getattr__`)."""
+    return f"{__name__}.{DTYPE_BACKEND_PREFIX}{cache_dtype}"
+
+
+def __getattr__(name: str):
+    """``ZipCacheBackend_<dtype>``: the per-dtype backend classes, made on first use."""
+    if name.startswith(DTYPE_BACKEND_PREFIX):
+        try:
+            return backend_for(name[len(DTYPE_BACKEND_PREFIX):])
+        except ValueError:
+            pass
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 @dataclass
 class ZipCacheMetadata:
     num_actual_tokens: int
     plans: list[RequestPlan]
     decode: DecodeBatch | None  # the decode rows as tensors, shared by every layer
     fastgen: list | None = None  # paged FastGen: each row's local-window token classes
+
+
+@dataclass(eq=False)
+class ZipCacheEngine:
+    """One engine's zipcache state in its worker, shared by the engine's metadata builders
+    and zipcache layers (:func:`engine_for` creates it, :func:`engine_of` finds it).
+
+    ``pool``: the staging pool of all zipcache layers, with its request lifecycle
+    bookkeeping; ``fastgen``: the paged FastGen stepper (FastGen presets, else None);
+    ``step_token_ids``: the token ids of the current step (``GPUModelRunner.input_ids``),
+    recorded by ``compat.patch_step_token_ids`` right after the runner fills them.
+    """
+
+    pool: StagingPool
+    fastgen: FastGenStepper | None = None
+    step_token_ids: torch.Tensor | None = None
 
 
 class ZipCacheMetadataBuilder(AttentionMetadataBuilder[ZipCacheMetadata]):
@@ -163,21 +210,20 @@ class ZipCacheMetadataBuilder(AttentionMetadataBuilder[ZipCacheMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         preset = preset_for_dtype(_cache_dtype_of(vllm_config))
         self.block_size = preset.block_size
-        self.rule = SaliencyRule.from_preset(preset)
-        self.pool = ensure_pool(vllm_config, device)
-        self.fastgen = (ensure_fastgen_stepper(self.pool, vllm_config.model_config.tokenizer,
-                                               preset.fastgen) if preset.paged_fastgen else None)
+        self.policy = make_policy(preset)
+        self.engine = engine_for(vllm_config, device, preset)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> ZipCacheMetadata:
-        cm = common_attn_metadata
-        plans = plan_step(self.pool, self.block_size, cm.query_start_loc_cpu.tolist(),
+        cm, engine = common_attn_metadata, self.engine
+        plans = plan_step(engine.pool, self.block_size, cm.query_start_loc_cpu.tolist(),
                           cm.seq_lens.cpu().tolist()[:cm.num_reqs], cm.block_table_tensor)
         decode = [p for p in plans if p.q_len == 1]
-        fastgen = self.fastgen.prepare(plans, _step_token_ids) if self.fastgen is not None else None
+        fastgen = (engine.fastgen.prepare(plans, engine.step_token_ids)
+                   if engine.fastgen is not None else None)
         return ZipCacheMetadata(fastgen=fastgen,
             num_actual_tokens=cm.num_actual_tokens, plans=plans,
-            decode=(DecodeBatch.from_plans(decode, self.block_size, self.rule, self.device)
+            decode=(DecodeBatch.from_plans(decode, self.block_size, self.policy, self.device)
                     if decode else None))
 
 
@@ -211,8 +257,13 @@ class ZipCacheImpl(AttentionImpl[ZipCacheMetadata]):
         self.sliding_window = None
         preset = preset_for_dtype(kv_cache_dtype)
         self.layout = layout_for(preset, head_size, num_kv_heads)
-        self.rule = SaliencyRule.from_preset(preset)
-        self._layer_index: int | None = None
+        self.policy = make_policy(preset)
+        self.engine: ZipCacheEngine | None = None  # attached by the engine's first builder
+        self.layer_index = -1  # this layer's index in the engine's staging pool
+
+    def attach(self, engine: ZipCacheEngine, layer_index: int) -> None:
+        """Serve this layer from ``engine``: its staging pool's layer ``layer_index``."""
+        self.engine, self.layer_index = engine, layer_index
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: ZipCacheMetadata | None,
@@ -222,27 +273,24 @@ class ZipCacheImpl(AttentionImpl[ZipCacheMetadata]):
             raise NotImplementedError("fused output quantization is not supported by zipcache")
         if attn_metadata is None:  # profiling / warm-up run
             return output
-        if self._layer_index is None:
-            self._layer_index = get_pool().layer_index[layer.layer_name]
         if attn_metadata.fastgen is not None:
-            get_fastgen_stepper().apply(
-                self._layer_index, attn_metadata.plans, attn_metadata.fastgen, query, key, value,
-                kv_cache.flatten(1), self.layout, self.rule, self.scale, output)
+            self.engine.fastgen.apply(
+                self.layer_index, attn_metadata.plans, attn_metadata.fastgen, query, key, value,
+                kv_cache.flatten(1), self.layout, self.policy, self.scale, output)
             return output
-        apply_step(get_pool(), self._layer_index, attn_metadata.plans, query, key, value,
-                   kv_cache.flatten(1), self.layout, self.rule, self.scale, output,
+        apply_step(self.engine.pool, self.layer_index, attn_metadata.plans, query, key, value,
+                   kv_cache.flatten(1), self.layout, self.policy, self.scale, output,
                    attn_metadata.decode)
         return output
 
 
 # ---------------------------------------------------------------------------
-# Process-level pieces used by plugin.register(): validation, config, staging,
-# the paged FastGen stepper.
+# What plugin.register() hooks into vLLM: validation, config, the staging budget;
+# and each engine's state (ZipCacheEngine) for its builders, layers and runner hooks.
 # ---------------------------------------------------------------------------
 
 def validate_selector_config(cfg) -> None:
     """Reject, at startup, layers zipcache cannot serve (called when routing a layer)."""
-    global _active_cache_dtype
     preset_for_dtype(cfg.kv_cache_dtype)  # unknown names list the valid ones
     problems = []
     if cfg.use_mla:
@@ -262,7 +310,6 @@ def validate_selector_config(cfg) -> None:
     if problems:
         raise ValueError(f"--kv-cache-dtype {cfg.kv_cache_dtype} does not support: "
                          + "; ".join(problems) + ". Serve this model with --kv-cache-dtype auto.")
-    _active_cache_dtype = cfg.kv_cache_dtype
 
 
 def update_vllm_config(vllm_config) -> None:
@@ -306,10 +353,13 @@ def _our_layers(vllm_config) -> dict[str, object]:
             if isinstance(getattr(layer, "impl", None), ZipCacheImpl)}
 
 
-def ensure_pool(vllm_config, device=None) -> StagingPool:
-    """The process's staging pool for all zipcache layers (created once, on ``device``:
-    the model runner's; on CUDA it lives outside the KV budget, in the memory
-    ``--gpu-memory-utilization`` leaves free, and its size is logged)."""
+def engine_for(vllm_config, device, preset: Preset) -> ZipCacheEngine:
+    """The engine's zipcache state: created by its first metadata builder and attached to
+    every zipcache layer's impl, where its other builders find it.
+
+    Its staging pool covers all zipcache layers, on ``device`` (the model runner's; on
+    CUDA it lives outside the KV budget, in the memory ``--gpu-memory-utilization`` leaves
+    free, and its size is logged)."""
     layers = _our_layers(vllm_config)
     impls = [layer.impl for layer in layers.values()]
     H, D = impls[0].num_kv_heads, impls[0].head_size
@@ -317,14 +367,35 @@ def ensure_pool(vllm_config, device=None) -> StagingPool:
         raise NotImplementedError("zipcache needs the same KV heads and head size in every layer")
     B = impls[0].layout.block_size
     dtype = vllm_config.model_config.dtype
-    pool = get_pool()
-    if pool is None or not pool.matches(layers, B, H, D, dtype):
-        pool = StagingPool(sorted(layers), num_staging_slots(vllm_config), B, H, D, dtype,
-                           device=device if device is not None else "cpu")
-        set_pool(pool)
-        logger.info("zipcache: staging pool of %d slots x %d layers (%.1f MiB).",
-                    pool.num_slots, len(layers), pool.nbytes / 2**20)
-    return pool
+    engine = impls[0].engine
+    if engine is not None and engine.pool.matches(layers, B, H, D, dtype):
+        return engine
+    pool = StagingPool(sorted(layers), num_staging_slots(vllm_config), B, H, D, dtype,
+                       device=device if device is not None else "cpu")
+    logger.info("zipcache: staging pool of %d slots x %d layers (%.1f MiB).",
+                pool.num_slots, len(layers), pool.nbytes / 2**20)
+    fastgen = (_fastgen_stepper(pool, vllm_config.model_config.tokenizer, preset.fastgen)
+               if preset.paged_fastgen else None)
+    engine = ZipCacheEngine(pool, fastgen)
+    for name, impl in zip(layers, impls):
+        impl.attach(engine, pool.layer_index[name])
+    return engine
+
+
+def engine_of(vllm_config) -> ZipCacheEngine | None:
+    """The zipcache state of the engine ``vllm_config`` configures, read off its layers
+    (None: no zipcache layer, or before its first metadata builder)."""
+    for layer in vllm_config.compilation_config.static_forward_context.values():
+        impl = getattr(layer, "impl", None)
+        if isinstance(impl, ZipCacheImpl):
+            return impl.engine
+    return None
+
+
+def staging_pool_of(vllm_config) -> StagingPool | None:
+    """The engine's staging pool (for the runner's request lifecycle hooks and the stats)."""
+    engine = engine_of(vllm_config)
+    return engine.pool if engine is not None else None
 
 
 def reserved_staging_bytes(worker) -> int:
@@ -338,27 +409,20 @@ def reserved_staging_bytes(worker) -> int:
                          impl.num_kv_heads, impl.head_size, vllm_config.model_config.dtype)
 
 
-def record_step_tokens(ids: torch.Tensor) -> None:
-    global _step_token_ids
-    _step_token_ids = ids
+def record_step_tokens(vllm_config, ids: torch.Tensor) -> None:
+    """Keep a step's token ids for the engine's paged FastGen metadata builder."""
+    engine = engine_of(vllm_config)
+    if engine is not None:
+        engine.step_token_ids = ids
 
 
-def ensure_fastgen_stepper(pool: StagingPool, tokenizer_path: str, cfg) -> FastGenStepper:
-    """The process's paged FastGen stepper for ``pool`` (created once; the class table is
-    computed once), with the step's token ids recorded for it."""
-    global _fastgen_stepper
+def _fastgen_stepper(pool: StagingPool, tokenizer_path: str, cfg) -> FastGenStepper:
+    """A paged FastGen stepper for ``pool`` (the class table is computed once per
+    tokenizer), with the runner's token ids recorded from now on."""
     if pool.k.device.type != "cpu":
         raise NotImplementedError("paged FastGen dtypes (zipcache_fastgen*) run on the CPU engine only "
                                   "for now (their step is PyTorch on CPU tensors); use a zipcache preset on CUDA")
-    if _fastgen_stepper is None or _fastgen_stepper.pool is not pool:
-        from ..engine.token_classes import class_table
+    from ..engine.token_classes import class_table
 
-        compat.patch_step_token_ids(record_step_tokens)
-        _fastgen_stepper = FastGenStepper(pool, class_table(tokenizer_path), cfg)
-    return _fastgen_stepper
-
-
-def get_fastgen_stepper() -> FastGenStepper:
-    if _fastgen_stepper is None:
-        raise RuntimeError("paged FastGen step before its metadata builder was created")
-    return _fastgen_stepper
+    compat.patch_step_token_ids(record_step_tokens)
+    return FastGenStepper(pool, class_table(tokenizer_path), cfg)

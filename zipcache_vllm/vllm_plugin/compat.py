@@ -118,7 +118,8 @@ def patch_cache_dtypes(names: Iterable[str]) -> None:
 # 2. Routing our dtypes to our backend
 # ---------------------------------------------------------------------------
 
-def patch_platform_attn_backend(is_ours: Callable[[str | None], bool], backend_path: str,
+def patch_platform_attn_backend(is_ours: Callable[[str | None], bool],
+                                backend_path: Callable[[str], str],
                                 validate: Callable[[object], None]) -> None:
     """Route layers whose cache dtype is ours to our backend (idempotent).
 
@@ -129,7 +130,9 @@ def patch_platform_attn_backend(is_ours: Callable[[str | None], bool], backend_p
     reads our pages; there our backend runs the Triton kernels (``kernels/gpu.py``).
     Other platforms (ROCm, XPU, TPU) have no zipcache kernel: our dtype fails loudly.
     ``validate(selector_config)`` raises with a clear message on an unsupported
-    layer (head size, MLA, sliding window, encoder attention, ...).
+    layer (head size, MLA, sliding window, encoder attention, ...). ``backend_path(dtype)``
+    names the backend class for the layer's cache dtype: vLLM hands that class to every
+    later call for the layer, and ``customize_spec`` gets nothing else that names the dtype.
     """
     from vllm.platforms import current_platform
 
@@ -151,7 +154,7 @@ def patch_platform_attn_backend(is_ours: Callable[[str | None], bool], backend_p
         validate(attn_selector_config)
         logger.info_once("Using zipcache attention backend (CUSTOM) for --kv-cache-dtype %s.",
                          attn_selector_config.kv_cache_dtype)
-        return backend_path
+        return backend_path(attn_selector_config.kv_cache_dtype)
 
     platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
 
@@ -239,10 +242,14 @@ def patch_cpu_kv_budget(reserved_bytes: Callable[[CPUWorker], int]) -> None:
     CPUWorker.determine_available_memory = determine_available_memory
 
 
-def patch_request_lifecycle(on_removed: Callable[[str, object], None],
-                            on_preempted: Callable[[str, object], None],
-                            on_resumed: Callable[[str, object], None]) -> None:
-    """Tell the staging pool when a request ends or loses its blocks (idempotent).
+def patch_request_lifecycle(pool_of: Callable[[VllmConfig], object | None]) -> None:
+    """Tell the runner's engine's staging pool when a request ends or loses its blocks
+    (idempotent).
+
+    ``pool_of(runner.vllm_config)`` is that engine's pool (None: not a zipcache engine, or
+    before its first metadata builder); the runner calls its ``on_request_removed``,
+    ``on_request_preempted`` and ``on_request_resumed`` with the request id and the
+    runner's request state.
 
     Why: ``GPUModelRunner._on_request_state_removed`` (inherited by the CPU runner)
     is vLLM's hook "to clean request-scoped side caches" and fires for every
@@ -256,7 +263,9 @@ def patch_request_lifecycle(on_removed: Callable[[str, object], None],
         @_mark
         @functools.wraps(original_removed)
         def _on_request_state_removed(self, req_id, req_state):
-            on_removed(req_id, req_state)
+            pool = pool_of(self.vllm_config)
+            if pool is not None:
+                pool.on_request_removed(req_id, req_state)
             return original_removed(self, req_id, req_state)
 
         GPUModelRunner._on_request_state_removed = _on_request_state_removed
@@ -266,20 +275,25 @@ def patch_request_lifecycle(on_removed: Callable[[str, object], None],
         @_mark
         @functools.wraps(original_update)
         def _update_states(self, scheduler_output):
-            for req_id in scheduler_output.preempted_req_ids or ():
-                if req_id in self.requests:
-                    on_preempted(req_id, self.requests[req_id])
-            for req_id in scheduler_output.scheduled_cached_reqs.resumed_req_ids or ():
-                if req_id in self.requests:
-                    on_resumed(req_id, self.requests[req_id])
+            preempted = scheduler_output.preempted_req_ids or ()
+            resumed = scheduler_output.scheduled_cached_reqs.resumed_req_ids or ()
+            pool = pool_of(self.vllm_config) if preempted or resumed else None
+            if pool is not None:
+                for req_id in preempted:
+                    if req_id in self.requests:
+                        pool.on_request_preempted(req_id, self.requests[req_id])
+                for req_id in resumed:
+                    if req_id in self.requests:
+                        pool.on_request_resumed(req_id, self.requests[req_id])
             return original_update(self, scheduler_output)
 
         GPUModelRunner._update_states = _update_states
 
 
-def patch_step_token_ids(record: Callable[[torch.Tensor], None]) -> None:
-    """Hand each step's token ids to paged FastGen (idempotent; applied only when a
-    FastGen dtype is served, by ``backend.ensure_fastgen_stepper``).
+def patch_step_token_ids(record: Callable[[VllmConfig, torch.Tensor], None]) -> None:
+    """Hand each step's token ids to paged FastGen: ``record(runner.vllm_config, ids)``
+    (idempotent; applied only when a FastGen dtype is served, by the backend when it
+    creates an engine's FastGen stepper).
 
     Why: FastGen's special / punctuation policies need the token ids, and an
     attention metadata builder sees only positions and block tables.
@@ -297,7 +311,7 @@ def patch_step_token_ids(record: Callable[[torch.Tensor], None]) -> None:
     @functools.wraps(original)
     def _prepare_inputs(self, scheduler_output, *args, **kwargs):
         result = original(self, scheduler_output, *args, **kwargs)
-        record(self.input_ids.cpu[:scheduler_output.total_num_scheduled_tokens])
+        record(self.vllm_config, self.input_ids.cpu[:scheduler_output.total_num_scheduled_tokens])
         return result
 
     GPUModelRunner._prepare_inputs = _prepare_inputs

@@ -76,8 +76,8 @@ def _page_layers(vllm_config) -> list:
 
 def worker_stats(worker) -> dict:
     """This worker's KV stats (any ``--kv-cache-dtype``; page fields only for zipcache)."""
-    from ..engine.staging import get_pool
     from ..dtypes import is_zipcache_dtype, preset_for_dtype
+    from .backend import staging_pool_of
 
     cfg = worker.vllm_config
     runner = worker.model_runner
@@ -98,7 +98,7 @@ def worker_stats(worker) -> dict:
                                "staging_slots": 0, "staging_in_use": 0}
     impl = layers[0].impl
     layout = impl.layout
-    pool = get_pool()
+    pool = staging_pool_of(cfg)
     slots, in_use = (pool.num_slots, pool.in_use) if pool is not None else (0, 0)
     slot_bytes = pool.nbytes // pool.num_slots if pool is not None else 0
     dtype_bytes = cfg.model_config.dtype.itemsize

@@ -79,19 +79,17 @@ def register() -> None:
     if problem is not None:
         _disable(problem)
         return
-    from ..engine import staging
     from . import backend, compat
     from ..dtypes import cache_dtypes, is_zipcache_dtype
 
     compat.patch_cache_dtypes(sorted(cache_dtypes()))
     compat.register_backend(compat.AttentionBackendEnum.CUSTOM, backend.BACKEND_PATH)
-    compat.patch_platform_attn_backend(is_zipcache_dtype, backend.BACKEND_PATH,
+    compat.patch_platform_attn_backend(is_zipcache_dtype, backend.backend_path,
                                        backend.validate_selector_config)
     compat.patch_platform_check_config(is_zipcache_dtype, _update_vllm_config)
     compat.patch_default_max_num_seqs(is_zipcache_dtype, backend.DEFAULT_MAX_NUM_SEQS)
     compat.patch_cpu_kv_budget(backend.reserved_staging_bytes)
-    compat.patch_request_lifecycle(staging.on_request_removed, staging.on_request_preempted,
-                                   staging.on_request_resumed)
+    compat.patch_request_lifecycle(backend.staging_pool_of)
     _registered = True
 
 

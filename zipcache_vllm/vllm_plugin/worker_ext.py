@@ -1,4 +1,4 @@
-"""Worker extension: read the staging pool through vLLM's own RPC.
+"""Worker extension: read this worker's staging pool through vLLM's own RPC.
 
 Mixed into the worker with ``--worker-extension-cls
 zipcache_vllm.vllm_plugin.worker_ext.ZipCacheWorkerExtension`` (vLLM's
@@ -7,11 +7,11 @@ extension mechanism, no patch). With ``VLLM_SERVER_DEV_MODE=1`` the server's
 per worker. Used by the end-to-end tests to prove slots are never leaked.
 ``zipcache_request_state`` adds the rest of the per-request bookkeeping, so the
 reliability tests can prove that everything a request leaves behind is gone.
+The pool is the worker's engine's (``backend.staging_pool_of(self.vllm_config)``).
 """
 from __future__ import annotations
 
-from ..engine import staging
-from ..engine.staging import get_pool
+from .backend import staging_pool_of
 
 
 EXTENSION_PATH = "zipcache_vllm.vllm_plugin.worker_ext.ZipCacheWorkerExtension"
@@ -19,7 +19,7 @@ EXTENSION_PATH = "zipcache_vllm.vllm_plugin.worker_ext.ZipCacheWorkerExtension"
 
 class ZipCacheWorkerExtension:
     def zipcache_staging_stats(self) -> dict:
-        pool = get_pool()
+        pool = staging_pool_of(self.vllm_config)
         if pool is None:
             return {"slots": 0, "in_use": 0, "bytes": 0}
         return {"slots": pool.num_slots, "in_use": pool.in_use, "bytes": pool.nbytes}
@@ -40,15 +40,15 @@ class ZipCacheWorkerExtension:
         whose slots were released and that have not resumed or ended yet.
         ``num_kv_heads``: the KV heads of this rank (its share under tensor parallelism).
         """
-        state = {"rank": getattr(self, "rank", None),
-                 "preempted_pending": len(staging._released_on_preemption)}
-        pool = get_pool()
+        state = {"rank": getattr(self, "rank", None)}
+        pool = staging_pool_of(self.vllm_config)
         if pool is None:
-            return {**state, "slots": 0, "in_use": 0, "keyed_blocks": 0, "staged_tokens": 0,
-                    "saliency_tokens": 0, "num_kv_heads": 0}
+            return {**state, "preempted_pending": 0, "slots": 0, "in_use": 0, "keyed_blocks": 0,
+                    "staged_tokens": 0, "saliency_tokens": 0, "num_kv_heads": 0}
         held = [s for s in range(pool.num_slots) if pool._block_of_slot[s] != -1]
-        return {**state, "slots": pool.num_slots, "in_use": pool.in_use,
-                "keyed_blocks": len(pool._slot_of_block), "staged_tokens": sum(pool.fill),
+        return {**state, "preempted_pending": pool.preempted_pending, "slots": pool.num_slots,
+                "in_use": pool.in_use, "keyed_blocks": len(pool._slot_of_block),
+                "staged_tokens": sum(pool.fill),
                 "saliency_tokens": int(sum(int((pool.count[0, s, :pool.fill[s]] > 0).sum())
                                            for s in held)),
                 "num_kv_heads": pool.num_kv_heads}

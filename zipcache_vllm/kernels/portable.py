@@ -1,0 +1,143 @@
+"""The kernels of :mod:`.ops` in plain PyTorch ops: the portable path.
+
+:mod:`.ops` runs these when the C++ extension cannot be built (or with
+``ZIPCACHE_VLLM_KERNELS=torch``), on any device torch runs on; the CUDA route
+(:mod:`.gpu`) shares the decode step's staging bookkeeping (:func:`stage_tokens`,
+:func:`staged_scores`, :func:`accumulate_saliency`). Arguments are checked by
+:mod:`.ops`, not here. Packing and dequantization are the page format's own
+definitions (``quant.block``), called by :mod:`.ops` directly.
+
+Shapes as in :mod:`.ops`. Attention dequantizes ``GROUP_BLOCKS`` pages at a time
+(storage order) and folds them into an online softmax (the update of
+``engine/attention.py``'s ``OnlineSoftmax`` without its mask: every packed key is
+visible, and non-finite scores propagate as in the C++ kernel). The fused decode step
+folds the packed part into the softmax of the staged tokens as one more "key" (logit
+``lse``, value ``out``), the formula of ``csrc/decode.cpp``.
+The independent oracles the tests hold every path to are in :mod:`.reference`.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..layout import BlockLayout
+from ..quant.block import unpack_dequantize_blocks
+
+GROUP_BLOCKS = 16  # pages dequantized at once (bounds the fp32 temporary)
+
+
+def attend_packed_varlen(q: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor,
+                         num_blocks: torch.Tensor, query_start_loc: torch.Tensor,
+                         layout: BlockLayout, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`~zipcache_vllm.kernels.ops.attend_packed_varlen`: ``out`` float32
+    ``[nq, Hq, D]``, ``lse`` float32 ``[Hq, nq]`` (``0`` / ``-inf`` for a request
+    without blocks)."""
+    nq, Hq, D = q.shape
+    H = layout.num_kv_heads
+    g = Hq // H
+    out = torch.zeros(nq, Hq, D)
+    lse = torch.full((Hq, nq), float("-inf"))
+    qsl = query_start_loc.tolist()
+    for r, nb in enumerate(num_blocks.tolist()):
+        q0, q1 = qsl[r], qsl[r + 1]
+        n = q1 - q0
+        if nb == 0 or n == 0:
+            continue
+        qs = (q[q0:q1].float() * scale).reshape(n, H, g, D).permute(1, 2, 0, 3)  # [H, g, n, D]
+        m = torch.full((H, g, n), float("-inf"))
+        l = torch.zeros(H, g, n)
+        acc = torch.zeros(H, g, n, D)
+        for start in range(0, nb, GROUP_BLOCKS):
+            ids = block_table[r, start:min(nb, start + GROUP_BLOCKS)].to(torch.int64)
+            kd, vd = unpack_dequantize_blocks(pages.index_select(0, ids), layout, order="storage")
+            k = kd.permute(1, 0, 2, 3).reshape(H, -1, D)
+            v = vd.permute(1, 0, 2, 3).reshape(H, -1, D)
+            s = torch.einsum("hgqd,htd->hgqt", qs, k)
+            m_new = torch.maximum(m, s.amax(-1))
+            p = torch.exp(s - m_new.unsqueeze(-1))
+            alpha = torch.exp(m - m_new)
+            l = l * alpha + p.sum(-1)
+            acc = acc * alpha.unsqueeze(-1) + torch.einsum("hgqt,htd->hgqd", p, v)
+            m = m_new
+        out[q0:q1] = (acc / l.unsqueeze(-1)).permute(2, 0, 1, 3).reshape(n, Hq, D)
+        lse[:, q0:q1] = (m + torch.log(l)).reshape(Hq, n)
+    return out, lse
+
+
+def stage_tokens(k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
+                 staged: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor) -> None:
+    """Write each row's new ``k/v[rows[r]]`` (``[T, H, D]``) into its staging slot
+    ``slots[r]`` at index ``staged[r]``, rounded to the pool's dtype."""
+    pool_k[slots, :, staged] = k.index_select(0, rows).to(pool_k.dtype)
+    pool_v[slots, :, staged] = v.index_select(0, rows).to(pool_v.dtype)
+
+
+def staged_scores(qr: torch.Tensor, kl: torch.Tensor, staged: torch.Tensor, num_kv_heads: int,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled scores of the rows' queries ``qr [R, Hq, D]`` over their slots' keys
+    ``kl`` float32 ``[R, H, B, D]``: ``sc`` ``[R, H, g, B]`` (``-inf`` beyond the row's
+    staged tokens ``0..staged[r]``) and ``visible`` bool ``[R, B]``."""
+    R, Hq, D = qr.shape
+    B = kl.shape[2]
+    qs = (qr.float() * scale).reshape(R, num_kv_heads, Hq // num_kv_heads, D)
+    visible = torch.arange(B, device=qr.device).unsqueeze(0) <= staged.unsqueeze(1)  # [R, B]
+    sc = torch.einsum("rhgd,rhtd->rhgt", qs, kl).masked_fill(~visible[:, None, None, :],
+                                                            float("-inf"))
+    return sc, visible
+
+
+def accumulate_saliency(sc: torch.Tensor, lse: torch.Tensor, visible: torch.Tensor,
+                        staged: torch.Tensor, probe: torch.Tensor, slots: torch.Tensor,
+                        pool_score: torch.Tensor, pool_count: torch.Tensor) -> None:
+    """The slots' saliency after a decode token: token ``t < s`` adds the probe attention
+    ``exp(sc - lse)`` (summed over the KV group's query heads, times ``probe[r]``),
+    ``t == s`` starts from it, ``t > s`` is cleared; the count of probe queries likewise.
+
+    ``sc`` ``[R, H, g, B]`` and ``visible`` as :func:`staged_scores` returns them; ``lse``
+    ``[R, H, g]`` the row's log-sum-exp over its packed and staged tokens."""
+    B = sc.shape[-1]
+    prob = torch.exp(sc - lse.unsqueeze(-1)).sum(2) * probe[:, None, None]  # [R, H, B]
+    before = (torch.arange(B, device=sc.device).unsqueeze(0) < staged.unsqueeze(1)).float()
+    pool_score[slots] = pool_score.index_select(0, slots) * before[:, None, :] + prob
+    pool_count[slots] = (pool_count.index_select(0, slots) * before
+                         + visible.float() * probe[:, None])
+
+
+def decode_staged(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
+                  pages: torch.Tensor, block_table: torch.Tensor, num_blocks: torch.Tensor,
+                  slots: torch.Tensor, staged: torch.Tensor, probe: torch.Tensor,
+                  pool_k: torch.Tensor, pool_v: torch.Tensor, pool_score: torch.Tensor,
+                  pool_count: torch.Tensor, out: torch.Tensor, layout: BlockLayout,
+                  scale: float) -> None:
+    """The fused decode step (``zipcache::decode_staged``, :func:`.ops.decode_staged`), in place.
+
+    For each row ``r`` (query row ``rows[r]``, staging slot ``slots[r]`` holding
+    ``s = staged[r]`` tokens): write ``k/v[rows[r]]`` at index ``s`` of the slot, attend
+    the packed blocks then staged tokens ``0..s``, the packed part folded into the staged
+    tokens' softmax, into ``out[rows[r]]``; update the slot's saliency
+    (:func:`accumulate_saliency`).
+    """
+    R = rows.numel()
+    if R == 0:
+        return
+    H, D = layout.num_kv_heads, layout.head_size
+    g = q.shape[1] // H
+    qr = q.index_select(0, rows)
+    out_p, lse_p = attend_packed_varlen(qr, pages, block_table, num_blocks,
+                                        torch.arange(R + 1, device=q.device), layout, scale)
+    stage_tokens(k, v, rows, slots, staged, pool_k, pool_v)
+    kl = pool_k.index_select(0, slots).float()  # [R, H, B, D]
+    vl = pool_v.index_select(0, slots).float()
+    sc, visible = staged_scores(qr, kl, staged, H, scale)
+    m_p = lse_p.t().reshape(R, H, g)
+    m = torch.maximum(m_p, sc.amax(-1))  # finite: token s is always visible
+    w_p = torch.where(torch.isinf(m_p), torch.zeros_like(m_p), torch.exp(m_p - m))
+    p = torch.exp(sc - m.unsqueeze(-1))
+    den = w_p + p.sum(-1)
+    acc = out_p.reshape(R, H, g, D) * w_p.unsqueeze(-1) + torch.einsum("rhgt,rhtd->rhgd", p, vl)
+    out[rows] = (acc / den.unsqueeze(-1)).reshape(R, H * g, D).to(out.dtype)
+    lse = m + torch.log(den)
+    accumulate_saliency(sc, lse, visible, staged, probe, slots, pool_score, pool_count)
+
+
+__all__ = ["GROUP_BLOCKS", "accumulate_saliency", "attend_packed_varlen", "decode_staged",
+           "stage_tokens", "staged_scores"]
