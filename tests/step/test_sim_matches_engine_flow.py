@@ -49,6 +49,20 @@ def _engine_steps(q, k, v, preset, prompt_len, scale):
     return torch.cat(outs)
 
 
+def _inputs(L: int, hq: int, hk: int, seed: int, D: int = 64):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(L, hq, D, generator=g), torch.randn(L, hk, D, generator=g) * 2,
+            torch.randn(L, hk, D, generator=g))
+
+
+def _simulated(q, k, v, preset, prompt_len, scale):
+    """The simulator's outputs ``[L, Hq, D]`` for the same sequence and schedule."""
+    sim = KVSimulator(make_policy(preset), SimConfig(prefill_len=prompt_len, chunk_size=64))
+    out, _ = sim(_Module(), q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                 v.transpose(0, 1).unsqueeze(0), scaling=scale)
+    return out[0]
+
+
 CASES = ([(name, 6, 2, 300) for name in ("zipcache", "zipcache_exact", "h2o_mixed", "random_mixed", "kivi3")]
          + [("zipcache", 3, 3, 128), ("zipcache", 8, 1, 77)])
 
@@ -57,17 +71,11 @@ CASES = ([(name, 6, 2, 300) for name in ("zipcache", "zipcache_exact", "h2o_mixe
 def test_simulator_equals_engine_flow(preset_name, hq, hk, prompt_len):
     preset = make_policy(preset_name).preset.model_copy(update={"block_size": 64,
                                                                  "salient_ratio": 0.45})
-    L, D = prompt_len + 90, 64  # decode crosses at least one block boundary
-    g = torch.Generator().manual_seed(7)
-    q = torch.randn(L, hq, D, generator=g)
-    k = torch.randn(L, hk, D, generator=g) * 2
-    v = torch.randn(L, hk, D, generator=g)
-    scale = D ** -0.5
+    q, k, v = _inputs(prompt_len + 90, hq, hk, 7)  # decode crosses a block boundary
+    scale = q.shape[-1] ** -0.5
     engine = _engine_steps(q, k, v, preset, prompt_len, scale)
-    sim = KVSimulator(make_policy(preset), SimConfig(prefill_len=prompt_len, chunk_size=64))
-    out, _ = sim(_Module(), q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
-                 v.transpose(0, 1).unsqueeze(0), scaling=scale)
-    torch.testing.assert_close(engine, out[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(engine, _simulated(q, k, v, preset, prompt_len, scale),
+                               rtol=1e-4, atol=1e-4)
 
 
 TOY_PRESET = """name: toy_recent
@@ -102,22 +110,16 @@ def toy_method(tmp_path, monkeypatch):
 
 def test_a_policy_added_by_the_recipe_runs_in_the_engine_and_the_simulator(toy_method):
     preset = load_preset("toy_recent")
-    prompt_len, hq, hk, D = 150, 6, 2, 64
-    L = prompt_len + 90
-    g = torch.Generator().manual_seed(11)
-    q = torch.randn(L, hq, D, generator=g)
-    k = torch.randn(L, hk, D, generator=g) * 2
-    v = torch.randn(L, hk, D, generator=g)
-    scale = D ** -0.5
+    prompt_len = 150
+    q, k, v = _inputs(prompt_len + 90, 6, 2, 11)
+    scale = q.shape[-1] ** -0.5
     engine = _engine_steps(q, k, v, preset, prompt_len, scale)
     engine_blocks = sorted(s for call in toy_method.ranked for s in call)
     toy_method.ranked.clear()
-    sim = KVSimulator(make_policy(preset), SimConfig(prefill_len=prompt_len, chunk_size=64))
-    out, _ = sim(_Module(), q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
-                 v.transpose(0, 1).unsqueeze(0), scaling=scale)
+    simulated = _simulated(q, k, v, preset, prompt_len, scale)
     sim_blocks = sorted(s for call in toy_method.ranked for s in call)
     assert engine_blocks == sim_blocks == [0, 64, 128]  # every filled block, ranked by the toy
-    torch.testing.assert_close(engine, out[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(engine, simulated, rtol=1e-4, atol=1e-4)
     # the toy's choice is what was stored: zipcache's ranking at the same bytes differs
     zipcache = load_preset("zipcache").model_copy(update={
         "block_size": 64, "salient_ratio": 0.25, "key_rotation": "none"})

@@ -61,12 +61,13 @@ def quantize_pack(k: torch.Tensor, v: torch.Tensor, salient: torch.Tensor,
 
 
 def decode_staged(q, k, v, rows, pages, block_table, num_blocks, slots, staged, probe,
-                  pool_k, pool_v, pool_score, pool_count, out, layout: BlockLayout,
-                  scale: float) -> None:
-    """The fused decode step (:func:`.ops.decode_staged`) on the Triton kernels, in place."""
+                  pool: tuple, out, layout: BlockLayout, scale: float) -> None:
+    """The fused decode step (:func:`.ops.decode_staged`) on the Triton kernels, in place;
+    ``pool``: the staging slots' ``(k, v, score, count)``."""
     R = rows.numel()
     if R == 0:
         return
+    pool_k, pool_v, pool_score, pool_count = pool
     ops = _ops()
     H = layout.num_kv_heads
     qr = q.index_select(0, rows)

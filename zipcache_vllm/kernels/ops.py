@@ -498,7 +498,7 @@ class DecodePlan:
             _check_cpu(**tensors)
         _check_decode_layer(self.bounds, layout=layout, **tensors)
         meta = (self.rows, pages, self.block_table, self.num_blocks, self.slots, self.staged,
-                self.probe, pool_k, pool_v, pool_score, pool_count, out)
+                self.probe, (pool_k, pool_v, pool_score, pool_count), out)
         if self.path == "triton":
             from . import gpu
 

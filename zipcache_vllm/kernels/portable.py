@@ -105,8 +105,7 @@ def accumulate_saliency(sc: torch.Tensor, lse: torch.Tensor, visible: torch.Tens
 def decode_staged(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
                   pages: torch.Tensor, block_table: torch.Tensor, num_blocks: torch.Tensor,
                   slots: torch.Tensor, staged: torch.Tensor, probe: torch.Tensor,
-                  pool_k: torch.Tensor, pool_v: torch.Tensor, pool_score: torch.Tensor,
-                  pool_count: torch.Tensor, out: torch.Tensor, layout: BlockLayout,
+                  pool: tuple[torch.Tensor, ...], out: torch.Tensor, layout: BlockLayout,
                   scale: float) -> None:
     """The fused decode step (``zipcache::decode_staged``, :func:`.ops.decode_staged`), in place.
 
@@ -114,11 +113,12 @@ def decode_staged(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch
     ``s = staged[r]`` tokens): write ``k/v[rows[r]]`` at index ``s`` of the slot, attend
     the packed blocks then staged tokens ``0..s``, the packed part folded into the staged
     tokens' softmax, into ``out[rows[r]]``; update the slot's saliency
-    (:func:`accumulate_saliency`).
+    (:func:`accumulate_saliency`). ``pool``: the staging slots' ``(k, v, score, count)``.
     """
     R = rows.numel()
     if R == 0:
         return
+    pool_k, pool_v, pool_score, pool_count = pool
     H, D = layout.num_kv_heads, layout.head_size
     g = q.shape[1] // H
     qr = q.index_select(0, rows)

@@ -30,21 +30,16 @@ def attend_packed_varlen_ref(q: torch.Tensor, pages: torch.Tensor, block_table: 
                              layout: BlockLayout, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Oracle of :func:`~zipcache_vllm.kernels.ops.attend_packed_varlen`: float32 ``out
     [nq, Hq, D]`` and ``lse [Hq, nq]`` (``0`` / ``-inf`` for a request without blocks)."""
-    nq, Hq, D = q.shape
-    H = layout.num_kv_heads
-    g = Hq // H
-    out = torch.zeros(nq, Hq, D)
-    lse = torch.full((Hq, nq), float("-inf"))
-    qsl = query_start_loc.tolist()
-    for r, nb in enumerate(num_blocks.tolist()):
-        q0, q1 = qsl[r], qsl[r + 1]
-        if nb == 0 or q1 == q0:
-            continue
-        k, v = _packed_tokens(pages, block_table[r, :nb], layout)
-        qs = q[q0:q1].double().reshape(q1 - q0, H, g, D) * scale
-        logits = torch.einsum("nhgd,htd->nhgt", qs, k)
-        out[q0:q1] = torch.einsum("nhgt,htd->nhgd", torch.softmax(logits, -1), v).reshape(-1, Hq, D).float()
-        lse[:, q0:q1] = torch.logsumexp(logits, -1).reshape(-1, Hq).t().float()
+    Hq, D, H = q.shape[1], q.shape[2], layout.num_kv_heads
+    out = torch.zeros(q.shape)
+    lse = torch.full((Hq, q.shape[0]), float("-inf"))
+    starts = query_start_loc.tolist()
+    for r, (q0, q1, nb) in enumerate(zip(starts, starts[1:], num_blocks.tolist())):
+        if nb and q1 > q0:
+            k, v = _packed_tokens(pages, block_table[r, :nb], layout)
+            logits = torch.einsum("nhgd,htd->nhgt", q[q0:q1].double().unflatten(1, (H, -1)) * scale, k)
+            out[q0:q1] = torch.einsum("nhgt,htd->nhgd", logits.softmax(-1), v).flatten(1, 2).float()
+            lse[:, q0:q1] = logits.logsumexp(-1).flatten(1, 2).t().float()
     return out, lse
 
 
