@@ -175,7 +175,7 @@ def copy_bandwidth(dev: torch.device, timer, nbytes: int) -> float:
     bandwidth limit the kernels' GB/s are compared with."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
-    ms = timer(lambda: dst.copy_(src))
+    ms = timer(lambda d=dst, s=src: d.copy_(s))
     del src, dst
     _free(dev)
     return 2 * nbytes / ms / 1e6

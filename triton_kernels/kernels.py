@@ -195,6 +195,25 @@ def _finish(m_i, l_i, acc):
 
 
 @triton.jit
+def _pack_precision_group(x, vcodes, page, slot, in_group, d, dmask, BITS: tl.constexpr,
+                          OFF_KP: tl.constexpr, OFF_K: tl.constexpr, OFF_V: tl.constexpr,
+                          D: tl.constexpr, B_PAD: tl.constexpr, D_PAD: tl.constexpr):
+    """One precision group of a block (its tokens ``in_group``, at row ``slot`` of the
+    group): channelwise key parameters over the group, then its key and value codes."""
+    gm = in_group[:, None] & dmask[None, :]
+    kmin = tl.where(dmask, tl.min(tl.where(gm, x, float("inf")), axis=0), 0.0)
+    kmax = tl.where(dmask, tl.max(tl.where(gm, x, float("-inf")), axis=0), 0.0)
+    lv = tl.full([D_PAD], (1 << BITS) - 1, tl.float32)
+    km, ks = _quant_params(kmin, kmax, lv)
+    kp = _f16_ptr(page, OFF_KP)
+    tl.store(kp + d, km.to(tl.float16), mask=dmask)
+    tl.store(kp + D + d, ks.to(tl.float16), mask=dmask)
+    kc = _codes(x, km[None, :], ks[None, :], lv[None, :])
+    _store_packed_rows(kc, page + OFF_K, slot, in_group, BITS, D, B_PAD, D_PAD)
+    _store_packed_rows(vcodes, page + OFF_V, slot, in_group, BITS, D, B_PAD, D_PAD)
+
+
+@triton.jit
 def quantize_pack_kernel(
     k_ptr, v_ptr, sal_ptr, c_ptr, pages_ptr, page_ids_ptr,
     stride_kn, stride_kb, stride_kh,
@@ -261,29 +280,11 @@ def quantize_pack_kernel(
 
     # Keys: channelwise per precision group.
     if N_HI > 0:
-        gm = is_hi[:, None] & dmask[None, :]
-        kmin = tl.where(dmask, tl.min(tl.where(gm, x, float("inf")), axis=0), 0.0)
-        kmax = tl.where(dmask, tl.max(tl.where(gm, x, float("-inf")), axis=0), 0.0)
-        lv = tl.full([D_PAD], (1 << HI_BITS) - 1, tl.float32)
-        km, ks = _quant_params(kmin, kmax, lv)
-        kp = _f16_ptr(page, OFF_KHIP)
-        tl.store(kp + d, km.to(tl.float16), mask=dmask)
-        tl.store(kp + D + d, ks.to(tl.float16), mask=dmask)
-        kc = _codes(x, km[None, :], ks[None, :], lv[None, :])
-        _store_packed_rows(kc, page + OFF_KHI, slot, is_hi, HI_BITS, D, B_PAD, D_PAD)
-        _store_packed_rows(vcodes, page + OFF_VHI, slot, is_hi, HI_BITS, D, B_PAD, D_PAD)
+        _pack_precision_group(x, vcodes, page, slot, is_hi, d, dmask, HI_BITS, OFF_KHIP, OFF_KHI,
+                              OFF_VHI, D, B_PAD, D_PAD)
     if N_HI < B:
-        gm = is_lo[:, None] & dmask[None, :]
-        kmin = tl.where(dmask, tl.min(tl.where(gm, x, float("inf")), axis=0), 0.0)
-        kmax = tl.where(dmask, tl.max(tl.where(gm, x, float("-inf")), axis=0), 0.0)
-        lv = tl.full([D_PAD], (1 << LO_BITS) - 1, tl.float32)
-        km, ks = _quant_params(kmin, kmax, lv)
-        kp = _f16_ptr(page, OFF_KLOP)
-        tl.store(kp + d, km.to(tl.float16), mask=dmask)
-        tl.store(kp + D + d, ks.to(tl.float16), mask=dmask)
-        kc = _codes(x, km[None, :], ks[None, :], lv[None, :])
-        _store_packed_rows(kc, page + OFF_KLO, slot - N_HI, is_lo, LO_BITS, D, B_PAD, D_PAD)
-        _store_packed_rows(vcodes, page + OFF_VLO, slot - N_HI, is_lo, LO_BITS, D, B_PAD, D_PAD)
+        _pack_precision_group(x, vcodes, page, slot - N_HI, is_lo, d, dmask, LO_BITS, OFF_KLOP,
+                              OFF_KLO, OFF_VLO, D, B_PAD, D_PAD)
 
     # Precision mask (token order, bit t of the stream), only when both groups exist.
     if (N_HI > 0) & (N_HI < B):

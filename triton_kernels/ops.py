@@ -13,7 +13,6 @@ a row that saw no key has output 0 and lse ``-inf`` (an identity for
 """
 from __future__ import annotations
 
-import math
 import os
 from functools import lru_cache
 

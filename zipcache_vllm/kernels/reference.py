@@ -30,7 +30,7 @@ def attend_packed_varlen_ref(q: torch.Tensor, pages: torch.Tensor, block_table: 
                              layout: BlockLayout, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Oracle of :func:`~zipcache_vllm.kernels.ops.attend_packed_varlen`: float32 ``out
     [nq, Hq, D]`` and ``lse [Hq, nq]`` (``0`` / ``-inf`` for a request without blocks)."""
-    Hq, D, H = q.shape[1], q.shape[2], layout.num_kv_heads
+    Hq, H = q.shape[1], layout.num_kv_heads
     out = torch.zeros(q.shape)
     lse = torch.full((Hq, q.shape[0]), float("-inf"))
     starts = query_start_loc.tolist()
@@ -46,10 +46,10 @@ def attend_packed_varlen_ref(q: torch.Tensor, pages: torch.Tensor, block_table: 
 def decode_staged_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
                       pages: torch.Tensor, block_table: torch.Tensor, num_blocks: torch.Tensor,
                       slots: torch.Tensor, staged: torch.Tensor, probe: torch.Tensor,
-                      pool_k: torch.Tensor, pool_v: torch.Tensor, pool_score: torch.Tensor,
-                      pool_count: torch.Tensor, out: torch.Tensor, layout: BlockLayout,
+                      pool: tuple[torch.Tensor, ...], out: torch.Tensor, layout: BlockLayout,
                       scale: float) -> None:
-    """Oracle of the fused decode step (``zipcache::decode_staged``), in place.
+    """Oracle of the fused decode step (``zipcache::decode_staged``), in place, on the
+    staging slots ``pool = (k, v, score, count)``.
 
     For each row ``r`` (query row ``rows[r]``, staging slot ``slots[r]`` holding
     ``s = staged[r]`` tokens): write ``k/v[rows[r]]`` at index ``s`` of the slot (rounded
@@ -61,6 +61,7 @@ def decode_staged_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: t
     """
     H, B, D = layout.num_kv_heads, layout.block_size, layout.head_size
     g = q.shape[1] // H
+    pool_k, pool_v, pool_score, pool_count = pool
     for r in range(rows.numel()):
         row, slot, s = int(rows[r]), int(slots[r]), int(staged[r])
         nb, pr = int(num_blocks[r]), float(probe[r])
