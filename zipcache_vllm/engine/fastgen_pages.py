@@ -49,9 +49,9 @@ def ladder_choice(acc: torch.Tensor, special: torch.Tensor, punct: torch.Tensor,
 
 def profile_heads(probs: torch.Tensor, cls: torch.Tensor, num_kv_heads: int, cfg) -> torch.Tensor:
     """Rungs ``[Hk]`` from probe attention ``probs [Hq, P, L]`` over a prompt with class bytes ``cls [L]``."""
-    from ..saliency import gqa_aggregate
+    from ..saliency import accumulated_scores
 
-    acc = gqa_aggregate(probs.float().sum(1), num_kv_heads)
+    acc = accumulated_scores(probs, num_kv_heads)
     special, punct = masks(cls)
     return ladder_choice(acc, special, punct, cfg.threshold, cfg.r_frequent, cfg.r_local)
 

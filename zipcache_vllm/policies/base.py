@@ -25,7 +25,7 @@ from ..kernels import hadamard_rotate
 from ..layout import BF16_BYTES, BlockLayout
 from ..quant.block import fake_quantize_blocks, topk_salient_mask
 from ..quant.masked import fake_quantize_masked
-from ..saliency import gqa_aggregate, visible_counts
+from ..saliency import accumulated_scores, normalize_accumulated, visible_counts
 
 #: ``method`` name of a preset -> its policy class, filled by :func:`register` when the
 #: modules of this package are imported (``__init__.py`` imports them all).
@@ -83,21 +83,18 @@ class KVPolicy:
         ``window_ends``: the position after the last query of each block's saliency
         window (default, the engine's: the block's end).
         """
-        n, _, B = score.shape
-        if self.preset.probes.normalize == "l_minus_i":
-            starts = torch.tensor(block_starts, dtype=torch.int64).unsqueeze(1)
-            ends = starts + B if window_ends is None else torch.tensor(window_ends).unsqueeze(1)
-            denom = (ends - starts - torch.arange(B)).float()
-        else:
-            denom = count
-        return score / denom.clamp_min(1.0).unsqueeze(1).to(score.device)
+        B = score.shape[-1]
+        starts = torch.tensor(block_starts, dtype=torch.int64).unsqueeze(1)
+        ends = starts + B if window_ends is None else torch.tensor(window_ends).unsqueeze(1)
+        return normalize_accumulated(score, count.unsqueeze(1), (starts + torch.arange(B)).unsqueeze(1),
+                                     ends.unsqueeze(1), self.preset.probes.normalize)
 
     def rank_from_probs(self, probs: torch.Tensor, probe_pos: torch.Tensor, key_pos: torch.Tensor,
                         num_kv_heads: int, window_end: int, block_start: int) -> torch.Tensor:
         """:meth:`rank` ``[Hk, B]`` of one block from the probe attention ``probs [Hq, P, B]``
         of the probes at ``probe_pos`` over its keys at ``key_pos`` (the simulator's view):
         the same accumulators the engine keeps, then the same hook."""
-        score = gqa_aggregate(probs.float().sum(1), num_kv_heads)
+        score = accumulated_scores(probs, num_kv_heads)
         count = visible_counts(probe_pos, key_pos).float()
         return self.rank(score[None], count[None], [block_start], [window_end])[0]
 

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ..saliency import gqa_aggregate
+from ..saliency import accumulated_scores
 from .base import KVPolicy, register
 
 HYBRID = (
@@ -76,7 +76,7 @@ class FastGenPolicy(KVPolicy):
         Returns ``(choice [Hk] index into HYBRID, frequent [Hk, L] bool)``.
         """
         L = probs.shape[-1]
-        acc = gqa_aggregate(probs.float().sum(1), num_kv_heads)
+        acc = accumulated_scores(probs, num_kv_heads)
         total = acc.sum(-1)
         freq = self.frequent(acc)
         pos = torch.arange(L)

@@ -39,25 +39,34 @@ def accumulated_scores(probs: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return gqa_aggregate(probs.float().sum(1), num_kv_heads)
 
 
+def normalize_accumulated(acc: torch.Tensor, visible: torch.Tensor, key_pos: torch.Tensor,
+                          window_end, normalize: str = "visible") -> torch.Tensor:
+    """ZipCache's normalization of accumulated attention ``acc [..., W]``.
+
+    ``normalize="visible"`` divides by ``visible``, the number of probe rows that saw
+    each token; ``"l_minus_i"`` by ``window_end - key_pos`` (the reference code's
+    choice: the count of all queries after the token, probes or not), which favours
+    recent tokens when only a few probes are recent. ``visible``, ``key_pos`` and
+    ``window_end`` broadcast against ``acc``.
+    """
+    if normalize == "visible":
+        denom = visible
+    elif normalize == "l_minus_i":
+        denom = window_end - key_pos
+    else:
+        raise ValueError(f"normalize must be 'visible' or 'l_minus_i', got {normalize!r}")
+    return acc / denom.clamp_min(1).to(device=acc.device, dtype=acc.dtype)
+
+
 def normalized_scores(probs: torch.Tensor, probe_pos: torch.Tensor, key_pos: torch.Tensor,
                       num_kv_heads: int, normalize: str = "visible",
                       window_end: int | None = None) -> torch.Tensor:
-    """ZipCache normalized attention ``[Hk, W]`` from probe rows.
-
-    ``normalize="visible"`` divides by the number of probe rows that see the
-    token; ``"l_minus_i"`` by ``window_end - i`` (the reference code's choice:
-    the count of all queries after the token, probes or not), which favours
-    recent tokens when only a few probes are recent.
-    """
-    acc = accumulated_scores(probs, num_kv_heads)
-    if normalize == "visible":
-        denom = visible_counts(probe_pos, key_pos)
-    elif normalize == "l_minus_i":
-        end = int(probe_pos.max()) + 1 if window_end is None else window_end
-        denom = end - key_pos
-    else:
-        raise ValueError(f"normalize must be 'visible' or 'l_minus_i', got {normalize!r}")
-    return acc / denom.clamp_min(1).to(acc.dtype)
+    """ZipCache normalized attention ``[Hk, W]`` from probe rows (:func:`normalize_accumulated`;
+    ``window_end`` defaults to the position after the last probe)."""
+    if window_end is None and normalize == "l_minus_i":
+        window_end = int(probe_pos.max()) + 1
+    return normalize_accumulated(accumulated_scores(probs, num_kv_heads),
+                                 visible_counts(probe_pos, key_pos), key_pos, window_end, normalize)
 
 
 def exact_normalized_attention(attn: torch.Tensor) -> torch.Tensor:
