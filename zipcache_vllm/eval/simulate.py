@@ -191,7 +191,7 @@ class KVSimulator:
                 if self.cfg.saliency_window == "oracle":
                     pos = torch.arange(L)
                     scores[j] = self.policy.rank_from_probs(probs[:, :, j * B:(j + 1) * B], pos,
-                                           pos[j * B:(j + 1) * B], hk, L, j * B)
+                                                            pos[j * B:(j + 1) * B], hk, L, j * B)
                 else:
                     scores[j] = self._block_scores(probs, c0, c1, j, hk)
         if not scores:
