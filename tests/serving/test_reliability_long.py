@@ -4,29 +4,32 @@ The prompts of :mod:`zipcache_vllm.eval.passkey`: a sentence "The secret passkey
 71432. Remember the passkey 71432." is hidden at two depths (``DEPTHS``) of a document of real
 English text (``eval/corpus.py``) that fills SmolLM2's 8,192-token context; the
 document ends with the cue "The secret passkey is" (a plain completion: the model retrieves by copying, the skill a 135M model has at
-this length; as a chat question the bf16 model itself found 1 of 3, measured). Two
-servers in turn (``auto``, then each zipcache preset), both in float32, answer the same
-prompts:
+this length; as a chat question the bf16 model itself found 1 of 3, measured). A
+float32 server of each zipcache preset answers them:
 
 * greedy retrieval: the continuation of the cue starts with the passkey;
 * teacher-forced: the log-probability of the passkey's tokens after the cue (one
-  request per token, each reading the document from the prefix cache: for zipcache,
-  the packed pages), a continuous measure that shows a collapse before greedy answers
-  flip.
+  request per token, each reading the document from the prefix cache: the packed
+  pages), a continuous measure that shows a collapse before greedy answers flip.
 
-A preset must retrieve as many needles as ``auto`` (which must find both) and keep the
-mean passkey log-probability within ``LOGPROB_MARGIN`` of ``auto``'s. A silent
-long-context collapse (vLLM's fp8 KV once went from 91% to 13% retrieval) fails both.
-The default ``zipcache`` preset (4-bit salient, 2-bit rest, Hadamard-rotated keys) must
-pass; without the key rotation it found 0 of 3 (docs/RELIABILITY.md). ``zipcache_kivi4``
-(uniform 4-bit) passed too when measured; CI does not re-run it.
+The baseline is the uncompressed model in the same run: the same prompts through the
+HF model in float32 with its own attention (``eval.passkey.offline``, preset ``none``),
+which must retrieve both needles (else the check measures nothing). A preset must
+retrieve as many needles and keep the mean passkey log-probability within
+``LOGPROB_MARGIN`` of it. A silent long-context collapse (vLLM's fp8 KV once went from
+91% to 13% retrieval) fails both. The default ``zipcache`` preset (4-bit salient, 2-bit
+rest, Hadamard-rotated keys) must pass; without the key rotation it found 0 of 3
+(docs/RELIABILITY.md). ``zipcache_kivi4`` (uniform 4-bit) passed too when measured; CI
+does not re-run it.
 
-Why float32 and two depths (``DEPTHS``): on a CPU without native bf16 (AVX2) the 8k
-prefills dominate CI. Measured on such a 2-core machine, the module took 1,203 s in bf16
-and 601 s in float32 (the compression is the same code; the quantizer reads the same
-values), with the default preset passing both: passkey log-probabilities -1.44 / -1.80
-against ``auto``'s -0.62 / -0.42 in bf16, -1.73 / -1.00 against -0.57 / -0.41 in float32,
-every needle found (docs/RELIABILITY.md).
+Why not an ``auto`` server, float32 and two depths: on a CPU without native bf16 (AVX2)
+the 8k prefills dominate CI. An ``auto`` server answering the same requests cost as much
+as the preset's (the uncompressed model's answers do not depend on vLLM's cache: its
+float32 server gave passkey log-probabilities -0.57 / -0.41, the HF model's are printed
+beside each run). Measured on such a 2-core machine, the module took 1,203 s with bf16
+servers and 601 s with float32 ones (both with ``auto``); the default preset passed
+each time: -1.44 / -1.80 against ``auto``'s -0.62 / -0.42 in bf16, -1.73 / -1.00 against
+-0.57 / -0.41 in float32, every needle found (docs/RELIABILITY.md).
 """
 from __future__ import annotations
 
@@ -104,24 +107,28 @@ def key_ids(tokenizer) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def auto(model_dir, prompts, key_ids) -> list[dict]:
-    rows = _retrieval(model_dir, "auto", prompts, key_ids)
-    assert all(r["prompt_tokens"] == PROMPT_TOKENS for r in rows)
+def uncompressed(model_dir) -> list[dict]:
+    """The baseline, in this run: the HF model (float32, its own attention) on the same
+    prompts, one row per depth (``key_logprob``, ``found``)."""
+    from zipcache_vllm.eval.passkey import offline
+
+    rows = [{"key_logprob": r["key_logprob"], "found": r["retrieved"], "answer": r["argmax"]}
+            for r in offline(str(model_dir), ["none"], PROMPT_TOKENS, DEPTHS)]
     assert all(r["found"] for r in rows), \
-        "the bf16 baseline itself does not retrieve: the check measures nothing"
+        "the uncompressed model itself does not retrieve: the check measures nothing"
     return rows
 
 
 @pytest.mark.parametrize("dtype", ["zipcache"])
-def test_passkey_retrieval_vs_auto(model_dir, prompts, key_ids, auto, dtype):
+def test_passkey_retrieval_vs_uncompressed(model_dir, prompts, key_ids, uncompressed, dtype):
     got = _retrieval(model_dir, dtype, prompts, key_ids)
-    for d, a, z in zip(DEPTHS, auto, got):
-        print(f"\ndepth {d}: {a['prompt_tokens']} tokens | auto found={a['found']} "
+    for d, a, z in zip(DEPTHS, uncompressed, got):
+        print(f"\ndepth {d}: {z['prompt_tokens']} tokens | uncompressed found={a['found']} "
               f"logprob={a['key_logprob']:.3f} {a['answer']!r} | {dtype} found={z['found']} "
               f"logprob={z['key_logprob']:.3f} {z['answer']!r} (outside top {TOP_K}: {z['outside_top_k']}, "
               f"prefix-cache hit {z['cache_hit_tokens']:.0f} tokens a request)")
     assert all(r["prompt_tokens"] == PROMPT_TOKENS for r in got)
-    assert all(r["cache_hit_tokens"] >= PROMPT_TOKENS - 128 for r in auto + got)
-    assert sum(r["found"] for r in got) >= sum(a["found"] for a in auto)
+    assert all(r["cache_hit_tokens"] >= PROMPT_TOKENS - 128 for r in got)
+    assert sum(r["found"] for r in got) >= sum(a["found"] for a in uncompressed)
     mean = lambda rows: sum(r["key_logprob"] for r in rows) / len(rows)  # noqa: E731
-    assert mean(got) >= mean(auto) - LOGPROB_MARGIN
+    assert mean(got) >= mean(uncompressed) - LOGPROB_MARGIN

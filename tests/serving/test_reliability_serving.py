@@ -149,7 +149,7 @@ def _tp_server(model_dir, tp: int) -> Server:
     env = None
     if tp > 1:
         extra += ["--tensor-parallel-size", str(tp), "--distributed-executor-backend", "mp"]
-        env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1|0"}
+        env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1|0", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
     return Server(model_dir, *server_args("zipcache", 4, None), *extra,
                   max_model_len=TP_MAX_MODEL_LEN, kv_space_gib=1, env=env)
 

@@ -78,9 +78,12 @@ def test_bench_serve_parser_builds_without_heavy_imports():
 
 @pytest.mark.slow
 @pytest.mark.engine
-def test_quick_load(model_dir):
+def test_quick_load(model_dir, monkeypatch):
     # One preset: every preset's capacity against auto is asserted from the engine by
-    # test_engine_eval.py; this test proves the load driver and its bookkeeping.
+    # test_engine_eval.py; this test proves the load driver and its bookkeeping. Its
+    # servers run vLLM's worker inside the engine core, like the other tests' servers
+    # (tests/_server.py: one process fewer to start).
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     names = ["auto", "fp8", "zipcache"]
     res = serve.run(str(model_dir), serve.QUICK, names, progress=False)
     print(serve.markdown(res, "quick", ""))

