@@ -117,10 +117,13 @@ def _add_serve_parser(subparsers) -> None:
         f"is kept, with {PLUGIN_NAME} added), which turns on the /zipcache/* routes.",
         allow_abbrev=False,
     )
+    from zipcache_vllm.model.prepare import DEFAULT_MODEL, MODELS
+
     p.add_argument(
         "--model",
         default=None,
-        help="HF model folder, or a bundled model name (smollm2); default: prepare and use smollm2",
+        help=f"HF model folder, or a bundled model name ({', '.join(sorted(MODELS))}: prepared on first "
+             f"use); default: prepare and use {DEFAULT_MODEL}",
     )
     p.add_argument(
         "--kv-cache-dtype",

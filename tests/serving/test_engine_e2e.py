@@ -68,35 +68,6 @@ def test_block_size_must_match_preset(model_dir):
     assert "stores blocks of 128 tokens" in server.log()
 
 
-def test_preemption_recompute_releases_staging(model_dir):
-    """A KV cache too small for the batch forces vLLM to preempt and recompute requests:
-    every request still completes coherently and no staging slot is left behind."""
-    server = Server(model_dir, "--kv-cache-dtype", "zipcache", "--num-gpu-blocks-override", "6",
-                    "--max-model-len", "640", "--worker-extension-cls",
-                    "zipcache_vllm.vllm_plugin.worker_ext.ZipCacheWorkerExtension")
-    try:
-        server.wait_ready()
-        from concurrent.futures import ThreadPoolExecutor
-        prompts = [f"Write a long story about a {animal}." for animal in ("cat", "dog", "fox")]
-        with ThreadPoolExecutor(3) as ex:
-            results = list(ex.map(lambda p: server.chat(p, max_tokens=300, ignore_eos=True),
-                                  prompts))
-        for r in results:
-            assert r["status"] == 200
-            assert _coherent(r["json"]["choices"][0]["message"]["content"])
-        metrics = requests.get(f"{server.url}/metrics", timeout=30).text
-        preemptions = [float(line.split()[-1]) for line in metrics.splitlines()
-                       if line.startswith("vllm:num_preemptions_total")]
-        print("\npreemptions:", preemptions)
-        assert preemptions and preemptions[0] > 0
-        deadline = time.time() + 60
-        while server.staging_stats()["in_use"] and time.time() < deadline:
-            time.sleep(1)
-        assert server.staging_stats()["in_use"] == 0
-    finally:
-        server.stop()
-
-
 def test_capacity_vs_auto(zipcache_server, model_dir):
     """The shared server's own capacity at 2 GiB is >= 4.5x ``auto``'s. ``auto``'s is the
     planner's: planner == engine for every dtype is proven by test_planner_engine.py, and

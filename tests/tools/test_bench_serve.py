@@ -44,7 +44,7 @@ def test_markdown_ratios_and_refusal():
     fp8 = serve.Result("fp8", unsupported="FP8 KV cache on CPU requires x86 with AVX-512 or AMX")
     text = serve.markdown({"workload": w, "rows": [vars(row), vars(fp8), vars(z)]}, "cmd", "m")
     assert "| zipcache | 4,000 | 4.000 | 2.00x |" in text
-    assert "| fp8 | refused by vLLM: FP8" in text
+    assert "| fp8 | refused at startup: FP8" in text
 
 
 def test_ceiling_row_is_labelled_and_not_the_baseline():
@@ -60,6 +60,71 @@ def test_ceiling_row_is_labelled_and_not_the_baseline():
     assert "| auto, 512 MiB (ceiling) | 9,000 | 1.600 | 1.60x |" in text
     assert "The ceiling row" in text
     assert serve.FULL.ceiling_bytes > serve.FULL.kv_bytes and serve.QUICK.ceiling_bytes == 0
+
+
+def _sweep_result() -> dict:
+    """Two budgets x auto, fp8 (refused) and zipcache, as ``serve.run`` returns them."""
+    from dataclasses import asdict, replace
+
+    w = replace(serve.FULL, max_num_seqs=None, sweep_bytes=(64 * 2**20, 256 * 2**20))
+    lat = lambda p90: {"p50": p90 / 2, "p90": p90, "p99": p90}  # noqa: E731
+    rows = []
+    for b, (auto_rps, zc_rps) in zip(w.sweep_bytes, ((1.0, 2.5), (2.0, 2.1))):
+        rows += [serve.Result("auto", kv_tokens=b // 23040, req_per_s=auto_rps, ttft_s=lat(4.0), itl_s=lat(0.1),
+                              kv_bytes=b),
+                 serve.Result("fp8", unsupported="FP8 KV cache on CPU requires x86 with AVX-512 or AMX", kv_bytes=b),
+                 serve.Result("zipcache", kv_tokens=b // 5000, req_per_s=zc_rps, ttft_s=lat(1.0), itl_s=lat(0.1),
+                              kv_bytes=b)]
+    return {"workload": asdict(w), "rows": [asdict(r) for r in rows]}
+
+
+def test_sweep_table_compares_each_budget_with_its_own_baseline():
+    text = serve.markdown(_sweep_result(), "cmd", "m")
+    assert "no `--max-num-seqs` (each server's default)" in text
+    assert "| zipcache | 64 | 13,421 | 2.500 | 2.50x |" in text  # vs auto at 64 MiB
+    assert "| zipcache | 256 | 53,687 | 2.100 | 1.05x |" in text  # vs auto at 256 MiB
+    assert "| 64 | 1.000 · 4.00 | refused | 2.500 (2.50x auto) · 1.00 |" in text
+    assert serve.STAGING_REFUSAL.search("ValueError: zipcache staging needs 27.1 MiB but the KV budget is "
+                                        "24.0 MiB; raise").group(1).endswith("24.0 MiB")
+    assert "| 256 | 2.000 · 4.00 | refused | 2.100 (1.05x auto) · 1.00 |" in text
+
+
+def test_sweep_runs_every_dtype_at_each_budget_ascending(monkeypatch):
+    from dataclasses import replace
+
+    seen = []
+
+    def fake_bench(model_dir, name, w, prompts, progress, ceiling=False):
+        seen.append((w.kv_bytes, name, ceiling))
+        return serve.Result(name, kv_tokens=1, kv_bytes=w.kv_bytes)
+
+    monkeypatch.setattr(serve, "bench_one", fake_bench)
+    monkeypatch.setattr(serve, "prompts_for", lambda model_dir, w: [[1]])
+    w = replace(serve.FULL, sweep_bytes=serve.byte_sizes("256M,64M"))
+    res = serve.run("m", w, ["zipcache", "auto"], progress=False)
+    assert seen == [(64 * 2**20, "auto", False), (64 * 2**20, "zipcache", False),
+                    (256 * 2**20, "auto", False), (256 * 2**20, "zipcache", False)]  # no ceiling run
+    assert [r["kv_bytes"] for r in res["rows"]] == [b for b, _, _ in seen]
+
+
+def test_sweep_plot_is_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    serve.plot(_sweep_result(), str(tmp_path / "sweep.png"))
+    assert (tmp_path / "sweep.png").stat().st_size > 1000
+
+
+def test_sweep_sizes_and_default_max_num_seqs_flags():
+    import argparse
+
+    assert serve.byte_sizes("128M, 64M,1G") == (64 * 2**20, 128 * 2**20, 2**30)
+    with pytest.raises(ValueError):
+        serve.byte_sizes(",")
+    p = argparse.ArgumentParser()
+    serve.add_parser(p.add_subparsers())
+    args = p.parse_args(["serve", "--sweep-kv-cache-memory-bytes", "64M,256M", "--default-max-num-seqs"])
+    assert args.sweep_bytes == (64 * 2**20, 256 * 2**20) and args.default_max_num_seqs
+    args = p.parse_args(["serve", "--default-max-num-seqs", "--max-num-seqs", "8"])
+    assert serve._cmd(args) == 2  # contradictory flags, refused before any server starts
 
 
 def test_bench_serve_parser_builds_without_heavy_imports():

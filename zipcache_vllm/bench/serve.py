@@ -38,6 +38,9 @@ from ..engine_proc import REFUSAL
 from ..planner.units import human_readable_int
 
 BASELINE = "auto"
+# The plugin's startup refusal of a budget smaller than its staging reserve (issue 20): in a
+# budget sweep that budget becomes a row, as vLLM's fp8 refusal (REFUSAL) does.
+STAGING_REFUSAL = re.compile(r"(zipcache staging needs [\d.]+ MiB but the KV budget is [\d.]+ MiB)")
 
 
 @dataclass(frozen=True)
@@ -47,12 +50,16 @@ class Workload:
     prompt_len: int  # --input-len
     output_len: int  # --output-len
     kv_bytes: int  # --kv-cache-memory-bytes for every server
-    max_num_seqs: int  # the same for every dtype (zipcache's default would be 8)
+    max_num_seqs: int | None  # the same for every dtype; None: not passed, each server keeps its default
     chunk: int = 512  # --max-num-batched-tokens
     max_model_len: int = 512  # vLLM refuses a cache smaller than one request of this length
     ceiling_bytes: int = 0  # > 0: one more `auto` run with this budget (memory not the limit)
     request_rate: float | None = None  # --request-rate, requests/s (Poisson); None: all at once (inf)
     seed: int = 0  # the arrival times' random seed
+    # The budget sweep: every dtype at each of these --kv-cache-memory-bytes (replacing
+    # kv_bytes and the ceiling run), so the table shows where each dtype stops being
+    # memory-bound. Empty: one budget (kv_bytes).
+    sweep_bytes: tuple[int, ...] = ()
 
 
 # The flags that override a Workload field: (flag, field, type). The names are vLLM's: `vllm
@@ -64,6 +71,14 @@ OVERRIDES = (("--num-prompts", "requests", int), ("--max-concurrency", "clients"
              ("--max-num-seqs", "max_num_seqs", int), ("--max-num-batched-tokens", "chunk", human_readable_int),
              ("--max-model-len", "max_model_len", human_readable_int),
              ("--ceiling-kv-cache-memory-bytes", "ceiling_bytes", human_readable_int))
+
+
+def byte_sizes(text: str) -> tuple[int, ...]:
+    """``--sweep-kv-cache-memory-bytes``: comma-separated sizes with vLLM's suffixes, ascending."""
+    sizes = sorted({human_readable_int(x.strip()) for x in text.split(",") if x.strip()})
+    if not sizes or sizes[0] <= 0:
+        raise ValueError(f"expected positive sizes such as 64M,128M,256M; got {text!r}")
+    return tuple(sizes)
 
 
 # Sizing (bf16: 23,040 bytes per token of SmolLM2, 2.95 MB per 128-token block; the default
@@ -90,6 +105,13 @@ def add_parser(bsub) -> None:
         full = getattr(FULL, name)
         s.add_argument(flag, dest=name, type=kind, default=None,
                        help=f"override the workload (full: {'inf' if full is None else full})")
+    s.add_argument("--sweep-kv-cache-memory-bytes", dest="sweep_bytes", type=byte_sizes, default=None,
+                   help="budget sweep: run every dtype at each of these comma-separated KV budgets "
+                        "(vLLM's size suffixes, e.g. 64M,128M,256M,512M) instead of one budget and the "
+                        "ceiling run; the table and plot show req/s and p90 TTFT against the budget")
+    s.add_argument("--default-max-num-seqs", action="store_true",
+                   help="do not pass --max-num-seqs: every server keeps its own default (vLLM's, or "
+                        "what the plugin sets for its dtypes), what `vllm serve` users get")
     s.add_argument("--markdown", default=None, help="write the table, command and machine here")
     s.add_argument("--json", default=None, help="write the raw results here")
     s.add_argument("--plot", default=None, help="write a PNG (req/s and TTFT per dtype) here")
@@ -103,6 +125,13 @@ def _cmd(args) -> int:
     over = {name: getattr(args, name) for _, name, _ in OVERRIDES if getattr(args, name) is not None}
     if over.get("request_rate") is not None and math.isinf(over["request_rate"]):
         over["request_rate"] = None
+    if args.default_max_num_seqs:
+        if "max_num_seqs" in over:
+            print("error: --default-max-num-seqs and --max-num-seqs contradict each other", file=sys.stderr)
+            return 2
+        over["max_num_seqs"] = None
+    if args.sweep_bytes:
+        over["sweep_bytes"] = args.sweep_bytes
     w = replace(base, **over)
     if w.prompt_len + w.output_len > w.max_model_len:
         print(f"error: --input-len {w.prompt_len} + --output-len {w.output_len} exceeds --max-model-len "
@@ -157,7 +186,8 @@ def start_server(model_dir: str, kv_dtype: str, w: Workload):
             self.cmd = [sys.executable, "-m", "zipcache_vllm.launcher", "serve", model_dir, "--enforce-eager",
                         "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", str(w.max_model_len),
                         "--kv-cache-dtype", kv_dtype, "--kv-cache-memory-bytes", str(w.kv_bytes),
-                        "--max-num-seqs", str(w.max_num_seqs), "--max-num-batched-tokens", str(w.chunk),
+                        *(["--max-num-seqs", str(w.max_num_seqs)] if w.max_num_seqs is not None else []),
+                        "--max-num-batched-tokens", str(w.chunk),
                         "--no-enable-prefix-caching", "--served-model-name", "model",
                         "--disable-uvicorn-access-log"]
             self._log = open(self.log_path, "w")
@@ -199,6 +229,7 @@ class Result:
     mean_waiting: float = 0.0
     unsupported: str | None = None
     ceiling: bool = False  # the `auto` run whose cache holds the whole load
+    kv_bytes: int = 0  # the run's --kv-cache-memory-bytes
 
 
 async def _one(session, url: str, prompt: list[int], w: Workload, out: list) -> None:
@@ -292,17 +323,19 @@ def bench_one(model_dir: str, name: str, w: Workload, prompts: list[list[int]], 
     import asyncio
     from dataclasses import replace
 
-    server = start_server(model_dir, name, replace(w, kv_bytes=w.ceiling_bytes) if ceiling else w)
+    kv_bytes = w.ceiling_bytes if ceiling else w.kv_bytes
+    server = start_server(model_dir, name, replace(w, kv_bytes=kv_bytes))
     try:
         try:
             server.wait_ready()
         except RuntimeError:
-            refused = REFUSAL.search(server.log())  # the whole log: the exception keeps only its tail
+            log = server.log()  # the whole log: the exception keeps only its tail
+            refused = REFUSAL.search(log) or STAGING_REFUSAL.search(log)
             if refused:
-                return Result(name, unsupported=refused.group(1))
+                return Result(name, unsupported=refused.group(1), kv_bytes=kv_bytes)
             raise
         d = asyncio.run(_drive(server.url, prompts, w, progress))
-        res = Result(name, kv_tokens=server.kv_tokens(), ceiling=ceiling)
+        res = Result(name, kv_tokens=server.kv_tokens(), ceiling=ceiling, kv_bytes=kv_bytes)
     finally:
         server.stop()
         server.log_path.unlink(missing_ok=True)
@@ -320,17 +353,25 @@ def bench_one(model_dir: str, name: str, w: Workload, prompts: list[list[int]], 
 
 
 def run(model_dir: str, w: Workload, names: list[str], progress: bool = True) -> dict:
+    """One server per dtype (then the ``auto`` ceiling run), or with ``w.sweep_bytes`` one per
+    (budget, dtype), budgets ascending, every dtype at one budget before the next."""
+    from dataclasses import replace
+
     from tqdm.auto import tqdm
 
     if BASELINE in names:
         names = [BASELINE] + [n for n in names if n != BASELINE]
     prompts = prompts_for(model_dir, w)
-    runs = [(name, False) for name in names] + ([(BASELINE, True)] if w.ceiling_bytes else [])
+    if w.sweep_bytes:
+        runs = [(name, replace(w, kv_bytes=b), False) for b in w.sweep_bytes for name in names]
+    else:
+        runs = [(name, w, False) for name in names] + ([(BASELINE, w, True)] if w.ceiling_bytes else [])
     rows = []
     bar = tqdm(runs, desc="servers", disable=not progress)
-    for name, ceiling in bar:
-        bar.set_postfix_str(name + (" (ceiling)" if ceiling else ""))
-        rows.append(asdict(bench_one(model_dir, name, w, prompts, progress, ceiling=ceiling)))
+    for name, wl, ceiling in bar:
+        bar.set_postfix_str(f"{name} at {(w.ceiling_bytes if ceiling else wl.kv_bytes) / 2**20:.0f} MiB"
+                            + (" (ceiling)" if ceiling else ""))
+        rows.append(asdict(bench_one(model_dir, name, wl, prompts, progress, ceiling=ceiling)))
     return {"workload": asdict(w), "rows": rows}
 
 
@@ -345,35 +386,47 @@ def _fmt(x, spec=".2f") -> str:
     return "" if x is None else format(x, spec)
 
 
+def _baseline(rows: list[dict], kv_bytes: int, name: str = BASELINE) -> dict | None:
+    """The memory-limited run of ``name`` at budget ``kv_bytes`` (not the ceiling run)."""
+    return next((r for r in rows if r["kv_cache_dtype"] == name and not r["unsupported"]
+                 and not r.get("ceiling") and r.get("kv_bytes", kv_bytes) == kv_bytes), None)
+
+
 def markdown(res: dict, command: str, machine: str) -> str:
     w = res["workload"]
-    base = next((r for r in res["rows"] if r["kv_cache_dtype"] == BASELINE and not r["unsupported"]
-                 and not r.get("ceiling")), None)
+    sweep = bool(w.get("sweep_bytes"))
+    seqs = (f"`--max-num-seqs {w['max_num_seqs']}`" if w["max_num_seqs"] is not None
+            else "no `--max-num-seqs` (each server's default)")
+    budget = ("`--kv-cache-memory-bytes` of each row" if sweep else
+              f"`--kv-cache-memory-bytes {w['kv_bytes']}` ({w['kv_bytes'] / 2**20:.0f} MiB)")
     lines = [f"Command: `{command}`", "", f"Machine: {machine}", "",
              f"Load: `--num-prompts {w['requests']}` streaming requests (aiohttp, `/v1/completions`), at most "
              f"`--max-concurrency {w['clients']}` in flight, "
              + (f"`--request-rate {w['request_rate']:g}` (Poisson, `--seed {w.get('seed', 0)}`)"
                 if w.get("request_rate") else "sent at once (`--request-rate inf`)")
              + f", prompts of `--input-len {w['prompt_len']}` prose tokens, `--output-len {w['output_len']}` greedy "
-             f"tokens each (`ignore_eos`). Every server: `--kv-cache-memory-bytes {w['kv_bytes']}` "
-             f"({w['kv_bytes'] / 2**20:.0f} MiB), `--max-num-seqs {w['max_num_seqs']}`, "
+             f"tokens each (`ignore_eos`). Every server: {budget}, {seqs}, "
              f"`--max-num-batched-tokens {w['chunk']}`, `--max-model-len {w['max_model_len']}`, "
              "`--enforce-eager`, `--no-enable-prefix-caching`.", "",
-             "| --kv-cache-dtype | KV tokens | req/s | vs auto | output tok/s | TTFT p50 / p90 / p99 (s) "
-             "| ITL p50 / p90 / p99 (ms) | preemptions | mean running / waiting |",
-             "| --- | ---: | ---: | ---: | ---: | --- | --- | ---: | --- |"]
+             "| --kv-cache-dtype | " + ("KV MiB | " if sweep else "") + "KV tokens | req/s | vs auto | output tok/s "
+             "| TTFT p50 / p90 / p99 (s) | ITL p50 / p90 / p99 (ms) | preemptions | mean running / waiting |",
+             "| --- | " + ("---: | " if sweep else "") + "---: | ---: | ---: | ---: | --- | --- | ---: | --- |"]
+    mib = lambda r: f"{r.get('kv_bytes', w['kv_bytes']) / 2**20:.0f} | " if sweep else ""  # noqa: E731
     for r in res["rows"]:
         if r["unsupported"]:
-            lines.append(f"| {r['kv_cache_dtype']} | refused by vLLM: {r['unsupported']} | | | | | | | |")
+            lines.append(f"| {r['kv_cache_dtype']} | {mib(r)}refused at startup: {r['unsupported']} | | | | | | | |")
             continue
+        base = _baseline(res["rows"], r.get("kv_bytes", w["kv_bytes"]))
         ratio = f"{r['req_per_s'] / base['req_per_s']:.2f}x" if base else ""
         t, i = r["ttft_s"], r["itl_s"]
         lines.append(
-            f"| {row_label(r, w)} | {r['kv_tokens']:,} | {r['req_per_s']:.3f} | {ratio} | "
+            f"| {row_label(r, w)} | {mib(r)}{r['kv_tokens']:,} | {r['req_per_s']:.3f} | {ratio} | "
             f"{r['out_tok_per_s']:.1f} | {_fmt(t['p50'])} / {_fmt(t['p90'])} / {_fmt(t['p99'])} | "
             f"{_fmt(i['p50'] and i['p50'] * 1e3, '.0f')} / {_fmt(i['p90'] and i['p90'] * 1e3, '.0f')} / "
             f"{_fmt(i['p99'] and i['p99'] * 1e3, '.0f')} | {r['preemptions']:.0f} | "
             f"{r['mean_running']:.1f} / {r['mean_waiting']:.1f} |")
+    if sweep:
+        lines += ["", *sweep_table(res)]
     if any(r.get("ceiling") for r in res["rows"]):
         lines += ["", f"The ceiling row is `{BASELINE}` with a cache that holds the whole load "
                   f"(`--kv-cache-memory-bytes {w['ceiling_bytes']}`): the same server when KV memory is not "
@@ -383,6 +436,30 @@ def markdown(res: dict, command: str, machine: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sweep_table(res: dict) -> list[str]:
+    """The budget sweep at a glance: per budget, each dtype's req/s (with its ratio to ``auto``
+    and ``fp8`` at the same budget) and p90 TTFT."""
+    rows = [r for r in res["rows"] if not r.get("ceiling")]
+    names = list(dict.fromkeys(r["kv_cache_dtype"] for r in rows))
+    out = ["Budget sweep: requests/s (vs `auto`, vs `fp8` at the same budget) and TTFT p90 (s).", "",
+           "| KV MiB | " + " | ".join(f"`{n}`" for n in names) + " |",
+           "| ---: | " + " | ".join("---" for _ in names) + " |"]
+    for b in res["workload"]["sweep_bytes"]:
+        auto, fp8 = _baseline(rows, b), _baseline(rows, b, "fp8")
+        cells = []
+        for n in names:
+            r = next((x for x in rows if x["kv_cache_dtype"] == n and x.get("kv_bytes") == b), None)
+            if r is None or r["unsupported"]:
+                cells.append("refused" if r is not None else "")
+                continue
+            vs = [f"{r['req_per_s'] / ref['req_per_s']:.2f}x {label}" for label, ref in (("auto", auto), ("fp8", fp8))
+                  if ref is not None and ref is not r]
+            cells.append(f"{r['req_per_s']:.3f}" + (f" ({', '.join(vs)})" if vs else "")
+                         + f" · {_fmt(r['ttft_s']['p90'])}")
+        out.append(f"| {b / 2**20:.0f} | " + " | ".join(cells) + " |")
+    return out
+
+
 def plot(res: dict, path: str) -> None:
     import matplotlib
 
@@ -390,17 +467,33 @@ def plot(res: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in res["rows"] if not r["unsupported"]]
-    names = [BASELINE + " (ceiling)" if r.get("ceiling") else r["kv_cache_dtype"].replace("zipcache_", "zc_")
-             for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    colors = ["C7" if r.get("ceiling") else "C0" if r["kv_cache_dtype"] == BASELINE else "C3" for r in rows]
-    axes[0].bar(names, [r["req_per_s"] for r in rows], color=colors)
-    axes[0].set_ylabel("requests / s")
-    axes[1].bar(names, [r["ttft_s"]["p50"] for r in rows], color="C2")
-    axes[1].set_ylabel("TTFT p50 (s)")
-    for ax in axes:
-        ax.tick_params(axis="x", rotation=45, labelsize=8)
-        ax.grid(axis="y", alpha=0.3)
+    if res["workload"].get("sweep_bytes"):  # one line per dtype against the budget
+        budgets = [b / 2**20 for b in res["workload"]["sweep_bytes"]]
+        for i, n in enumerate(dict.fromkeys(r["kv_cache_dtype"] for r in rows)):  # auto first: C0
+            pts = sorted((r["kv_bytes"] / 2**20, r["req_per_s"], r["ttft_s"]["p90"])
+                         for r in rows if r["kv_cache_dtype"] == n)
+            style = dict(marker="o", color=f"C{i}", label=n)
+            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], **style)
+            axes[1].plot([p[0] for p in pts], [p[2] for p in pts], **style)
+        for ax, label in zip(axes, ("requests / s", "TTFT p90 (s)")):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+            ax.set_xlabel("--kv-cache-memory-bytes (MiB)")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+    else:
+        names = [BASELINE + " (ceiling)" if r.get("ceiling") else r["kv_cache_dtype"].replace("zipcache_", "zc_")
+                 for r in rows]
+        colors = ["C7" if r.get("ceiling") else "C0" if r["kv_cache_dtype"] == BASELINE else "C3" for r in rows]
+        axes[0].bar(names, [r["req_per_s"] for r in rows], color=colors)
+        axes[0].set_ylabel("requests / s")
+        axes[1].bar(names, [r["ttft_s"]["p50"] for r in rows], color="C2")
+        axes[1].set_ylabel("TTFT p50 (s)")
+        for ax in axes:
+            ax.tick_params(axis="x", rotation=45, labelsize=8)
+            ax.grid(axis="y", alpha=0.3)
     fig.suptitle("vllm serve under KV-memory pressure (SmolLM2-135M, 2-core CPU)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
