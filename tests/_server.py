@@ -4,10 +4,11 @@ The class lives in the package (:mod:`zipcache_vllm.reliability.server`) because
 ``zipcache-vllm reliability load`` starts servers too. The tests' servers differ in one
 setting: vLLM's worker runs inside the engine-core process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``
 on the server, so the CPU platform keeps vLLM's single-process executor), one Python
-process fewer to import vLLM into: 23 s instead of 32 s a start on the 2-core CI machine
-(``/tmp`` timing script of session 14, three alternating starts each), and CI starts
-about twenty servers. The attention backend, staging pool and worker extension are the
-same objects either way. vLLM's default layout (a worker process of its own) is what
+process fewer to import vLLM into. In ``bash .ci/run`` on a fresh clone (2-core AMD box,
+``--durations``) the shared servers' setups went from 52.6 / 44.0 / 40.1 s
+(test_reliability_serving / test_engine_e2e / test_endpoints_live, before) to
+29.5 / 29.0 / 28.1 s, and CI starts about twenty servers. The attention backend,
+staging pool and worker extension are the same objects either way. vLLM's default layout (a worker process of its own) is what
 ``tests/package/test_cli.py::test_serve_end_to_end``, the TP=3 test and
 ``zipcache-vllm bench serve`` run.
 """
