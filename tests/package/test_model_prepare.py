@@ -106,10 +106,10 @@ def test_chunked_model_is_assembled_by_its_package_and_needs_no_chat_template(mo
         prepare.locate_gguf("gemma3-270m")
     monkeypatch.setattr(prepare, "_package_dir", lambda package: tmp_path)
     joined = tmp_path / spec.gguf_name
-    fake = types.SimpleNamespace(assemble=lambda: str(joined))
+    fake = types.SimpleNamespace(assemble=lambda: str(joined), verify_chunks=lambda: None)
     monkeypatch.setitem(__import__("sys").modules, spec.package, fake)
     assert prepare.locate_gguf("gemma3-270m") == joined
-    assert prepare.locate_gguf("gemma3-270m", assemble=False) == tmp_path  # located, not joined
+    assert prepare._check_installed(spec) == tmp_path  # located, not joined
 
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "w.safetensors").write_text("")

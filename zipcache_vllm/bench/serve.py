@@ -319,12 +319,11 @@ def prompts_for(model_dir: str, w: Workload) -> list[list[int]]:
 
 def bench_one(model_dir: str, name: str, w: Workload, prompts: list[list[int]], progress: bool,
               ceiling: bool = False) -> Result:
-    """One server for ``name`` under the load; ``ceiling``: with ``w.ceiling_bytes`` of cache."""
+    """One server for ``name`` under the load, with ``w.kv_bytes`` of cache; ``ceiling``: the
+    row is the ceiling run (``run`` gives it the ceiling budget)."""
     import asyncio
-    from dataclasses import replace
 
-    kv_bytes = w.ceiling_bytes if ceiling else w.kv_bytes
-    server = start_server(model_dir, name, replace(w, kv_bytes=kv_bytes))
+    server = start_server(model_dir, name, w)
     try:
         try:
             server.wait_ready()
@@ -332,10 +331,10 @@ def bench_one(model_dir: str, name: str, w: Workload, prompts: list[list[int]], 
             log = server.log()  # the whole log: the exception keeps only its tail
             refused = REFUSAL.search(log) or STAGING_REFUSAL.search(log)
             if refused:
-                return Result(name, unsupported=refused.group(1), kv_bytes=kv_bytes)
+                return Result(name, unsupported=refused.group(1), kv_bytes=w.kv_bytes)
             raise
         d = asyncio.run(_drive(server.url, prompts, w, progress))
-        res = Result(name, kv_tokens=server.kv_tokens(), ceiling=ceiling, kv_bytes=kv_bytes)
+        res = Result(name, kv_tokens=server.kv_tokens(), ceiling=ceiling, kv_bytes=w.kv_bytes)
     finally:
         server.stop()
         server.log_path.unlink(missing_ok=True)
@@ -365,12 +364,13 @@ def run(model_dir: str, w: Workload, names: list[str], progress: bool = True) ->
     if w.sweep_bytes:
         runs = [(name, replace(w, kv_bytes=b), False) for b in w.sweep_bytes for name in names]
     else:
-        runs = [(name, w, False) for name in names] + ([(BASELINE, w, True)] if w.ceiling_bytes else [])
+        runs = [(name, w, False) for name in names]
+        if w.ceiling_bytes:
+            runs.append((BASELINE, replace(w, kv_bytes=w.ceiling_bytes), True))
     rows = []
     bar = tqdm(runs, desc="servers", disable=not progress)
     for name, wl, ceiling in bar:
-        bar.set_postfix_str(f"{name} at {(w.ceiling_bytes if ceiling else wl.kv_bytes) / 2**20:.0f} MiB"
-                            + (" (ceiling)" if ceiling else ""))
+        bar.set_postfix_str(f"{name} at {wl.kv_bytes / 2**20:.0f} MiB" + (" (ceiling)" if ceiling else ""))
         rows.append(asdict(bench_one(model_dir, name, wl, prompts, progress, ceiling=ceiling)))
     return {"workload": asdict(w), "rows": rows}
 

@@ -127,10 +127,7 @@ def simulated_logprobs(model, sim: KVSimulator, ids: torch.Tensor, start: int) -
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTN_NAME, sim)
-    model.set_attn_implementation(ATTN_NAME)
-    keep = ids.numel() - start
-    out = model(input_ids=ids.unsqueeze(0), use_cache=False, logits_to_keep=keep).logits[0, :-1]
-    return torch.log_softmax(out.float(), -1)
+    return _logprobs(model, ATTN_NAME, ids, start)
 
 
 @torch.inference_mode()
@@ -138,7 +135,13 @@ def reference_logprobs(model, ids: torch.Tensor, start: int) -> torch.Tensor:
     """:func:`simulated_logprobs` of the uncompressed cache, through the model's own fused
     attention (``sdpa``) instead of the simulator's block-by-block one: the same values up
     to float32 summation order, several times faster at long context."""
-    model.set_attn_implementation("sdpa")
+    return _logprobs(model, "sdpa", ids, start)
+
+
+def _logprobs(model, attn_implementation: str, ids: torch.Tensor, start: int) -> torch.Tensor:
+    """The model's float32 log-probabilities over ``ids`` from row ``start`` on, its attention
+    run by ``attn_implementation``."""
+    model.set_attn_implementation(attn_implementation)
     keep = ids.numel() - start
     out = model(input_ids=ids.unsqueeze(0), use_cache=False, logits_to_keep=keep).logits[0, :-1]
     return torch.log_softmax(out.float(), -1)

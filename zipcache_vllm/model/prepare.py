@@ -123,13 +123,10 @@ def _package_dir(package: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def locate_gguf(name: str = DEFAULT_MODEL, assemble: bool = True) -> Path:
-    """Path of the GGUF file shipped by the model's package; clear error if missing.
-
-    For a model shipped in chunks (``spec.assembled``) the package's ``assemble()`` joins
-    them (once: it checks the file's SHA-256) unless ``assemble`` is False (the package
-    is then only located)."""
-    spec = _spec(name)
+def _check_installed(spec: ModelSpec) -> Path:
+    """What can be checked without converting, with the install command in the error: the
+    package is installed and ships its GGUF file, or, for a model shipped in chunks, every
+    chunk file (the package's ``verify_chunks()``). Returns the package folder."""
     pkg_dir = _package_dir(spec.package)
     if pkg_dir is None:
         hint = "" if spec.assembled else "\n(or run scripts/setup.sh, which does this)."
@@ -138,21 +135,28 @@ def locate_gguf(name: str = DEFAULT_MODEL, assemble: bool = True) -> Path:
             f"Install it with:  {spec.install_hint}{hint}"
         )
     if spec.assembled:
-        if not assemble:
-            return pkg_dir
-        import importlib
-
         try:
-            return Path(importlib.import_module(spec.package).assemble())
+            importlib.import_module(spec.package).verify_chunks()
         except FileNotFoundError as exc:  # a chunk package is missing
             raise ModelNotInstalledError(f"{exc}; reinstall with:  {spec.install_hint} --force-reinstall") from None
-    gguf = pkg_dir / spec.gguf_name
-    if not gguf.is_file():
+    elif not (pkg_dir / spec.gguf_name).is_file():
         raise ModelNotInstalledError(
             f"'{spec.package}' is installed at {pkg_dir} but {spec.gguf_name} is missing; "
             f"reinstall it with:  {spec.install_hint} --force-reinstall"
         )
-    return gguf
+    return pkg_dir
+
+
+def locate_gguf(name: str = DEFAULT_MODEL) -> Path:
+    """Path of the GGUF file shipped by the model's package; clear error if missing.
+
+    For a model shipped in chunks (``spec.assembled``) the package's ``assemble()`` joins
+    them (once: it checks the file's SHA-256)."""
+    spec = _spec(name)
+    pkg_dir = _check_installed(spec)
+    if spec.assembled:
+        return Path(importlib.import_module(spec.package).assemble())
+    return pkg_dir / spec.gguf_name
 
 
 @contextlib.contextmanager
@@ -185,7 +189,7 @@ def prepare_model(name: str = DEFAULT_MODEL, target: Path | None = None, force: 
         _log(f"already prepared: {target}")
         return target
 
-    locate_gguf(name, assemble=False)  # fail fast with the install hint, before touching the disk
+    _check_installed(spec)  # fail fast with the install hint, before touching the disk
     parent = target.parent
     with _locked(parent / f".{target.name}.lock"):
         if not force and is_prepared(target):  # someone else finished while we waited
