@@ -11,6 +11,10 @@ size 64, float32 and bfloat16 inputs; each request alone and all of them in one 
 Every case runs with the C++ kernels and with the PyTorch reference kernels
 (``ZIPCACHE_VLLM_KERNELS=reference``).
 
+Each line gives three digests: ``pages`` (the cache pages vLLM holds, with a FastGen
+request's rungs), ``staging`` (the staged tokens and their saliency accumulators) and
+``out`` (the attention outputs).
+
 Usage: ``python scripts/page_hashes.py > hashes.txt`` (deterministic: seeded, one thread).
 """
 from __future__ import annotations
@@ -71,9 +75,9 @@ class _Request:
         return sizes + [1] * DECODE
 
 
-def _run_steps(preset, dtype: torch.dtype, reqs: list[_Request]) -> tuple[str, str]:
+def _run_steps(preset, dtype: torch.dtype, reqs: list[_Request]) -> tuple[str, str, str]:
     """Drive ``reqs`` together through the engine step (a request joins every step until
-    its schedule ends); returns the digests of (pages + staging, outputs)."""
+    its schedule ends); returns the digests of (pages and FastGen rungs, staging, outputs)."""
     B = preset.block_size
     fastgen = preset.paged_fastgen
     layout = (FastGenLayout if fastgen else BlockLayout).from_preset(preset, head_size=D,
@@ -107,14 +111,13 @@ def _run_steps(preset, dtype: torch.dtype, reqs: list[_Request]) -> tuple[str, s
         outs.append(out)
         for r, c in rows:
             r.pos += c
-    state = [pages, pool.k, pool.v, pool.score, pool.count]
-    if stepper is not None:
-        state += [stepper.rung]
-    return _digest(state), _digest(outs)
+    cache = [pages] + ([stepper.rung] if stepper is not None else [])
+    return _digest(cache), _digest([pool.k, pool.v, pool.score, pool.count]), _digest(outs)
 
 
-def _run_request_step(preset, dtype: torch.dtype, r: _Request) -> tuple[str, str]:
-    """The whole prompt as one ``run_request_step`` (tiled window attention), then decode."""
+def _run_request_step(preset, dtype: torch.dtype, r: _Request) -> tuple[str, str, str]:
+    """The whole prompt as one ``run_request_step`` (tiled window attention), then decode;
+    returns the digests of (pages, the tails' accumulators, outputs and log-sum-exps)."""
     B = preset.block_size
     layout = BlockLayout.from_preset(preset, head_size=D, num_kv_heads=H)
     policy = make_policy(preset)
@@ -138,7 +141,7 @@ def _run_request_step(preset, dtype: torch.dtype, r: _Request) -> tuple[str, str
         outs += [res.out, res.lse]
         state += [res.tail_score, res.tail_count]
         ctx = b
-    return _digest([pages] + state), _digest(outs)
+    return _digest([pages]), _digest(state), _digest(outs)
 
 
 def main() -> None:
@@ -166,8 +169,8 @@ def main() -> None:
                         cases.append((f"request_step{n}", lambda n=n: _run_request_step(
                             preset, dtype, _Request(n, dtype, 3000 + n, 1, B))))
                 for case, run in cases:
-                    pages_h, out_h = run()
-                    line = f"{kernels} {name} {dname} {case}: pages={pages_h} out={out_h}"
+                    pages_h, staging_h, out_h = run()
+                    line = f"{kernels} {name} {dname} {case}: pages={pages_h} staging={staging_h} out={out_h}"
                     print(line, flush=True)
                     combined.update(line.encode())
     print(f"combined: {combined.hexdigest()}")
