@@ -3,8 +3,8 @@
 A refactoring check: run it before and after a change that must not move a bit, and
 compare the outputs (``diff``). Drives the production step functions without vLLM, as
 the backend does: ``plan_step`` + ``apply_step`` (decode rows through
-``apply_decode_rows``, chunks block by block) for quantizing presets, the FastGen
-stepper for paged FastGen presets, and ``run_request_step`` over whole prompts (the
+``apply_decode_rows``, chunks block by block) for every paged preset (a paged FastGen
+preset with its policy's engine state), and ``run_request_step`` over whole prompts (the
 tiled local-window attention). Prompts of awkward lengths are prefilled in chunks of
 ``CHUNK`` tokens, then decoded ``DECODE`` steps; GQA 9 query heads : 3 KV heads, head
 size 64, float32 and bfloat16 inputs; each request alone and all of them in one batch.
@@ -27,7 +27,6 @@ import torch
 from zipcache_vllm.config import list_presets, load_preset
 from zipcache_vllm.eval.fastgen_sim import class_bytes
 from zipcache_vllm.layout import BlockLayout, FastGenLayout
-from zipcache_vllm.engine.fastgen import FastGenStepper
 from zipcache_vllm.engine.plan import plan_step
 from zipcache_vllm.policies import make_policy
 from zipcache_vllm.engine.staging import StagedBlock, StagingPool
@@ -86,7 +85,7 @@ def _run_steps(preset, dtype: torch.dtype, reqs: list[_Request]) -> tuple[str, s
     num_blocks = max(int(r.block_ids.max()) for r in reqs) + 1
     pages = torch.zeros(num_blocks, layout.page_bytes, dtype=torch.uint8)
     pool = StagingPool(["layer0"], len(reqs) + 1, B, H, D, dtype)
-    stepper = FastGenStepper(pool, None, preset.fastgen) if fastgen else None
+    state = policy.engine_state(1, pool.num_slots, H, B, None)
     scale = D ** -0.5
     schedules = [r.chunks() for r in reqs]
     outs: list[torch.Tensor] = []
@@ -104,14 +103,12 @@ def _run_steps(preset, dtype: torch.dtype, reqs: list[_Request]) -> tuple[str, s
         plans = plan_step(pool, B, qsl, seq_lens, table)
         q, k, v = torch.cat(q), torch.cat(k), torch.cat(v)
         out = torch.zeros(q.shape, dtype=dtype)
-        if stepper is not None:
-            stepper.apply(0, plans, wins, q, k, v, pages, layout, policy, scale, out)
-        else:
-            apply_step(pool, 0, plans, q, k, v, pages, layout, policy, scale, out)
+        apply_step(pool, 0, plans, q, k, v, pages, layout, policy, scale, out,
+                   state=state, prepared=wins)
         outs.append(out)
         for r, c in rows:
             r.pos += c
-    cache = [pages] + ([stepper.rung] if stepper is not None else [])
+    cache = [pages] + ([state.rung] if fastgen else [])
     return _digest(cache), _digest([pool.k, pool.v, pool.score, pool.count]), _digest(outs)
 
 

@@ -271,6 +271,10 @@ class FastGenLayout:
         return self.kept.num_kv_heads
 
     @property
+    def rotate_keys(self) -> bool:
+        return self.kept.rotate_keys
+
+    @property
     def rung_section(self) -> Section:
         return Section("rung", self.kept.page_bytes, self.num_kv_heads * FASTGEN_RUNG_BYTES)
 

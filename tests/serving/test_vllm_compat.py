@@ -304,7 +304,6 @@ def test_two_engines_in_one_process_keep_their_own_state(registered):
 
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from zipcache_vllm.config import load_preset
     from zipcache_vllm.vllm_plugin import backend
 
     def engine_config(num_layers: int):
@@ -313,15 +312,14 @@ def test_two_engines_in_one_process_keep_their_own_state(registered):
             for i in range(num_layers)}
         return SimpleNamespace(compilation_config=SimpleNamespace(static_forward_context=layers),
                                scheduler_config=SimpleNamespace(max_num_seqs=2),
-                               model_config=SimpleNamespace(dtype=torch.bfloat16))
+                               model_config=SimpleNamespace(dtype=torch.bfloat16, tokenizer=None))
 
-    preset = load_preset("zipcache")
     cfg_a, cfg_b = engine_config(2), engine_config(3)
     assert backend.engine_of(cfg_a) is None  # before its first metadata builder
-    a = backend.engine_for(cfg_a, "cpu", preset)
-    b = backend.engine_for(cfg_b, "cpu", preset)
+    a = backend.engine_for(cfg_a, "cpu")
+    b = backend.engine_for(cfg_b, "cpu")
     assert a is not b and a.pool is not b.pool
-    assert backend.engine_for(cfg_a, "cpu", preset) is a  # a second builder shares it
+    assert backend.engine_for(cfg_a, "cpu") is a  # a second builder shares it
     assert backend.engine_of(cfg_a) is a and backend.staging_pool_of(cfg_b) is b.pool
     layers_b = cfg_b.compilation_config.static_forward_context.values()
     assert [(layer.impl.engine, layer.impl.layer_index) for layer in layers_b] == [

@@ -1,24 +1,25 @@
 """Paged FastGen: page layout, profiling, slot selection, and engine flow == offline simulator.
 
-The engine's FastGen step (``engine/fastgen.py``) is driven like the
-engine drives it (one prompt chunk, then one decode token per step) and must
-give the offline simulator's outputs (``eval/fastgen_sim.py``), which the quality
-table is computed with.
+The engine's step (``engine/step.py``) with the FastGen policy and its engine state
+is driven like the engine drives it (one prompt chunk, then one decode token per
+step) and must give the offline simulator's outputs (``eval/fastgen_sim.py``), which
+the quality table is computed with.
 """
 import pytest
 import torch
 
 from zipcache_vllm.config import PresetError, list_presets, load_preset, parse_preset
 from zipcache_vllm.eval.simulate import KVSimulator, SimConfig
-from zipcache_vllm.engine.fastgen_pages import (FULL, ladder_choice, pack_pages, read_counts, read_rungs,
+from zipcache_vllm.policies.fastgen_pages import (FULL, ladder_choice, pack_pages, read_counts, read_rungs,
                                          select_slots, unpack_pages)
 from zipcache_vllm.eval.fastgen_sim import class_bytes
-from zipcache_vllm.engine.token_classes import PUNCT, SPECIAL, build_class_table, is_punct_text
+from zipcache_vllm.policies.token_classes import PUNCT, SPECIAL, build_class_table, is_punct_text
 from zipcache_vllm.layout import FastGenLayout
 from zipcache_vllm.policies import make_policy
 from zipcache_vllm.quant.block import fake_quantize_blocks, topk_salient_mask
 from zipcache_vllm.dtypes import cache_dtypes, dtype_for_preset
-from zipcache_vllm.engine.fastgen import run_fastgen_step
+from zipcache_vllm.engine.step import run_request_step
+from zipcache_vllm.policies.fastgen import FastGenRow
 from zipcache_vllm.engine.staging import StagedBlock
 
 PAGED = ("fastgen_t90", "fastgen_t95", "fastgen_t98", "zipcache_fastgen", "zipcache_fastgen_hc")
@@ -147,9 +148,10 @@ def _engine_steps(q, k, v, preset, prompt_len, scale, cls):
         s = ctx % B
         if ctx and not s:
             rung = read_rungs(pages[n_pages - 1:n_pages], lay)[0]
-        res = run_fastgen_step(q[a:b], k[a:b], v[a:b], ctx, torch.arange(n_pages), pages, staged,
-                               cls[ctx - s:b], rung, lay, policy, preset.fastgen, scale)
-        rung = res.rung
+        row = FastGenRow(cls[ctx - s:b], rung, ctx - s, b)
+        res = run_request_step(q[a:b], k[a:b], v[a:b], ctx, torch.arange(n_pages), pages, staged,
+                               lay, policy, scale, row)
+        rung = row.rung
         n_new = res.pages.shape[0]
         pages[n_pages:n_pages + n_new] = res.pages
         n_pages += n_new

@@ -10,7 +10,10 @@
   online softmax, log-sum-exp merges).
 * ``saliency.py``: the probe-attention accumulators a block's tokens are ranked by (the
   ranking itself is the policy's: :meth:`zipcache_vllm.policies.KVPolicy.rank`).
-* ``fastgen.py``: the step of a paged FastGen preset.
+
+Every policy (``zipcache_vllm.policies``) runs this one flow through its hooks, paged
+FastGen included (its profiling, slot selection and per-request state are
+:class:`~zipcache_vllm.policies.FastGenPolicy`'s).
 
 ``vllm_plugin/backend.py`` drives it from vLLM; the packed pages are read and written
 by ``zipcache_vllm.kernels``. Importing this package imports nothing from vLLM.

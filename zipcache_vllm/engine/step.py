@@ -25,9 +25,17 @@ Positions of one request in a step (``B`` tokens per block)::
   of its own block only (``exp(q.k * scale - lse)``, summed over the query heads of
   its KV group), optionally only by probe rows chosen from the position. A block's
   quantization is therefore a function of its own tokens and its prefix.
-* Every block that fills in this step is quantized (block-local top-k salient
-  tokens) into its page; the partial tail (if any) goes back to staging
-  (``staging.py``).
+* Every block that fills in this step is packed by the policy
+  (:meth:`~zipcache_vllm.policies.KVPolicy.pack`: block-local top-k salient tokens
+  quantized into its page, or FastGen's kept slots); the partial tail (if any) goes
+  back to staging (``staging.py``).
+
+Every policy runs this flow (``policies/``); a policy with per-request state
+(FastGen) passes its engine state and the rows' prepared data to :func:`apply_step`,
+runs its chunks as one window (``policy.blockwise_chunks``) and its decode rows as
+chunks of one token (``policy.fused_decode``), reads packed pages through
+``policy.packed_view`` and sees each row's finished attention
+(``policy.observe_attention``: FastGen profiles there).
 """
 from __future__ import annotations
 
@@ -36,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import attend_packed, dequantize_pages, hadamard_rotate, quantize_pack, uses_triton
+from ..kernels import attend_packed, dequantize_pages, hadamard_rotate, uses_triton
 from ..layout import BlockLayout
 from ..policies import KVPolicy
 from .attention import (causal_window, flash_cpu, local_window, merge_lse, scaled_queries,
@@ -74,7 +82,7 @@ class StepResult:
 def run_request_step(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                      ctx: int, packed_ids: torch.Tensor, pages: torch.Tensor,
                      staged: StagedBlock, layout: BlockLayout, policy: KVPolicy,
-                     scale: float) -> StepResult:
+                     scale: float, row=None) -> StepResult:
     """One request's attention step over packed pages + staging + its own chunk.
 
     Args:
@@ -84,20 +92,22 @@ def run_request_step(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
         packed_ids: int64 ``[ctx // B]`` block ids of the complete blocks, in order.
         pages: uint8 ``[num_blocks, page_bytes]`` the layer's cache.
         staged: the request's staging block (first ``ctx % B`` tokens valid).
-        layout: page layout; policy: ranks and selects a filled block's tokens; scale: softmax scale.
+        layout: page layout; policy: ranks and packs a filled block's tokens; scale: softmax scale.
+        row: the row's state from the policy's engine state (None for a policy without one).
     """
     qs, kw, vw = local_window(q, k_new, v_new, ctx, packed_ids, staged, layout.block_size, scale)
     # (a1) complete packed blocks: dequantized inside the kernel (C++ on the CPU, Triton on
     # CUDA, or the portable PyTorch path a bounded group of pages at a time), merged below
     # by LSE.
-    prior = _packed_part(q, pages, packed_ids, layout, scale)
-    return _step(qs, kw, vw, ctx, prior, staged, layout, policy)
+    prior = _packed_part(q, *policy.packed_view(pages, layout), packed_ids, scale)
+    return _step(qs, kw, vw, ctx, prior, staged, layout, policy, row)
 
 
-def _packed_part(q: torch.Tensor, pages: torch.Tensor, packed_ids: torch.Tensor,
-                 layout: BlockLayout, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _packed_part(q: torch.Tensor, pages: torch.Tensor, layout: BlockLayout,
+                 packed_ids: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Attention of ``q [n, Hq, D]`` over the packed blocks ``packed_ids`` (None if there
-    are none), regrouped as ``out [H, g, n, D]``, ``lse [H, g, n]`` like the scaled queries."""
+    are none) of ``pages`` read with ``layout`` (the policy's :meth:`packed_view`), regrouped
+    as ``out [H, g, n, D]``, ``lse [H, g, n]`` like the scaled queries."""
     if not packed_ids.numel():
         return None
     out, lse = attend_packed(q, pages, packed_ids, layout, scale)
@@ -109,9 +119,9 @@ def _packed_part(q: torch.Tensor, pages: torch.Tensor, packed_ids: torch.Tensor,
 
 def _step(qs: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, ctx: int,
           prior: tuple[torch.Tensor, torch.Tensor] | None, staged: StagedBlock,
-          layout: BlockLayout, policy: KVPolicy) -> StepResult:
+          layout: BlockLayout, policy: KVPolicy, row=None) -> StepResult:
     """The step after the packed part: local window (causal), merged with ``prior`` (the
-    packed part, grouped), saliency, quantization of the blocks that fill, the tail.
+    packed part, grouped), saliency, the policy's pages of the blocks that fill, the tail.
 
     qs ``[H, g, q, D]`` scaled queries, kw/vw ``[H, s + q, D]`` the local window.
     """
@@ -125,20 +135,21 @@ def _step(qs: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, ctx: int,
         out, lse = tiled_attention(qs, kw, vw, s, prior)
         # (b) saliency of the local window's blocks from the queries of the same block.
         score, count = block_saliency(qs, kw, lse, s, b0 * B, B, policy)
+    if row is not None:
+        policy.observe_attention(row, qs, kw, lse)
     if s:  # only the first s entries of a slot are meaningful (the rest is stale)
         score[0, :, :s] += staged.score[:, :s].float()
         count[0, :s] += staged.count[:s].float()
     n_full = Lw // B
     tail = Lw - n_full * B
 
-    # (c) quantize every block that filled in this step.
+    # (c) pack every block that filled in this step.
     if n_full:
         kf = kw[:, :n_full * B].reshape(H, n_full, B, D).permute(1, 2, 0, 3)  # [n, B, H, D] views
         vf = vw[:, :n_full * B].reshape(H, n_full, B, D).permute(1, 2, 0, 3)
         starts = [(b0 + c) * B for c in range(n_full)]
         ranks = policy.rank(score[:n_full], count[:n_full], starts)
-        salient = policy.select(ranks)
-        new_pages = quantize_pack(kf, vf, salient, layout)
+        new_pages = policy.pack(kf, vf, ranks, layout, row)
     else:
         new_pages = torch.zeros(0, layout.page_bytes, dtype=torch.uint8)
 
@@ -187,21 +198,25 @@ def rotate_inputs(layout: BlockLayout, query: torch.Tensor, key: torch.Tensor,
 def apply_step(pool: StagingPool, layer: int, plans: list[RequestPlan], query: torch.Tensor,
                key: torch.Tensor, value: torch.Tensor, pages: torch.Tensor,
                layout: BlockLayout, policy: KVPolicy, scale: float,
-               output: torch.Tensor, decode: "DecodeBatch | None" = None) -> None:
+               output: torch.Tensor, decode: "DecodeBatch | None" = None,
+               state=None, prepared: list | None = None) -> None:
     """Run one layer's step for every planned row: write ``output``, filled pages, tails.
 
     query ``[T, Hq, D]``, key/value ``[T, H, D]``, pages uint8 ``[num_blocks, page_bytes]``,
     output ``[T, Hq, D]``. Decode rows (one query) run together in
     :func:`apply_decode_rows` (``decode``: their :class:`DecodeBatch`, built once per
-    step by the caller, or here); chunks of several tokens run one request at a time.
-    Both are the same flow (a decode row is a chunk of length 1). With
-    ``layout.rotate_keys`` the query and key rows are rotated here, once, so pages,
-    staging and every attention read see rotated keys (``q R . k R = q . k``).
+    step by the caller, or here) when ``policy.fused_decode``; the other rows run one
+    request at a time (:func:`_apply_chunk`). Both are the same flow (a decode row is a
+    chunk of length 1). With ``layout.rotate_keys`` the query and key rows are rotated
+    here, once, so pages, staging and every attention read see rotated keys
+    (``q R . k R = q . k``). ``state``: the policy's engine state
+    (:meth:`~zipcache_vllm.policies.KVPolicy.engine_state`, None for most policies) and
+    ``prepared`` each row's data from its ``prepare`` (once per step, by the builder).
     """
     # Off the CPU, tensors the flow creates go to the query's device (a no-op context on
     # the CPU, where entering a device mode would tax every op of the step).
     with contextlib.nullcontext() if query.is_cpu else torch.device(query.device):
-        if decode is None:
+        if decode is None and policy.fused_decode:
             decode_plans = [p for p in plans if p.q_len == 1]
             decode = (DecodeBatch.from_plans(decode_plans, layout.block_size, policy, query.device)
                       if decode_plans else None)
@@ -209,34 +224,44 @@ def apply_step(pool: StagingPool, layer: int, plans: list[RequestPlan], query: t
         if decode is not None:
             apply_decode_rows(pool, layer, decode, query, key, value, pages, layout, policy, scale,
                               output)
-        for plan in plans:
-            if plan.q_len > 1:
+        for i, plan in enumerate(plans):
+            if plan.q_len > 1 or not policy.fused_decode:
+                row = (state.row(layer, plan, prepared[i], pages, layout)
+                       if state is not None else None)
                 _apply_chunk(pool, layer, plan, query, key, value, pages, layout, policy, scale,
-                             output)
+                             output, row)
+                if state is not None:
+                    state.store(layer, plan, row)
 
 
 def _apply_chunk(pool: StagingPool, layer: int, plan: RequestPlan, query: torch.Tensor,
                  key: torch.Tensor, value: torch.Tensor, pages: torch.Tensor,
                  layout: BlockLayout, policy: KVPolicy, scale: float,
-                 output: torch.Tensor) -> None:
-    """One multi-token row, one block at a time: each query sees the blocks before its
-    own block as packed pages and its own block in full precision, as decode does.
+                 output: torch.Tensor, row=None) -> None:
+    """One row of several tokens (or one, for a policy without the fused decode).
 
-    So a request computes the same outputs and pages however vLLM splits it into
-    steps (one prefill chunk, a chunk cut by the token budget, the rest after a
-    prefix-cache hit, a recompute of prompt + generated tokens after preemption).
+    With ``policy.blockwise_chunks``, one block at a time: each query sees the blocks
+    before its own block as packed pages and its own block in full precision, as
+    decode does. So a request computes the same outputs and pages however vLLM splits
+    it into steps (one prefill chunk, a chunk cut by the token budget, the rest after
+    a prefix-cache hit, a recompute of prompt + generated tokens after preemption).
+    Otherwise the whole chunk is one full-precision window after the packed pages
+    (FastGen, whose first step profiles its heads over the whole chunk).
 
-    Speed: the chunk's keys and values are converted to float32 once; the packed prefix is
-    dequantized once per layer (and each block once, as it is packed) and the queries
-    of a block attend it as one dense float32 attention, instead of dequantizing every
-    page again for every few query rows.
+    Speed: the chunk's keys and values are converted to float32 once; block by block,
+    the packed prefix is dequantized once per layer (and each block once, as it is
+    packed) and the queries of a block attend it as one dense float32 attention,
+    instead of dequantizing every page again for every few query rows.
     """
     B, H, slot = layout.block_size, layout.num_kv_heads, plan.slot
     ctx, filled = plan.ctx, 0
     start, end = plan.q_start, plan.q_start + plan.q_len
-    # The Triton path (CUDA) attends the packed pages with its own prefill kernel.
-    prefix = None if uses_triton(pages) else _DequantizedPrefix(
+    blockwise = policy.blockwise_chunks
+    # One window reads the packed pages once, through the kernels; so does the Triton path
+    # (CUDA), with its own prefill kernel.
+    prefix = None if not blockwise or uses_triton(pages) else _DequantizedPrefix(
         pages, plan.packed_ids, layout, plan.packed_ids.numel() + plan.filled_ids.numel())
+    view, view_layout = policy.packed_view(pages, layout)
     packed = plan.packed_ids
     # keys/values converted once for the chunk (float32 [H, q, D] views of [q, H, D]: a
     # transposing conversion costs several times a straight one); queries once per block
@@ -244,24 +269,25 @@ def _apply_chunk(pool: StagingPool, layer: int, plan: RequestPlan, query: torch.
     v_all = value[start:end].float().transpose(0, 1)
     g = query.shape[1] // H
     while start < end:
-        n = min(end - start, B - ctx % B)  # up to the end of the current block
+        n = min(end - start, B - ctx % B) if blockwise else end - start
         rows, i = slice(start, start + n), start - plan.q_start
         qs = scaled_queries(query[rows], H, scale)  # contiguous: [H, g * n, D] is a view
         staged = StagedBlock(pool.k[layer, slot], pool.v[layer, slot],
                              pool.score[layer, slot], pool.count[layer, slot])
         kw, vw = window(k_all[:, i:i + n], v_all[:, i:i + n], staged, ctx % B)
         prior = (prefix.attend(qs) if prefix is not None
-                 else _packed_part(query[rows], pages, packed, layout, scale))
-        res = _step(qs, kw, vw, ctx, prior, staged, layout, policy)
+                 else _packed_part(query[rows], view, view_layout, packed, scale))
+        res = _step(qs, kw, vw, ctx, prior, staged, layout, policy, row)
         output[rows].unflatten(1, (H, g)).copy_(res.out_grouped.permute(2, 0, 1, 3))
-        if res.pages.shape[0]:  # the block filled: later blocks read it packed
-            block = plan.filled_ids[filled:filled + 1]
-            pages.index_copy_(0, block, res.pages)
+        n_new = res.pages.shape[0]
+        if n_new:  # blocks filled: later blocks read them packed
+            blocks = plan.filled_ids[filled:filled + n_new]
+            pages.index_copy_(0, blocks, res.pages)
             if prefix is not None:
                 prefix.extend(res.pages)
             else:
-                packed = torch.cat([packed, block])
-            filled += 1
+                packed = torch.cat([packed, blocks])
+            filled += n_new
         ctx, start = ctx + n, start + n
         pool.store_tail(layer, slot, res)
 
@@ -321,9 +347,8 @@ def apply_decode_rows(pool: StagingPool, layer: int, batch: DecodeBatch, query: 
         fs = batch.full_slots
         ranks = policy.rank(pool.score[layer].index_select(0, fs),
                             pool.count[layer].index_select(0, fs), batch.full_starts)
-        salient = policy.select(ranks)
-        new_pages = quantize_pack(pool.k[layer].index_select(0, fs).transpose(1, 2),
-                                  pool.v[layer].index_select(0, fs).transpose(1, 2), salient, layout)
+        new_pages = policy.pack(pool.k[layer].index_select(0, fs).transpose(1, 2),
+                                pool.v[layer].index_select(0, fs).transpose(1, 2), ranks, layout)
         pages.index_copy_(0, batch.full_ids, new_pages)
 
 __all__ = ["StepResult", "apply_decode_rows", "apply_step", "rotate_inputs", "run_request_step"]

@@ -1,10 +1,11 @@
-"""Offline mirror of the engine's paged FastGen flow (``engine/fastgen.py``).
+"""Offline mirror of the engine's step with a paged FastGen policy (``engine/step.py``
+through :class:`~zipcache_vllm.policies.FastGenPolicy`'s hooks).
 
 Called by :class:`~zipcache_vllm.eval.simulate.KVSimulator` for a paged FastGen
 preset. The sequence runs chunk by chunk like the engine serves it (the prompt,
 then block-sized decode chunks); a query sees the tokens of its own chunk in full
 precision and, of earlier complete blocks, only the tokens their page kept,
-dequantized from the same bytes the engine writes (:func:`.paged.pack_pages`).
+dequantized from the same bytes the engine writes (``policies/fastgen_pages.pack_pages``).
 The heads are profiled once, from the probe rows of the first chunk (the prompt).
 """
 from __future__ import annotations
@@ -13,8 +14,8 @@ import torch
 
 from ..layout import FastGenLayout
 from ..saliency import probe_rows
-from ..engine.fastgen_pages import pack_pages, profile_heads, select_slots, unpack_pages
-from ..engine.token_classes import PUNCT, SPECIAL
+from ..policies.fastgen_pages import pack_pages, profile_heads, select_slots, unpack_pages
+from ..policies.token_classes import PUNCT, SPECIAL
 
 
 def class_bytes(special: torch.Tensor | None, punct: torch.Tensor | None, L: int) -> torch.Tensor:

@@ -71,7 +71,7 @@ def simulated_logprobs(model, table: torch.Tensor, preset, prompt: list[int], ge
     from ..eval.offline import simulated_logprobs
     from ..eval.simulate import KVSimulator, SimConfig
     from ..policies import make_policy
-    from ..engine.token_classes import classify, masks
+    from ..policies.token_classes import classify, masks
 
     policy = make_policy(preset)
     sim = KVSimulator(policy, SimConfig(prefill_len=len(prompt), chunk_size=policy.preset.block_size))
@@ -92,7 +92,7 @@ def check(model_dir: str, kv_dtype: str, num_prompts: int = 3, prompt_len: int =
     """One engine run of ``kv_dtype``: capacity vs layout, logprobs vs the simulator, greedy text."""
     from ..eval.offline import load_model, token_windows_for
     from ..dtypes import preset_for_dtype
-    from ..engine.token_classes import class_table
+    from ..policies.token_classes import class_table
 
     preset = preset_for_dtype(kv_dtype)
     model, tok = load_model(model_dir)

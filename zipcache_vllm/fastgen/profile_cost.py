@@ -1,15 +1,16 @@
 """Cost of FastGen's profiling as a share of prefill time (``zipcache-vllm fastgen profile-cost``).
 
-Profiling happens once per request, in its first step. The engine's first step
-materializes each query tile's attention probabilities anyway (no packed page yet,
-so they are final); profiling adds, per layer, summing the probe rows of every tile
-(:func:`~zipcache_vllm.engine.fastgen.probe_mass`) and the hybrid ladder
-(:func:`~zipcache_vllm.engine.fastgen.rung_from_mass`), plus choosing the
-probe rows and classifying the prompt's token ids once. This times exactly those
-calls on the real queries / keys of every layer of a real prompt (the tiles are
-rebuilt untimed, as the step builds them), against the model's whole prefill forward
-pass on the same prompt (HF transformers, SDPA attention, same threads). Both are the
-minimum over the repeats (the least disturbed run on a shared machine).
+Profiling happens once per request, in its first step. The engine's step has
+finished the chunk's attention (its log-sum-exp per query) when the FastGen policy
+sees it (:meth:`~zipcache_vllm.policies.FastGenPolicy.observe_attention`); profiling
+adds, per layer, the probe rows' attention mass over the chunk (one pass of the probe
+queries over the keys, ``saliency.probe_mass``) and the hybrid ladder
+(:meth:`~zipcache_vllm.policies.FastGenPolicy.profile_rungs`), plus classifying the
+prompt's token ids once. This times exactly those calls on the real queries / keys of
+every layer of a real prompt (the log-sum-exps are computed untimed, as the step's
+attention computes them), against the model's whole prefill forward pass on the same
+prompt (HF transformers, SDPA attention, same threads). Both are the minimum over
+the repeats (the least disturbed run on a shared machine).
 """
 from __future__ import annotations
 
@@ -43,19 +44,14 @@ def _capture(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor,
 def measure(model, tok, model_dir: str, preset_name: str, prompt_len: int, repeats: int = 3) -> dict:
     from ..config import load_preset
     from ..eval.offline import token_windows_for
-    from ..saliency import probe_rows
-    from ..engine.attention import QUERY_TILE
-    from ..engine.fastgen import probe_mass, rung_from_mass
     from ..policies import make_policy
-    from ..engine.token_classes import class_table, classify
+    from ..policies.token_classes import class_table, classify
 
     preset = load_preset(preset_name)
     policy = make_policy(preset)
     ids = torch.tensor(token_windows_for(tok, prompt_len, 1)[0])
     table = class_table(model_dir)
-    layers = _capture(model, ids)
-    L = ids.numel()
-    kidx = torch.arange(L)
+    layers = [(qs, k, _causal_lse(qs, k)) for qs, k in _capture(model, ids)]
     prefill, profile, rungs = [], [], None
     with torch.inference_mode():
         model(input_ids=ids.unsqueeze(0), use_cache=False, logits_to_keep=1)  # warm-up
@@ -65,28 +61,27 @@ def measure(model, tok, model_dir: str, preset_name: str, prompt_len: int, repea
             prefill.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             cls = classify(table, ids)
-            probe = torch.zeros(L, dtype=torch.bool)
-            probe[probe_rows(L, policy.preset.probes, seed=0)] = True
-            spent = time.perf_counter() - t0
-            rungs = []
-            for qs, k in layers:
-                acc = torch.zeros(k.shape[0], L)
-                for r0 in range(0, L, QUERY_TILE):  # the step's tiles (untimed: attention computes them)
-                    r1 = min(r0 + QUERY_TILE, L)
-                    sc = torch.einsum("hgqd,htd->hgqt", qs[:, :, r0:r1], k)
-                    sc = sc.masked_fill(kidx.unsqueeze(0) > kidx[r0:r1].unsqueeze(1), float("-inf"))
-                    pt = torch.exp(sc - torch.logsumexp(sc, -1, keepdim=True))
-                    t0 = time.perf_counter()
-                    acc += probe_mass(pt, probe[r0:r1])
-                    spent += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                rungs.append(rung_from_mass(acc, cls, preset.fastgen))
-                spent += time.perf_counter() - t0
-            profile.append(spent)
+            rungs = [policy.profile_rungs(qs, k, lse, cls) for qs, k, lse in layers]
+            profile.append(time.perf_counter() - t0)
     p, f = min(prefill), min(profile)
     hist = torch.bincount(torch.cat(rungs), minlength=5).tolist()
     return {"preset": preset_name, "prompt_len": prompt_len, "prefill_s": p, "profile_s": f,
             "share": f / p, "rung_histogram": hist, "probe_rows": _num_probes(prompt_len, policy)}
+
+
+def _causal_lse(qs: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Log-sum-exp ``[H, g, L]`` of causal attention of scaled queries ``qs [H, g, L, D]``
+    over ``k [H, L, D]`` (what the step's attention leaves for the profiling)."""
+    L = k.shape[1]
+    kidx = torch.arange(L)
+    lse = torch.empty(qs.shape[:3])
+    with torch.inference_mode():
+        for r0 in range(0, L, 256):
+            r1 = min(r0 + 256, L)
+            sc = torch.einsum("hgqd,htd->hgqt", qs[:, :, r0:r1], k)
+            sc.masked_fill_(kidx.unsqueeze(0) > kidx[r0:r1].unsqueeze(1), float("-inf"))
+            lse[:, :, r0:r1] = torch.logsumexp(sc, -1)
+    return lse
 
 
 def _num_probes(n: int, policy) -> int:
@@ -96,9 +91,9 @@ def _num_probes(n: int, policy) -> int:
 
 
 def markdown(rows: list[dict], command: str, machine: str) -> str:
-    from ..engine.fastgen_pages import HYBRID
+    from ..policies.fastgen_pages import HYBRID_NAMES
 
-    names = ["+".join(p) for p in HYBRID]
+    names = list(HYBRID_NAMES)
     lines = [f"Command: `{command}`", "", f"Machine: {machine}", "",
              "| preset | prompt tokens | probe rows | prefill (s) | profiling (s) | share of prefill | "
              "heads per rung (" + ", ".join(names) + ") |",

@@ -1,14 +1,23 @@
 """The base class of every KV policy, and the registry of methods.
 
-A policy decides how the tokens of a completed block are stored. Both the served
-engine (``engine/step.py``, ``engine/fastgen.py``) and the offline simulator
-(``eval/simulate.py``) call the same hooks of the same object:
+A policy decides how the tokens of a completed block are stored and read. Both the
+served engine (``engine/step.py``) and the offline simulator (``eval/simulate.py``)
+call the same hooks of the same object:
 
 * :attr:`KVPolicy.uses_attention`: does the step accumulate probe attention for it;
 * :meth:`KVPolicy.rank`: the ranking of a filled block's tokens from those accumulators;
 * :meth:`KVPolicy.select` and :meth:`KVPolicy.layout`: which tokens are salient, and the
   page (its bytes) they are packed into;
+* :meth:`KVPolicy.pack`: a filled block's page (the engine; :meth:`select` then the
+  kernels' packing unless a policy stores its pages differently);
+* :meth:`KVPolicy.packed_view`: the packed pages as the attention kernels read them;
 * :meth:`KVPolicy.compress`: the simulator's dequantized view of a packed block.
+
+A policy that keeps per-request state across steps (FastGen's per-head rungs and
+token classes) also returns an engine state from :meth:`KVPolicy.engine_state` and
+sees each row's finished attention through :meth:`KVPolicy.observe_attention`; two
+flags shape its step (:attr:`KVPolicy.fused_decode`, :attr:`KVPolicy.blockwise_chunks`).
+A quantizing policy needs none of these.
 
 A new method is one class decorated with :func:`register` in a module of this package
 and one preset YAML in ``configs/`` (docs/POLICIES.md).
@@ -21,7 +30,7 @@ from typing import Callable
 import torch
 
 from ..config import Preset
-from ..kernels import hadamard_rotate
+from ..kernels import hadamard_rotate, quantize_pack
 from ..layout import BF16_BYTES, BlockLayout
 from ..quant.block import fake_quantize_blocks, topk_salient_mask
 from ..quant.masked import fake_quantize_masked
@@ -54,6 +63,13 @@ class KVPolicy:
     #: :meth:`rank`; a policy that ranks without attention sets it False (the step then
     #: skips that work and passes zero accumulators).
     uses_attention: bool = True
+    #: One-token rows of a step run together in the fused decode kernel
+    #: (``engine/step.apply_decode_rows``); False: each runs as a chunk of one token.
+    fused_decode: bool = True
+    #: A chunk of several tokens runs one block at a time, each block reading the blocks
+    #: filled before it packed (``engine/step._apply_chunk``); False: the whole chunk is
+    #: one full-precision window after the packed pages.
+    blockwise_chunks: bool = True
 
     def __init__(self, preset: Preset):
         self.preset = preset
@@ -101,6 +117,35 @@ class KVPolicy:
     def select(self, scores: torch.Tensor) -> torch.Tensor:
         """Block-local top-k of :meth:`rank`: ``scores [N, Hk, B]`` -> bool salient mask."""
         return topk_salient_mask(scores, self.preset.n_salient)
+
+    def pack(self, k: torch.Tensor, v: torch.Tensor, ranks: torch.Tensor, layout,
+             row=None) -> torch.Tensor:
+        """Pages ``uint8 [n, page_bytes]`` of ``n`` filled blocks ``k, v [n, B, Hk, D]`` ranked
+        by ``ranks [n, Hk, B]`` (:meth:`rank`); ``row``: the row's engine state
+        (:meth:`engine_state`), None for a policy without one."""
+        return quantize_pack(k, v, self.select(ranks), layout)
+
+    def packed_view(self, pages: torch.Tensor, layout) -> tuple[torch.Tensor, BlockLayout]:
+        """The packed pages ``uint8 [N, page_bytes]`` as the attention kernels read them, and
+        the :class:`BlockLayout` they read them with."""
+        return pages, layout
+
+    def engine_state(self, num_layers: int, num_slots: int, num_kv_heads: int, block_size: int,
+                     tokenizer: str | None, device: torch.device | str = "cpu"):
+        """State one engine keeps for this policy beside its staging pool (None: none).
+
+        A state has ``prepare(plans, token_ids)`` (once per step, by the metadata
+        builder: per-row data from the step's token ids), ``row(layer, plan, prepared,
+        pages, layout)`` (a row's state for one layer's step) and ``store(layer, plan,
+        row)`` (after the row's step). ``num_slots``: the staging pool's slots, which
+        index the per-request state.
+        """
+        return None
+
+    def observe_attention(self, row, qs: torch.Tensor, kw: torch.Tensor, lse: torch.Tensor) -> None:
+        """A row's finished attention over its local window: scaled queries ``qs [Hk, g, q, D]``,
+        window keys ``kw [Hk, s + q, D]`` and the log-sum-exp ``lse [Hk, g, q]`` over all its
+        keys (called only for a policy with an :meth:`engine_state`)."""
 
     def compress(self, k: torch.Tensor, v: torch.Tensor, salient: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized ``k, v [N, B, Hk, D]`` as the engine's pages would return them

@@ -5,6 +5,7 @@ from .scores import (
     gqa_aggregate,
     normalize_accumulated,
     normalized_scores,
+    probe_mass,
     probe_rows,
     visible_counts,
 )
@@ -15,6 +16,7 @@ __all__ = [
     "gqa_aggregate",
     "normalize_accumulated",
     "normalized_scores",
+    "probe_mass",
     "probe_rows",
     "visible_counts",
 ]

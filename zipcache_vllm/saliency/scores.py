@@ -39,6 +39,27 @@ def accumulated_scores(probs: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return gqa_aggregate(probs.float().sum(1), num_kv_heads)
 
 
+def probe_mass(qs: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, rows: torch.Tensor,
+               first_row_key: int, row_tile: int = 256) -> torch.Tensor:
+    """Accumulated attention ``[Hk, T]`` of the query rows ``rows`` over keys ``k [Hk, T, D]``.
+
+    ``qs [Hk, g, q, D]`` scaled queries (the query heads of a KV group together) with the
+    log-sum-exp ``lse [Hk, g, q]`` of their finished attention, so ``exp(q.k - lse)`` is the
+    probability each row gave each key; row ``r`` sees keys ``0 .. first_row_key + r``
+    (causal). Summed over the rows and the query heads of each group, ``row_tile`` rows
+    at a time (bounded memory on long prompts).
+    """
+    H, T = k.shape[0], k.shape[1]
+    acc = torch.zeros(H, T, dtype=torch.float32, device=k.device)
+    kidx = torch.arange(T, device=k.device)
+    for i in range(0, rows.numel(), row_tile):
+        r = rows[i:i + row_tile]
+        logits = torch.einsum("hgrd,htd->hgrt", qs[:, :, r], k)
+        hidden = kidx.unsqueeze(0) > (r + first_row_key).unsqueeze(1)
+        acc += logits.sub_(lse[:, :, r].unsqueeze(-1)).exp_().masked_fill_(hidden, 0.0).sum(dim=(1, 2))
+    return acc
+
+
 def normalize_accumulated(acc: torch.Tensor, visible: torch.Tensor, key_pos: torch.Tensor,
                           window_end, normalize: str = "visible") -> torch.Tensor:
     """ZipCache's normalization of accumulated attention ``acc [..., W]``.

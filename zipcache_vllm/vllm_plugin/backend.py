@@ -13,12 +13,12 @@ Four parts, like vLLM's ``cpu_attn.py`` / ``turboquant_attn.py``:
   staging bookkeeping so the layers only move data.
 * :class:`ZipCacheImpl`: per layer, runs the planned rows through
   :func:`~zipcache_vllm.engine.step.apply_step` (attention, saliency, packing of
-  filled blocks, new partial tails), or a paged FastGen preset's through
-  :meth:`~zipcache_vllm.engine.fastgen.FastGenStepper.apply`; the step lives in the
-  vLLM-free package ``zipcache_vllm.engine`` so it is testable without vLLM.
+  filled blocks, new partial tails) with the preset's policy (``policies/``); the
+  step lives in the vLLM-free package ``zipcache_vllm.engine`` so it is testable
+  without vLLM.
 
 Per-engine state lives on objects, never in module globals, so two engines in one
-process stay apart: an engine's staging pool, paged FastGen stepper and step token ids
+process stay apart: an engine's staging pool, its policy's engine state and step token ids
 are one :class:`ZipCacheEngine`, created by its first metadata builder and attached to
 its zipcache layers' impls, where its other builders, the runner's hooks
 (``compat.patch_request_lifecycle``, ``compat.patch_step_token_ids``) and the worker
@@ -37,7 +37,6 @@ from typing import ClassVar
 import torch
 
 from ..config import Preset
-from ..engine.fastgen import FastGenStepper
 from ..engine.plan import DecodeBatch, RequestPlan, plan_step
 from ..engine.staging import MARGIN, StagingPool, staging_bytes
 from ..engine.step import apply_step
@@ -177,7 +176,7 @@ class ZipCacheMetadata:
     num_actual_tokens: int
     plans: list[RequestPlan]
     decode: DecodeBatch | None  # the decode rows as tensors, shared by every layer
-    fastgen: list | None = None  # paged FastGen: each row's local-window token classes
+    prepared: list | None = None  # each row's data from the policy's engine state (FastGen: token classes)
 
 
 @dataclass(eq=False)
@@ -186,13 +185,15 @@ class ZipCacheEngine:
     and zipcache layers (:func:`engine_for` creates it, :func:`engine_of` finds it).
 
     ``pool``: the staging pool of all zipcache layers, with its request lifecycle
-    bookkeeping; ``fastgen``: the paged FastGen stepper (FastGen presets, else None);
-    ``step_token_ids``: the token ids of the current step (``GPUModelRunner.input_ids``),
-    recorded by ``compat.patch_step_token_ids`` right after the runner fills them.
+    bookkeeping; ``state``: the policy's engine state
+    (:meth:`~zipcache_vllm.policies.KVPolicy.engine_state`: paged FastGen presets, else
+    None); ``step_token_ids``: the token ids of the current step
+    (``GPUModelRunner.input_ids``), recorded by ``compat.patch_step_token_ids`` right after
+    the runner fills them (for a policy with an engine state).
     """
 
     pool: StagingPool
-    fastgen: FastGenStepper | None = None
+    state: object | None = None
     step_token_ids: torch.Tensor | None = None
 
 
@@ -211,18 +212,18 @@ class ZipCacheMetadataBuilder(AttentionMetadataBuilder[ZipCacheMetadata]):
         preset = preset_for_dtype(_cache_dtype_of(vllm_config))
         self.block_size = preset.block_size
         self.policy = make_policy(preset)
-        self.engine = engine_for(vllm_config, device, preset)
+        self.engine = engine_for(vllm_config, device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> ZipCacheMetadata:
         cm, engine = common_attn_metadata, self.engine
         plans = plan_step(engine.pool, self.block_size, cm.query_start_loc_cpu.tolist(),
                           cm.seq_lens.cpu().tolist()[:cm.num_reqs], cm.block_table_tensor)
-        decode = [p for p in plans if p.q_len == 1]
-        fastgen = (engine.fastgen.prepare(plans, engine.step_token_ids)
-                   if engine.fastgen is not None else None)
-        return ZipCacheMetadata(fastgen=fastgen,
-            num_actual_tokens=cm.num_actual_tokens, plans=plans,
+        decode = [p for p in plans if p.q_len == 1] if self.policy.fused_decode else []
+        prepared = (engine.state.prepare(plans, engine.step_token_ids)
+                    if engine.state is not None else None)
+        return ZipCacheMetadata(
+            num_actual_tokens=cm.num_actual_tokens, plans=plans, prepared=prepared,
             decode=(DecodeBatch.from_plans(decode, self.block_size, self.policy, self.device)
                     if decode else None))
 
@@ -273,14 +274,9 @@ class ZipCacheImpl(AttentionImpl[ZipCacheMetadata]):
             raise NotImplementedError("fused output quantization is not supported by zipcache")
         if attn_metadata is None:  # profiling / warm-up run
             return output
-        if attn_metadata.fastgen is not None:
-            self.engine.fastgen.apply(
-                self.layer_index, attn_metadata.plans, attn_metadata.fastgen, query, key, value,
-                kv_cache.flatten(1), self.layout, self.policy, self.scale, output)
-            return output
         apply_step(self.engine.pool, self.layer_index, attn_metadata.plans, query, key, value,
                    kv_cache.flatten(1), self.layout, self.policy, self.scale, output,
-                   attn_metadata.decode)
+                   attn_metadata.decode, self.engine.state, attn_metadata.prepared)
         return output
 
 
@@ -353,7 +349,7 @@ def _our_layers(vllm_config) -> dict[str, object]:
             if isinstance(getattr(layer, "impl", None), ZipCacheImpl)}
 
 
-def engine_for(vllm_config, device, preset: Preset) -> ZipCacheEngine:
+def engine_for(vllm_config, device) -> ZipCacheEngine:
     """The engine's zipcache state: created by its first metadata builder and attached to
     every zipcache layer's impl, where its other builders find it.
 
@@ -374,9 +370,11 @@ def engine_for(vllm_config, device, preset: Preset) -> ZipCacheEngine:
                        device=device if device is not None else "cpu")
     logger.info("zipcache: staging pool of %d slots x %d layers (%.1f MiB).",
                 pool.num_slots, len(layers), pool.nbytes / 2**20)
-    fastgen = (_fastgen_stepper(pool, vllm_config.model_config.tokenizer, preset.fastgen)
-               if preset.paged_fastgen else None)
-    engine = ZipCacheEngine(pool, fastgen)
+    state = impls[0].policy.engine_state(len(layers), pool.num_slots, H, B,
+                                         vllm_config.model_config.tokenizer, pool.k.device)
+    if state is not None:  # its builder reads each step's token ids
+        compat.patch_step_token_ids(record_step_tokens)
+    engine = ZipCacheEngine(pool, state)
     for name, impl in zip(layers, impls):
         impl.attach(engine, pool.layer_index[name])
     return engine
@@ -410,19 +408,8 @@ def reserved_staging_bytes(worker) -> int:
 
 
 def record_step_tokens(vllm_config, ids: torch.Tensor) -> None:
-    """Keep a step's token ids for the engine's paged FastGen metadata builder."""
+    """Keep a step's token ids for the metadata builder of an engine whose policy has an
+    engine state (paged FastGen: the rows' token classes)."""
     engine = engine_of(vllm_config)
     if engine is not None:
         engine.step_token_ids = ids
-
-
-def _fastgen_stepper(pool: StagingPool, tokenizer_path: str, cfg) -> FastGenStepper:
-    """A paged FastGen stepper for ``pool`` (the class table is computed once per
-    tokenizer), with the runner's token ids recorded from now on."""
-    if pool.k.device.type != "cpu":
-        raise NotImplementedError("paged FastGen dtypes (zipcache_fastgen*) run on the CPU engine only "
-                                  "for now (their step is PyTorch on CPU tensors); use a zipcache preset on CUDA")
-    from ..engine.token_classes import class_table
-
-    compat.patch_step_token_ids(record_step_tokens)
-    return FastGenStepper(pool, class_table(tokenizer_path), cfg)

@@ -1,7 +1,7 @@
 """Paged FastGen: profile each KV head, choose its kept tokens per block, pack pages.
 
-Pure PyTorch, shared by the engine step (``engine/fastgen.py``) and the
-offline simulator (:mod:`.sim`), so both store exactly the same bytes.
+Pure PyTorch, shared by the policy's engine hooks (:class:`.fastgen.FastGenPolicy`) and
+the offline simulator (``eval/fastgen_sim.py``), so both store exactly the same bytes.
 
 * :func:`profile_heads` - FastGen's hybrid ladder from accumulated probe attention:
   per KV head, the cheapest rung whose kept tokens hold >= T of the attention mass.
@@ -20,11 +20,21 @@ import math
 
 import torch
 
+from ..kernels import quantize_pack
 from ..layout import FastGenLayout
 from ..quant.block import topk_salient_mask, unpack_dequantize_blocks
-from ..policies.fastgen import HYBRID
+from ..saliency import accumulated_scores
 from .token_classes import masks
 
+#: FastGen's hybrid ladder, cheapest first: the token sets each rung keeps.
+HYBRID = (
+    ("special",),
+    ("special", "punct"),
+    ("special", "punct", "frequent"),
+    ("special", "punct", "frequent", "local"),
+    ("full",),
+)
+HYBRID_NAMES = tuple("+".join(p) for p in HYBRID)
 FULL = len(HYBRID) - 1  # rung index of "full"
 
 
@@ -49,8 +59,6 @@ def ladder_choice(acc: torch.Tensor, special: torch.Tensor, punct: torch.Tensor,
 
 def profile_heads(probs: torch.Tensor, cls: torch.Tensor, num_kv_heads: int, cfg) -> torch.Tensor:
     """Rungs ``[Hk]`` from probe attention ``probs [Hq, P, L]`` over a prompt with class bytes ``cls [L]``."""
-    from ..saliency import accumulated_scores
-
     acc = accumulated_scores(probs, num_kv_heads)
     special, punct = masks(cls)
     return ladder_choice(acc, special, punct, cfg.threshold, cfg.r_frequent, cfg.r_local)
@@ -98,8 +106,6 @@ def pack_pages(k: torch.Tensor, v: torch.Tensor, score: torch.Tensor, kept: torc
     k, v ``[n, B, H, D]``; score ``[n, H, B]`` (ranks the kept tokens for the high bit
     width when the kept storage is mixed); kept ``[n, H, S]``; rung ``[n, H]``.
     """
-    from ..kernels import quantize_pack
-
     n, B, H, D = k.shape
     S = layout.slots
     idx = kept.unsqueeze(-1).expand(n, H, S, D)
