@@ -99,6 +99,9 @@ class Preset(BaseModel):
         "a fastgen preset may set it to rank the tokens of its slots")
     key_rotation: Literal["none", "hadamard"] = Field(
         "none", description="store keys Hadamard-rotated (same bytes; quant/rotation.py)")
+    value_rotation: Literal["none", "hadamard"] = Field(
+        "none", description="store values Hadamard-rotated, the attention output rotated back "
+        "(same bytes; quant/rotation.py)")
     probes: ProbeConfig = Field(default_factory=ProbeConfig)
     fastgen: Optional[FastGenConfig] = None
 
@@ -114,6 +117,8 @@ class Preset(BaseModel):
             raise ValueError(f"a 'fastgen' section is only valid with method fastgen, not {self.method}")
         if self.key_rotation != "none" and not self.quantizes:
             raise ValueError(f"key_rotation applies to quantized pages, not to method {self.method}")
+        if self.value_rotation != "none" and not self.quantizes:
+            raise ValueError(f"value_rotation applies to quantized pages, not to method {self.method}")
         implied = IMPLIED_SALIENCY.get(self.method, "normalized")
         if self.method != "fastgen" and self.saliency_source not in (None, implied):
             raise ValueError(f"method {self.method} ranks tokens by {implied} attention: "

@@ -34,7 +34,8 @@ tokens); values are channel-separable tokenwise (CSTQ): divided by the channel
 scale ``c``, then quantized per token. All parameters are float16. With
 ``rotate_keys`` the key codes hold ``k R`` (``R``: the orthonormal Hadamard
 rotation of ``quant/rotation.py``) and readers rotate the query by the same ``R``;
-the bytes are the same. Everything
+with ``rotate_values`` the value codes hold ``v R`` and the attention output is
+rotated back (``(p . v R) R = p . v``); the bytes are the same. Everything
 that needs a byte count (the vLLM backend's page size, the capacity planner,
 the kernels) reads it from :class:`BlockLayout`; nothing recomputes it.
 """
@@ -77,6 +78,7 @@ class BlockLayout:
         n_hi: salient tokens per (block, KV head); ``0`` and ``B`` give uniform
             quantization at ``lo_bits`` and ``hi_bits`` respectively.
         rotate_keys: keys are stored Hadamard-rotated (``D`` a power of two); same bytes.
+        rotate_values: values are stored Hadamard-rotated (``D`` a power of two); same bytes.
     """
 
     block_size: int
@@ -86,6 +88,7 @@ class BlockLayout:
     lo_bits: int = 2
     n_hi: int = 0
     rotate_keys: bool = False
+    rotate_values: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size % 8:
@@ -100,8 +103,9 @@ class BlockLayout:
                 raise ValueError(f"{name} must be one of {SUPPORTED_BITS}, got {bits}")
         if not 0 <= self.n_hi <= self.block_size:
             raise ValueError(f"n_hi must be in [0, block_size={self.block_size}], got {self.n_hi}")
-        if self.rotate_keys and self.head_size & (self.head_size - 1):
-            raise ValueError(f"rotate_keys needs a power-of-two head size, got {self.head_size}")
+        for name in ("rotate_keys", "rotate_values"):
+            if getattr(self, name) and self.head_size & (self.head_size - 1):
+                raise ValueError(f"{name} needs a power-of-two head size, got {self.head_size}")
 
     @classmethod
     def from_preset(cls, preset, head_size: int, num_kv_heads: int) -> "BlockLayout":
@@ -114,6 +118,7 @@ class BlockLayout:
             lo_bits=preset.lo_bits,
             n_hi=preset.n_salient,
             rotate_keys=preset.key_rotation == "hadamard",
+            rotate_values=preset.value_rotation == "hadamard",
         )
 
     @property
@@ -273,6 +278,10 @@ class FastGenLayout:
     @property
     def rotate_keys(self) -> bool:
         return self.kept.rotate_keys
+
+    @property
+    def rotate_values(self) -> bool:
+        return self.kept.rotate_values
 
     @property
     def rung_section(self) -> Section:

@@ -17,7 +17,7 @@ from zipcache_vllm.quant.block import unpack_dequantize_blocks, unpack_salient_m
 from zipcache_vllm.engine.plan import plan_step
 from zipcache_vllm.policies import make_policy
 from zipcache_vllm.engine.staging import StagingError, StagingPool
-from zipcache_vllm.engine.step import apply_step, rotate_inputs
+from zipcache_vllm.engine.step import apply_step, rotate_inputs, rotate_values
 
 from _dense import dense_reference
 
@@ -33,7 +33,15 @@ GQA = [(2, 1), (2, 3), (1, 4)]  # (KV heads, query heads per KV head)
 HEAD_SIZES = [64, 128]
 # Float32 math on both sides; bf16 inputs are exact in float32.
 ATOL, RTOL = 2e-5, 2e-5
-PRESETS = ["zipcache", "zipcache_exact", "kivi2", "h2o_mixed", "random_mixed"]
+PRESETS = ["zipcache", "zipcache_exact", "kivi2", "h2o_mixed", "random_mixed",
+           "zipcache+value_rotation"]
+
+
+def _preset(name: str):
+    """A preset by name; ``<name>+value_rotation``: the same with Hadamard-rotated values."""
+    base, _, extra = name.partition("+")
+    preset = load_preset(base)
+    return preset.model_copy(update={"value_rotation": "hadamard"}) if extra else preset
 
 
 class FakeRequest:
@@ -49,7 +57,7 @@ class FakeRequest:
 
 
 def _setup(preset_name: str, H: int, D: int, num_blocks: int = 64, slots: int = 4):
-    preset = load_preset(preset_name)
+    preset = _preset(preset_name)
     layout = BlockLayout.from_preset(preset, D, H)
     pool = StagingPool(["layer0"], slots, preset.block_size, H, D, torch.bfloat16)
     pages = torch.zeros(num_blocks, layout.page_bytes, dtype=torch.uint8)
@@ -100,10 +108,11 @@ def _reference_part(r: FakeRequest, start: int, n: int, pages, layout, scale, ct
     else:
         kc = vc = torch.zeros(0, H, D)
     # Rotated-key presets: the pages hold k R; the step rotates q and k (in their dtype) first.
+    # Rotated-value presets: the pages hold v R, and the output is rotated back.
     q, k = rotate_inputs(layout, r.q, r.k)
     kc = torch.cat([kc, k[nb * B:end].float()])
-    vc = torch.cat([vc, r.v[nb * B:end].float()])
-    return dense_reference(q[start:end], kc, vc, scale)
+    vc = torch.cat([vc, rotate_values(layout, r.v)[nb * B:end].float()])
+    return rotate_values(layout, dense_reference(q[start:end], kc, vc, scale))
 
 
 @pytest.mark.parametrize("schedule", list(SCHEDULES))

@@ -215,11 +215,15 @@ def test_layout_is_frozen_and_hashable():
 
 
 def test_from_preset():
-    preset = SimpleNamespace(block_size=128, hi_bits=4, lo_bits=2, n_salient=77, key_rotation="none")
+    preset = SimpleNamespace(block_size=128, hi_bits=4, lo_bits=2, n_salient=77, key_rotation="none",
+                             value_rotation="none")
     L = BlockLayout.from_preset(preset, head_size=64, num_kv_heads=8)
     assert L == BlockLayout(128, 64, 8, 4, 2, 77)
-    rotated = BlockLayout.from_preset(SimpleNamespace(**{**vars(preset), "key_rotation": "hadamard"}), 64, 8)
-    assert rotated.rotate_keys and rotated.page_bytes == L.page_bytes
+    for field, flag in (("key_rotation", "rotate_keys"), ("value_rotation", "rotate_values")):
+        rotated = BlockLayout.from_preset(SimpleNamespace(**{**vars(preset), field: "hadamard"}), 64, 8)
+        assert getattr(rotated, flag) and rotated.page_bytes == L.page_bytes
+    with pytest.raises(ValueError, match="rotate_values needs a power-of-two head size"):
+        BlockLayout(128, 80, 1, 4, 2, 58, rotate_values=True)
 
 
 def test_staging_bytes():

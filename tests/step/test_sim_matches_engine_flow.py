@@ -15,7 +15,7 @@ from zipcache_vllm.eval.simulate import KVSimulator, SimConfig
 from zipcache_vllm.layout import BlockLayout
 from zipcache_vllm.policies import POLICIES, KVPolicy, make_policy, register
 from zipcache_vllm.engine.staging import StagedBlock
-from zipcache_vllm.engine.step import rotate_inputs, run_request_step
+from zipcache_vllm.engine.step import rotate_inputs, rotate_values, run_request_step
 
 
 class _Module:
@@ -28,6 +28,7 @@ def _engine_steps(q, k, v, preset, prompt_len, scale):
     H = k.shape[1]
     layout = BlockLayout.from_preset(preset, D, H)
     q, k = rotate_inputs(layout, q, k)  # what apply_step does first
+    v = rotate_values(layout, v)
     B = layout.block_size
     policy = make_policy(preset)
     pages = torch.zeros(L // B + 1, layout.page_bytes, dtype=torch.uint8)
@@ -46,7 +47,7 @@ def _engine_steps(q, k, v, preset, prompt_len, scale):
         staged.score[:, :t], staged.count[:t] = res.tail_score, res.tail_count
         outs.append(res.out)
         ctx = b
-    return torch.cat(outs)
+    return rotate_values(layout, torch.cat(outs))  # and last
 
 
 def _inputs(L: int, hq: int, hk: int, seed: int, D: int = 64):
@@ -64,13 +65,14 @@ def _simulated(q, k, v, preset, prompt_len, scale):
 
 
 CASES = ([(name, 6, 2, 300) for name in ("zipcache", "zipcache_exact", "h2o_mixed", "random_mixed", "kivi3")]
-         + [("zipcache", 3, 3, 128), ("zipcache", 8, 1, 77)])
+         + [("zipcache", 3, 3, 128), ("zipcache", 8, 1, 77), ("zipcache+value_rotation", 6, 2, 300)])
 
 
 @pytest.mark.parametrize("preset_name,hq,hk,prompt_len", CASES)
 def test_simulator_equals_engine_flow(preset_name, hq, hk, prompt_len):
-    preset = make_policy(preset_name).preset.model_copy(update={"block_size": 64,
-                                                                 "salient_ratio": 0.45})
+    name, _, extra = preset_name.partition("+")
+    update = {"block_size": 64, "salient_ratio": 0.45} | ({"value_rotation": "hadamard"} if extra else {})
+    preset = make_policy(name).preset.model_copy(update=update)
     q, k, v = _inputs(prompt_len + 90, hq, hk, 7)  # decode crosses a block boundary
     scale = q.shape[-1] ** -0.5
     engine = _engine_steps(q, k, v, preset, prompt_len, scale)

@@ -46,3 +46,17 @@ def test_quality_orders_as_the_methods_predict(rows):
     assert kl["zipcache"] < kl["random_mixed"]
     # fewer salient tokens cost quality
     assert kl["zipcache"] < kl["zipcache_hc"] < kl["kivi2"]
+
+
+def test_presets_and_ablations_by_name():
+    """``--presets`` takes preset names and ablation labels (``abl:...``)."""
+    from zipcache_vllm.config import PresetError
+    from zipcache_vllm.eval.offline import named_variants
+
+    base, rotated = named_variants(["zipcache", "abl:values=rotated"])
+    assert (base.label, rotated.label) == ("zipcache", "abl:values=rotated")
+    assert base.preset.value_rotation == "none" and rotated.preset.value_rotation == "hadamard"
+    assert BlockLayout.from_preset(rotated.preset, 64, 3).page_bytes == BlockLayout.from_preset(
+        base.preset, 64, 3).page_bytes  # same bytes
+    with pytest.raises(PresetError, match="abl:values=rotated"):
+        named_variants(["abl:nope"])

@@ -195,6 +195,17 @@ def rotate_inputs(layout: BlockLayout, query: torch.Tensor, key: torch.Tensor,
     return hadamard_rotate(query, query.dtype), hadamard_rotate(key, key.dtype)
 
 
+def rotate_values(layout: BlockLayout, x: torch.Tensor,
+                  decode: "DecodeBatch | None" = None) -> torch.Tensor:
+    """``x R`` in its dtype for a layout with rotated values, else ``x``: the values on the
+    way in, the attention output on the way out (``R`` is its own inverse)."""
+    if not layout.rotate_values:
+        return x
+    if decode is not None:
+        return decode.kernel.rotate(x)
+    return hadamard_rotate(x, x.dtype)
+
+
 def apply_step(pool: StagingPool, layer: int, plans: list[RequestPlan], query: torch.Tensor,
                key: torch.Tensor, value: torch.Tensor, pages: torch.Tensor,
                layout: BlockLayout, policy: KVPolicy, scale: float,
@@ -209,7 +220,8 @@ def apply_step(pool: StagingPool, layer: int, plans: list[RequestPlan], query: t
     request at a time (:func:`_apply_chunk`). Both are the same flow (a decode row is a
     chunk of length 1). With ``layout.rotate_keys`` the query and key rows are rotated
     here, once, so pages, staging and every attention read see rotated keys
-    (``q R . k R = q . k``). ``state``: the policy's engine state
+    (``q R . k R = q . k``); with ``layout.rotate_values`` the value rows too, and the
+    output rows are rotated back at the end. ``state``: the policy's engine state
     (:meth:`~zipcache_vllm.policies.KVPolicy.engine_state`, None for most policies) and
     ``prepared`` each row's data from its ``prepare`` (once per step, by the builder).
     """
@@ -221,6 +233,7 @@ def apply_step(pool: StagingPool, layer: int, plans: list[RequestPlan], query: t
             decode = (DecodeBatch.from_plans(decode_plans, layout.block_size, policy, query.device)
                       if decode_plans else None)
         query, key = rotate_inputs(layout, query, key, decode)
+        value = rotate_values(layout, value, decode)
         if decode is not None:
             apply_decode_rows(pool, layer, decode, query, key, value, pages, layout, policy, scale,
                               output)
@@ -232,6 +245,9 @@ def apply_step(pool: StagingPool, layer: int, plans: list[RequestPlan], query: t
                              output, row)
                 if state is not None:
                     state.store(layer, plan, row)
+        if layout.rotate_values and plans:
+            rows = slice(0, plans[-1].q_start + plans[-1].q_len)
+            output[rows] = rotate_values(layout, output[rows], decode)
 
 
 def _apply_chunk(pool: StagingPool, layer: int, plan: RequestPlan, query: torch.Tensor,
@@ -351,4 +367,5 @@ def apply_decode_rows(pool: StagingPool, layer: int, batch: DecodeBatch, query: 
                                 pool.v[layer].index_select(0, fs).transpose(1, 2), ranks, layout)
         pages.index_copy_(0, batch.full_ids, new_pages)
 
-__all__ = ["StepResult", "apply_decode_rows", "apply_step", "rotate_inputs", "run_request_step"]
+__all__ = ["StepResult", "apply_decode_rows", "apply_step", "rotate_inputs", "rotate_values",
+           "run_request_step"]

@@ -32,7 +32,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-tokens", type=int, default=64, help="engine fidelity: greedy tokens per prompt")
     p.add_argument("--quick", action="store_true", help=f"small run for CI: {QUICK}")
     p.add_argument("--presets", default=None,
-                   help="comma-separated preset names (default: the standard table)")
+                   help="comma-separated preset names, or ablation labels in offline mode "
+                   "(abl:values=rotated, ...; default: the standard table)")
     p.add_argument("--no-ablations", action="store_true", help="skip the design ablation rows")
     p.add_argument("--seq-len", type=int, default=None, help=f"tokens per window (default {FULL['seq_len']})")
     p.add_argument("--prefill-len", type=int, default=None,
@@ -72,7 +73,7 @@ def _run(args) -> int:
         return 2
     try:
         if args.presets:
-            variants = [offline._variant(n, n, offline.load_preset(n).description) for n in args.presets.split(",")]
+            variants = offline.named_variants(args.presets.split(","))
         else:
             variants = offline.standard_variants()
         if not args.no_ablations and not args.presets:

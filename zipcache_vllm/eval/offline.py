@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import Preset, load_preset
+from ..config import Preset, PresetError, load_preset
 from ..layout import BF16_BYTES
 from ..policies import FastGenPolicy, make_policy
 from .simulate import KVSimulator, SimConfig
@@ -91,7 +91,23 @@ def ablation_variants() -> list[Variant]:
                  "(offline upper bound)", window="oracle"),
         _variant("abl:ratio=0.6", "zipcache", "paper's 60% salient tokens (more bytes)", salient_ratio=0.6),
         _variant("abl:rotation=none", "zipcache", "keys stored unrotated (the paper's)", key_rotation="none"),
+        _variant("abl:values=rotated", "zipcache", "values stored Hadamard-rotated too (same bytes)",
+                 value_rotation="hadamard"),
     ]
+
+
+def named_variants(names: list[str]) -> list[Variant]:
+    """Variants by name: a preset's name, or an ablation's label (``abl:...``)."""
+    ablations = {v.label: v for v in ablation_variants()}
+    out = []
+    for n in names:
+        if n.startswith("abl:"):
+            if n not in ablations:
+                raise PresetError(f"unknown ablation {n!r}; ablations: {', '.join(ablations)}")
+            out.append(ablations[n])
+        else:
+            out.append(_variant(n, n, load_preset(n).description))
+    return out
 
 
 def _token_classes(tokenizer, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -149,15 +149,18 @@ class KVPolicy:
 
     def compress(self, k: torch.Tensor, v: torch.Tensor, salient: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized ``k, v [N, B, Hk, D]`` as the engine's pages would return them
-        (rotated keys rotated back: ``R`` is its own inverse)."""
-        rotate = self.preset.key_rotation == "hadamard"
-        if rotate:
+        (rotated keys and values rotated back: ``R`` is its own inverse)."""
+        rotate_k = self.preset.key_rotation == "hadamard"
+        rotate_v = self.preset.value_rotation == "hadamard"
+        if rotate_k:
             k = hadamard_rotate(k)
+        if rotate_v:
+            v = hadamard_rotate(v)
         if bool((salient.sum(-1) == self.preset.n_salient).all()):
             k_hat, v_hat = fake_quantize_blocks(k, v, salient, self.layout(k.shape[-1], k.shape[-2]))
         else:
             k_hat, v_hat = fake_quantize_masked(k, v, salient, self.preset.hi_bits, self.preset.lo_bits)
-        return (hadamard_rotate(k_hat) if rotate else k_hat), v_hat
+        return (hadamard_rotate(k_hat) if rotate_k else k_hat), (hadamard_rotate(v_hat) if rotate_v else v_hat)
 
 
 @register("none")
