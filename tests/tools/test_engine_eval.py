@@ -26,6 +26,18 @@ def _top(lp, k):
     return i.tolist(), v.tolist()
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--kv-cache-dtype", "auto,uniform3"], "unknown --kv-cache-dtype uniform3; choose from auto, fp8, zipcache"),
+    (["--prefill-len", "256"], "--prefill-len is for --offline"),
+])
+def test_bad_engine_eval_arguments_fail_before_any_engine_starts(argv, message, capsys):
+    """A typo in a dtype list must not cost the engines before it (each is minutes)."""
+    from zipcache_vllm.cli import main as cli_main
+
+    assert cli_main(["eval", "--engine", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("scale", [0.05, 0.3, 1.0])
 def test_topk_kl_tracks_the_full_vocabulary_kl(scale):
     """On distributions with a peaked head and a long tail over 49k tokens (more tail

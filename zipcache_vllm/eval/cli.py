@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 QUICK = {"seq_len": 512, "prefill_len": 256, "windows": 1}
 FULL = {"seq_len": 1024, "prefill_len": 512, "windows": 4}
@@ -127,7 +127,20 @@ def _run_engine(args) -> int:
     from .offline import machine_line
 
     settings = engine_eval.QUICK if args.quick else engine_eval.FULL
+    if args.prefill_len is not None:
+        print(f"error: --prefill-len is for --offline; the engine eval scores every position after "
+              f"its first {settings.chunk}-token prefill chunk", file=sys.stderr)
+        return 2
+    if args.windows or args.seq_len:
+        score_len = args.seq_len or settings.score_len
+        settings = replace(settings, score_windows=args.windows or settings.score_windows,
+                           score_len=score_len, max_model_len=max(settings.max_model_len, score_len))
     names = args.kv_cache_dtype.split(",") if args.kv_cache_dtype else None
+    unknown = [n for n in names or [] if n not in engine_eval.known_dtypes()]
+    if unknown:
+        print(f"error: unknown --kv-cache-dtype {', '.join(unknown)}; choose from "
+              f"{', '.join(engine_eval.known_dtypes())}", file=sys.stderr)
+        return 2
     res = engine_eval.evaluate(_model_dir(args), settings, names, work_dir=args.work_dir)
     text = engine_eval.markdown(res, "zipcache-vllm " + " ".join(sys.argv[1:]), machine_line())
     emit(text, args.markdown, args.json, res)

@@ -31,6 +31,8 @@ from pathlib import Path
 from ..engine_proc import run_worker
 
 BASELINE = "auto"
+#: vLLM's own cache dtypes an engine eval may compare against (no plugin needed).
+VLLM_DTYPES = ("auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2")
 WORKER_MARK = "[engine_worker] "  # engine_worker's line as each dtype's engine starts
 BF16_BYTES_PER_TOKEN_PER_HEAD = 256  # K and V, head size 64, 2 bytes
 
@@ -75,6 +77,12 @@ def dtypes() -> list[str]:
 
     ours = sorted(cache_dtypes(), key=lambda d: (d != "zipcache", d))
     return [BASELINE, "fp8", *ours]
+
+
+def known_dtypes() -> list[str]:
+    """Every ``--kv-cache-dtype`` an engine eval can run: :func:`dtypes` and vLLM's own
+    unquantized / fp8 names."""
+    return [*dtypes(), *(n for n in VLLM_DTYPES if n not in (BASELINE, "fp8"))]
 
 
 def copy_task(ids: list[int], newline_ids: list[int], count: int, seed: int = 0) -> tuple[list, list]:
