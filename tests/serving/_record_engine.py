@@ -36,8 +36,8 @@ if __name__ == "__main__":
     inner = backend.apply_step
 
     def recording_apply_step(pool, layer, plans, query, key, value, pages, layout, rule, scale,
-                             output, decode=None):
-        inner(pool, layer, plans, query, key, value, pages, layout, rule, scale, output, decode)
+                             output, *args, **kwargs):
+        inner(pool, layer, plans, query, key, value, pages, layout, rule, scale, output, *args, **kwargs)
         if layer in LAYERS:
             steps.append({"layer": layer, "scale": scale, "preset_block": layout.block_size,
                           "rows": [(p.q_start, p.q_len, p.ctx, p.slot) for p in plans],
