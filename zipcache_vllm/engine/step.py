@@ -186,24 +186,23 @@ def _one_block(qs: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, s: int,
 
 def rotate_inputs(layout: BlockLayout, query: torch.Tensor, key: torch.Tensor,
                   decode: "DecodeBatch | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``query R, key R`` in their dtypes for a layout with rotated keys, else unchanged
-    (through the step's decode plan when there is one: the same op, fewer host checks)."""
+    """``query R, key R`` in their dtypes for a layout with rotated keys, else unchanged."""
     if not layout.rotate_keys:
         return query, key
-    if decode is not None:
-        return decode.kernel.rotate(query), decode.kernel.rotate(key)
-    return hadamard_rotate(query, query.dtype), hadamard_rotate(key, key.dtype)
+    return _rotate(query, decode), _rotate(key, decode)
 
 
 def rotate_values(layout: BlockLayout, x: torch.Tensor,
                   decode: "DecodeBatch | None" = None) -> torch.Tensor:
     """``x R`` in its dtype for a layout with rotated values, else ``x``: the values on the
     way in, the attention output on the way out (``R`` is its own inverse)."""
-    if not layout.rotate_values:
-        return x
-    if decode is not None:
-        return decode.kernel.rotate(x)
-    return hadamard_rotate(x, x.dtype)
+    return _rotate(x, decode) if layout.rotate_values else x
+
+
+def _rotate(x: torch.Tensor, decode: "DecodeBatch | None") -> torch.Tensor:
+    """``x R`` in its dtype, through the step's decode plan when there is one (the same op,
+    fewer host checks)."""
+    return decode.kernel.rotate(x) if decode is not None else hadamard_rotate(x, x.dtype)
 
 
 def apply_step(pool: StagingPool, layer: int, plans: list[RequestPlan], query: torch.Tensor,

@@ -136,10 +136,11 @@ def _run_engine(args) -> int:
         settings = replace(settings, score_windows=args.windows or settings.score_windows,
                            score_len=score_len, max_model_len=max(settings.max_model_len, score_len))
     names = args.kv_cache_dtype.split(",") if args.kv_cache_dtype else None
-    unknown = [n for n in names or [] if n not in engine_eval.known_dtypes()]
+    known = engine_eval.known_dtypes()
+    unknown = [n for n in names or [] if n not in known]
     if unknown:
         print(f"error: unknown --kv-cache-dtype {', '.join(unknown)}; choose from "
-              f"{', '.join(engine_eval.known_dtypes())}", file=sys.stderr)
+              f"{', '.join(known)}", file=sys.stderr)
         return 2
     res = engine_eval.evaluate(_model_dir(args), settings, names, work_dir=args.work_dir)
     text = engine_eval.markdown(res, "zipcache-vllm " + " ".join(sys.argv[1:]), machine_line())

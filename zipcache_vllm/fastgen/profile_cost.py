@@ -71,17 +71,12 @@ def measure(model, tok, model_dir: str, preset_name: str, prompt_len: int, repea
 
 def _causal_lse(qs: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Log-sum-exp ``[H, g, L]`` of causal attention of scaled queries ``qs [H, g, L, D]``
-    over ``k [H, L, D]`` (what the step's attention leaves for the profiling)."""
-    L = k.shape[1]
-    kidx = torch.arange(L)
-    lse = torch.empty(qs.shape[:3])
+    over ``k [H, L, D]``, from the step's own tiled attention (what it leaves for the
+    profiling; the captured layers have no values, and the output is not used)."""
+    from ..engine.attention import tiled_attention
+
     with torch.inference_mode():
-        for r0 in range(0, L, 256):
-            r1 = min(r0 + 256, L)
-            sc = torch.einsum("hgqd,htd->hgqt", qs[:, :, r0:r1], k)
-            sc.masked_fill_(kidx.unsqueeze(0) > kidx[r0:r1].unsqueeze(1), float("-inf"))
-            lse[:, :, r0:r1] = torch.logsumexp(sc, -1)
-    return lse
+        return tiled_attention(qs, k, k, 0, None)[1]
 
 
 def _num_probes(n: int, policy) -> int:

@@ -28,8 +28,9 @@ import torch
 
 from ..saliency import accumulated_scores, probe_mass, probe_rows
 from .base import KVPolicy, register
-from .fastgen_pages import HYBRID, HYBRID_NAMES, kept_view, ladder_choice, pack_pages, read_rungs, select_slots
-from .token_classes import class_table, classify, masks
+from .fastgen_pages import (HYBRID, HYBRID_NAMES, kept_view, pack_pages, read_rungs, rungs_from_mass,
+                            select_slots)
+from .token_classes import class_table, classify
 
 
 @register("fastgen")
@@ -93,10 +94,7 @@ class FastGenPolicy(KVPolicy):
         keys ``k [Hk, L, D]``, log-sum-exp ``lse [Hk, g, L]``, class bytes ``cls [L]``; the
         probe rows are ``probe_rows(L)`` of the preset's probes."""
         rows = probe_rows(qs.shape[2], self.preset.probes, seed=0)
-        special, punct = masks(cls)
-        cfg = self.cfg
-        return ladder_choice(probe_mass(qs, k, lse, rows, 0), special, punct, cfg.threshold,
-                             cfg.r_frequent, cfg.r_local)
+        return rungs_from_mass(probe_mass(qs, k, lse, rows, 0), cls, self.cfg)
 
     def pack(self, k, v, ranks, layout, row=None):
         """Each head keeps ``S`` tokens of each filled block (``select_slots``: its rung's

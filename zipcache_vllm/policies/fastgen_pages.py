@@ -59,7 +59,12 @@ def ladder_choice(acc: torch.Tensor, special: torch.Tensor, punct: torch.Tensor,
 
 def profile_heads(probs: torch.Tensor, cls: torch.Tensor, num_kv_heads: int, cfg) -> torch.Tensor:
     """Rungs ``[Hk]`` from probe attention ``probs [Hq, P, L]`` over a prompt with class bytes ``cls [L]``."""
-    acc = accumulated_scores(probs, num_kv_heads)
+    return rungs_from_mass(accumulated_scores(probs, num_kv_heads), cls, cfg)
+
+
+def rungs_from_mass(acc: torch.Tensor, cls: torch.Tensor, cfg) -> torch.Tensor:
+    """Rungs ``[Hk]`` from the probe rows' accumulated attention ``acc [Hk, L]`` over a prompt
+    with class bytes ``cls [L]`` (the preset's ``fastgen`` settings ``cfg``)."""
     special, punct = masks(cls)
     return ladder_choice(acc, special, punct, cfg.threshold, cfg.r_frequent, cfg.r_local)
 
