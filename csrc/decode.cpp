@@ -72,11 +72,39 @@ inline T* at3(const Tensor& t, int64_t i, int64_t j) {
   return t.data_ptr<T>() + i * t.stride(0) + j * t.stride(1);
 }
 
-template <typename T, typename P>
+// Where one (row, KV head)'s staged tokens live: token t's key and value rows ([D] of P),
+// its score and its count (the count is shared by the heads of the row).
+template <typename P>
+struct SlotStage {  // a slot of the staging pool: [B, D] rows at stride s2
+  P* kb;
+  P* vb;
+  int64_t s2;
+  float* score;
+  float* count;
+  P* key(int64_t t) const { return kb + t * s2; }
+  P* value(int64_t t) const { return vb + t * s2; }
+  float* sc(int64_t t) const { return score + t; }
+  float* cn(int64_t t) const { return count + t; }
+};
+
+template <typename P>
+struct PagedStage {  // a page run of the cache (layout.StagingLayout): T tokens per page
+  uint8_t* base;
+  int64_t stride;  // bytes between pages
+  const int64_t* ids;  // the run's pages
+  int64_t T, h, H, D, voff, soff, coff;
+  uint8_t* page(int64_t t) const { return base + ids[t / T] * stride; }
+  P* key(int64_t t) const { return reinterpret_cast<P*>(page(t)) + (h * T + t % T) * D; }
+  P* value(int64_t t) const { return reinterpret_cast<P*>(page(t) + voff) + (h * T + t % T) * D; }
+  float* sc(int64_t t) const { return reinterpret_cast<float*>(page(t) + soff) + h * T + t % T; }
+  float* cn(int64_t t) const { return reinterpret_cast<float*>(page(t) + coff) + t % T; }
+};
+
+// stage_of(r, h): the staging of row r, KV head h (a SlotStage or a PagedStage of P).
+template <typename T, typename P, typename StageOf>
 void decode_rows(const PageLayout& L, const Tensor& q, const Tensor& k, const Tensor& v, const int64_t* rows,
-                 int64_t R, const PackedQuery& packed_args, const int64_t* slots, const int64_t* staged,
-                 const float* probe, const Tensor& pool_k, const Tensor& pool_v, float* pool_score,
-                 float* pool_count, const Tensor& out, double scale, const std::string& isa) {
+                 int64_t R, const PackedQuery& packed_args, const int64_t* staged, const float* probe,
+                 const StageOf& stage_of, const Tensor& out, double scale, const std::string& isa) {
   const int64_t Hq = q.size(1), H = L.num_kv_heads, D = L.head_size, B = L.block_size, g = Hq / H;
   const float fscale = static_cast<float>(scale);
   const bool out_f32 = out.scalar_type() == at::kFloat;  // else out has q's dtype
@@ -101,29 +129,30 @@ void decode_rows(const PageLayout& L, const Tensor& q, const Tensor& k, const Te
   packed_attention(L, pq, isa, out_p.data(), lse_p.data());
 
   // (2) + (3) per (row, kv head): stage the token, attend the staged block, merge, score.
-  const int64_t pk_s0 = pool_k.stride(0), pk_s1 = pool_k.stride(1), pk_s2 = pool_k.stride(2);
-  P* pkb = pool_k.data_ptr<P>();
-  P* pvb = pool_v.data_ptr<P>();
   const int64_t work = R * H * B * g * D * 2;
   at::parallel_for(0, R * H, work < SERIAL_WORK ? R * H : 1, [&](int64_t begin, int64_t end) {
     std::vector<float> kf(static_cast<size_t>(B * D)), vf(static_cast<size_t>(B * D));
     std::vector<float> sc(static_cast<size_t>(g * B)), prob(static_cast<size_t>(B)), acc(static_cast<size_t>(D));
     for (int64_t u = begin; u < end; ++u) {
-      const int64_t r = u / H, h = u % H, slot = slots[r], s = staged[r];
-      P* kb = pkb + slot * pk_s0 + h * pk_s1;  // [B, D] rows at stride pk_s2
-      P* vb = pvb + slot * pk_s0 + h * pk_s1;
+      const int64_t r = u / H, h = u % H, s = staged[r];
+      const auto st = stage_of(r, h);
       const T* kn = at3<T>(k, rows[r], h);
       const T* vn = at3<T>(v, rows[r], h);
+      P* ks = st.key(s);
+      P* vs = st.value(s);
       for (int64_t j = 0; j < D; ++j) {
-        kb[s * pk_s2 + j] = static_cast<P>(to_f(kn[j]));
-        vb[s * pk_s2 + j] = static_cast<P>(to_f(vn[j]));
+        ks[j] = static_cast<P>(to_f(kn[j]));
+        vs[j] = static_cast<P>(to_f(vn[j]));
       }
       // The staged tokens 0..s as float rows, converted once for the g query heads.
-      for (int64_t t = 0; t <= s; ++t)
+      for (int64_t t = 0; t <= s; ++t) {
+        const P* kt = st.key(t);
+        const P* vt = st.value(t);
         for (int64_t j = 0; j < D; ++j) {
-          kf[t * D + j] = to_f(kb[t * pk_s2 + j]);
-          vf[t * D + j] = to_f(vb[t * pk_s2 + j]);
+          kf[t * D + j] = to_f(kt[j]);
+          vf[t * D + j] = to_f(vt[j]);
         }
+      }
       std::fill(prob.begin(), prob.end(), 0.f);
       for (int64_t qh = 0; qh < g; ++qh) {
         const int64_t head = h * g + qh;
@@ -158,16 +187,14 @@ void decode_rows(const PageLayout& L, const Tensor& q, const Tensor& k, const Te
         if (probe[r] != 0.f)
           for (int64_t t = 0; t <= s; ++t) prob[t] += std::exp(srow[t] - lse);
       }
-      float* score = pool_score + (slot * H + h) * B;
       const float pr = probe[r];
-      for (int64_t t = 0; t < s; ++t) score[t] += prob[t] * pr;
-      score[s] = prob[s] * pr;
-      std::fill(score + s + 1, score + B, 0.f);
+      for (int64_t t = 0; t < s; ++t) *st.sc(t) += prob[t] * pr;
+      *st.sc(s) = prob[s] * pr;
+      for (int64_t t = s + 1; t < B; ++t) *st.sc(t) = 0.f;
       if (h == 0) {
-        float* count = pool_count + slot * B;
-        for (int64_t t = 0; t < s; ++t) count[t] += pr;
-        count[s] = pr;
-        std::fill(count + s + 1, count + B, 0.f);
+        for (int64_t t = 0; t < s; ++t) *st.cn(t) += pr;
+        *st.cn(s) = pr;
+        for (int64_t t = s + 1; t < B; ++t) *st.cn(t) = 0.f;
       }
     }
   });
@@ -224,10 +251,18 @@ void decode_staged(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
   float* psc = pool_score.data_ptr<float>();
   float* pcn = pool_count.data_ptr<float>();
   const float* prp = probe.data_ptr<float>();
+  const int64_t pk_s0 = pool_k.stride(0), pk_s1 = pool_k.stride(1), pk_s2 = pool_k.stride(2);
   auto run = [&](auto q_tag, auto pool_tag) {
     using T = decltype(q_tag);
     using P = decltype(pool_tag);
-    decode_rows<T, P>(L, q, k, v, rp, R, pq, slp, stp, prp, pool_k, pool_v, psc, pcn, out, scale, isa);
+    P* pkb = pool_k.data_ptr<P>();
+    P* pvb = pool_v.data_ptr<P>();
+    auto stage_of = [&](int64_t r, int64_t h) {
+      const int64_t slot = slp[r];
+      return SlotStage<P>{pkb + slot * pk_s0 + h * pk_s1, pvb + slot * pk_s0 + h * pk_s1, pk_s2,
+                          psc + (slot * H + h) * B, pcn + slot * B};
+    };
+    decode_rows<T, P>(L, q, k, v, rp, R, pq, stp, prp, stage_of, out, scale, isa);
   };
   auto with_pool = [&](auto q_tag) {
     switch (pool_k.scalar_type()) {
@@ -245,6 +280,66 @@ void decode_staged(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
   }
 }
 
+// decode_staged with the staged tokens in the cache itself (paged staging, see
+// zipcache_vllm/layout.py::StagingLayout): row r's block is staged in the pages
+// stage_ids[r, 0..E-1] of `pages`, T tokens per page, in q's dtype. `staging` is
+// StagingLayout.args(): [T, E, elt_bytes, v_offset, score_offset, count_offset]. The
+// plan's bounds cover stage_ids too (DecodePlan.create).
+void decode_paged(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& rows, const Tensor& pages,
+                  const Tensor& block_table, const Tensor& num_blocks, const Tensor& stage_ids, const Tensor& staged,
+                  const Tensor& probe, const Tensor& out, std::vector<int64_t> layout, std::vector<int64_t> offsets,
+                  std::vector<int64_t> staging, double scale, std::string isa, std::vector<int64_t> bounds) {
+  const PageLayout L = parse_layout(layout, offsets);
+  const int64_t H = L.num_kv_heads, D = L.head_size, B = L.block_size;
+  const auto dt = q.scalar_type();
+  TORCH_CHECK_VALUE(q.dim() == 3 && q.size(2) == D && q.size(1) % H == 0 && q.stride(2) == 1,
+              "q must be [T, Hq, D] with unit inner stride");
+  TORCH_CHECK_VALUE(k.dim() == 3 && k.size(1) == H && k.size(2) == D && k.stride(2) == 1 && v.sizes() == k.sizes() &&
+                  v.stride(2) == 1 && k.size(0) == q.size(0),
+              "k and v must be [T, H, D] with unit inner stride");
+  TORCH_CHECK_VALUE(out.sizes() == q.sizes() && out.stride(2) == 1, "out must be shaped like q");
+  TORCH_CHECK_VALUE(k.scalar_type() == dt && v.scalar_type() == dt, "q, k and v must share one dtype");
+  TORCH_CHECK_VALUE(out.scalar_type() == dt || out.scalar_type() == at::kFloat, "out must have q's dtype or float32");
+  TORCH_CHECK_VALUE(pages.scalar_type() == at::kByte && pages.dim() == 2 && pages.size(1) == L.page_bytes &&
+                  pages.stride(1) == 1 && pages.stride(0) >= L.page_bytes && pages.stride(0) % 4 == 0,
+              "pages must be uint8 [num_pages, page_bytes] with rows of contiguous bytes, 4-byte aligned");
+  TORCH_CHECK_VALUE(staging.size() == 6, "staging must be [T, pages, elt_bytes, v_offset, score_offset, count_offset]");
+  const int64_t T = staging[0], E = staging[1], elt = staging[2], voff = staging[3], soff = staging[4],
+                coff = staging[5];
+  TORCH_CHECK_VALUE(T >= 1 && E >= 1 && T * E >= B && elt == q.element_size() && voff == H * T * D * elt &&
+                  soff == 2 * voff && coff == soff + 4 * H * T && coff + 4 * T <= L.page_bytes,
+              "the staging layout does not fit this page layout and q's dtype");
+  const int64_t R = rows.size(0);
+  TORCH_CHECK_VALUE(stage_ids.scalar_type() == at::kLong && stage_ids.is_contiguous() && stage_ids.dim() == 2 &&
+                  stage_ids.size(0) == R && stage_ids.size(1) == E,
+              "stage_ids must be contiguous int64 [R, pages]");
+  const int64_t num_pages = pages.size(0);
+  TORCH_CHECK_VALUE(bounds.size() == 3, "bounds must be [rows_end, slots_end, pages_end]");
+  TORCH_CHECK_VALUE(q.size(0) >= bounds[0] && num_pages >= bounds[2], "the plan addresses query rows < ", bounds[0],
+              " and pages < ", bounds[2], "; this layer has ", q.size(0), " and ", num_pages);
+  if (R == 0) return;
+  const int64_t* btp = block_table.data_ptr<int64_t>();
+  PackedQuery pq{nullptr, 0, 0, pages.data_ptr<uint8_t>(), pages.stride(0), num_pages, btp, block_table.size(1),
+                 num_blocks.data_ptr<int64_t>(), nullptr, 0};
+  uint8_t* base = pages.data_ptr<uint8_t>();
+  const int64_t stride = pages.stride(0);
+  const int64_t* ids = stage_ids.data_ptr<int64_t>();
+  auto run = [&](auto q_tag) {
+    using P = decltype(q_tag);
+    auto stage_of = [&](int64_t r, int64_t h) {
+      return PagedStage<P>{base, stride, ids + r * E, T, h, H, D, voff, soff, coff};
+    };
+    decode_rows<P, P>(L, q, k, v, rows.data_ptr<int64_t>(), R, pq, staged.data_ptr<int64_t>(),
+                      probe.data_ptr<float>(), stage_of, out, scale, isa);
+  };
+  switch (dt) {
+    case at::kFloat: return run(float{});
+    case at::kBFloat16: return run(c10::BFloat16{});
+    case at::kHalf: return run(c10::Half{});
+    default: TORCH_CHECK_VALUE(false, "q must be float32, bfloat16 or float16, got ", dt);
+  }
+}
+
 }  // namespace
 }  // namespace zc
 
@@ -256,4 +351,14 @@ TORCH_LIBRARY_FRAGMENT(zipcache, m) {
       "str isa, int[] bounds) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(zipcache, CPU, m) { m.impl("decode_staged", &zc::decode_staged); }
+TORCH_LIBRARY_FRAGMENT(zipcache, m) {
+  m.def(
+      "decode_paged(Tensor q, Tensor k, Tensor v, Tensor rows, Tensor(a!) pages, Tensor block_table, "
+      "Tensor num_blocks, Tensor stage_ids, Tensor staged, Tensor probe, Tensor(b!) out, int[] layout, "
+      "int[] offsets, int[] staging, float scale, str isa, int[] bounds) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(zipcache, CPU, m) {
+  m.impl("decode_staged", &zc::decode_staged);
+  m.impl("decode_paged", &zc::decode_paged);
+}

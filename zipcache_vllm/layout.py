@@ -205,6 +205,92 @@ class BlockLayout:
         return parts
 
 
+@dataclass(frozen=True)
+class StagingLayout:
+    """Where a request's partial block lives when staging is paged: in vLLM's own pages.
+
+    The block being filled (index ``b`` of the request's block table) is staged in the
+    pages of blocks ``b .. b + pages - 1`` of each layer: its own page (written packed
+    only once the block fills) and ``pages - 1`` blocks the KV-cache manager allocates
+    ahead of the request. Page ``j`` of the run holds tokens ``j*T .. j*T + T - 1`` of the
+    block (``T = tokens_per_page``), all KV heads, in the model dtype, with their saliency
+    accumulators::
+
+        offset 0            K      [H, T, D]   model dtype
+        H*T*D*elt           V      [H, T, D]   model dtype
+        2*H*T*D*elt         score  [H, T]      float32   sum of (probe) attention
+        2*H*T*D*elt + 4*H*T count  [T]         float32   (probe) queries that saw the token
+        (rest of the page unused)
+
+    Args:
+        page_bytes: bytes of one page of the cache (the preset's layout).
+        block_size, num_kv_heads, head_size: ``B``, ``H``, ``D``.
+        elt_bytes: bytes of the model dtype (2 for bfloat16 / float16, 4 for float32).
+    """
+
+    page_bytes: int
+    block_size: int
+    num_kv_heads: int
+    head_size: int
+    elt_bytes: int = BF16_BYTES
+
+    def __post_init__(self) -> None:
+        if self.elt_bytes not in (2, 4):
+            raise ValueError(f"elt_bytes must be 2 or 4, got {self.elt_bytes}")
+        if self.tokens_per_page < 1:
+            raise ValueError(
+                f"a page of {self.page_bytes} bytes cannot stage one token of {self.token_bytes} "
+                f"bytes (H={self.num_kv_heads}, D={self.head_size})")
+
+    @classmethod
+    def of(cls, layout, elt_bytes: int = BF16_BYTES) -> "StagingLayout":
+        """The staging of a page layout (:class:`BlockLayout` or :class:`FastGenLayout`)."""
+        return cls(layout.page_bytes, layout.block_size, layout.num_kv_heads, layout.head_size,
+                   elt_bytes)
+
+    @property
+    def token_bytes(self) -> int:
+        """Bytes of one staged token: K and V of every head, its scores and its count."""
+        H, D = self.num_kv_heads, self.head_size
+        return 2 * H * D * self.elt_bytes + 4 * H + 4
+
+    @property
+    def tokens_per_page(self) -> int:
+        return self.page_bytes // self.token_bytes
+
+    @property
+    def pages(self) -> int:
+        """Pages a staged block spans: its own page and ``pages - 1`` allocated ahead."""
+        return -(-self.block_size // self.tokens_per_page)
+
+    @property
+    def lookahead_blocks(self) -> int:
+        """Blocks each running request holds beyond its tokens' blocks."""
+        return self.pages - 1
+
+    @property
+    def v_offset(self) -> int:
+        return self.num_kv_heads * self.tokens_per_page * self.head_size * self.elt_bytes
+
+    @property
+    def score_offset(self) -> int:
+        return 2 * self.v_offset
+
+    @property
+    def count_offset(self) -> int:
+        return self.score_offset + 4 * self.num_kv_heads * self.tokens_per_page
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of a staging page in use (the rest of the page is not touched)."""
+        return self.count_offset + 4 * self.tokens_per_page
+
+    def args(self) -> list[int]:
+        """``[T, pages, elt_bytes, v_offset, score_offset, count_offset]`` for the kernels."""
+        return [self.tokens_per_page, self.pages, self.elt_bytes, self.v_offset,
+                self.score_offset, self.count_offset]
+
+
 def staging_bytes_per_slot(block_size: int, head_size: int, num_kv_heads: int, num_layers: int,
                            dtype_bytes: int = BF16_BYTES) -> int:
     """Bytes of one request's full-precision staging block (K and V, all layers)."""

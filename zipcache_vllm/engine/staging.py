@@ -2,8 +2,15 @@
 
 vLLM allocates a page for the partial block like for any block, but a zipcache
 page can only be written once the block is full (its quantization needs all B
-tokens and their saliency). Until then the block's K/V live here, in the model
-dtype, with their saliency accumulators::
+tokens and their saliency). Until then the block's K/V live in staging, in the
+model dtype, with their saliency accumulators. Two storages, one bookkeeping:
+
+* **paged** (the engine's): inside vLLM's own cache, in the pages of the partial
+  block and of the ``pages - 1`` blocks the KV-cache manager allocates ahead of each
+  request (:class:`~zipcache_vllm.layout.StagingLayout`). Staging then costs nothing
+  for requests that are not running, and vLLM's scheduler sees (and preempts for)
+  what a running request holds.
+* **dense** (the simulator's and the tests'): pool tensors of their own::
 
     k, v   [L, S, H, B, D]  model dtype      L layers, S slots, H KV heads
     score  [L, S, H, B]     float32          sum of (probe) attention probabilities
@@ -13,10 +20,9 @@ A slot is keyed by the vLLM block id of the partial block (partial blocks are
 never shared by prefix caching). The bookkeeping (which slot holds which block,
 how many tokens) is advanced once per step by the metadata builder, before any
 layer runs; the layers only move data. Slots come back when the block fills,
-when the request finishes or is aborted, and when it is preempted.
-
-Sizing: one slot per schedulable request (``max_num_seqs``) plus ``MARGIN``;
-the bytes are reserved out of the KV budget (``compat.patch_cpu_kv_budget``).
+when the request finishes or is aborted, and when it is preempted. A paged slot
+is only a key (policies with per-request state, FastGen, index theirs by it); its
+bytes are the pages named by the step's plan.
 
 A pool belongs to one engine's worker (held by the backend's ``ZipCacheEngine``), with
 its slots and its request lifecycle bookkeeping: two engines in one process keep
@@ -33,6 +39,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+
+from ..kernels import gather_staged, scatter_staged
+from ..layout import StagingLayout
 
 MARGIN = 1  # one spare slot: a request re-keyed in the step it finishes never blocks a new one
 
@@ -69,18 +78,27 @@ class StagingPool:
 
     def __init__(self, layer_names: list[str], num_slots: int, block_size: int,
                  num_kv_heads: int, head_size: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", paged: StagingLayout | None = None) -> None:
         L, S, H, B, D = len(layer_names), num_slots, num_kv_heads, block_size, head_size
         self.layer_index = {name: i for i, name in enumerate(layer_names)}
         self.num_slots, self.block_size = S, B
         self.num_kv_heads, self.head_size, self.dtype = H, D, dtype
-        self.k = torch.zeros(L, S, H, B, D, dtype=dtype, device=device)
-        self.v = torch.zeros(L, S, H, B, D, dtype=dtype, device=device)
-        self.score = torch.zeros(L, S, H, B, dtype=torch.float32, device=device)
-        self.count = torch.zeros(L, S, B, dtype=torch.float32, device=device)
-        # Per-layer views (k, v, score, count), made once: the decode step passes them to
-        # its kernel for every layer of every step.
-        self.layers = [(self.k[i], self.v[i], self.score[i], self.count[i]) for i in range(L)]
+        self.device = torch.device(device)
+        self.paged = paged
+        if paged is not None:
+            elt = torch.empty((), dtype=dtype).element_size()
+            if (paged.block_size, paged.num_kv_heads, paged.head_size, paged.elt_bytes) != (B, H, D, elt):
+                raise ValueError(f"staging layout {paged} does not match B={B}, H={H}, D={D}, {dtype}")
+            self.k = self.v = self.score = self.count = None
+            self.layers: list[tuple[torch.Tensor, ...]] = []
+        else:
+            self.k = torch.zeros(L, S, H, B, D, dtype=dtype, device=device)
+            self.v = torch.zeros(L, S, H, B, D, dtype=dtype, device=device)
+            self.score = torch.zeros(L, S, H, B, dtype=torch.float32, device=device)
+            self.count = torch.zeros(L, S, B, dtype=torch.float32, device=device)
+            # Per-layer views (k, v, score, count), made once: the decode step passes them to
+            # its kernel for every layer of every step.
+            self.layers = [(self.k[i], self.v[i], self.score[i], self.count[i]) for i in range(L)]
         self._free = list(range(S - 1, -1, -1))
         self._slot_of_block: dict[int, int] = {}
         self._block_of_slot: list[int] = [-1] * S
@@ -89,6 +107,9 @@ class StagingPool:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the pool's own tensors (0 when paged: its bytes are vLLM's pages)."""
+        if self.paged is not None:
+            return 0
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.score, self.count))
 
     @property
@@ -142,15 +163,54 @@ class StagingPool:
             self._block_of_slot[slot] = block_id
         self.fill[slot] = fill
 
-    def store_tail(self, layer: int, slot: int, res) -> None:
+    # -- data, called by the layers ---------------------------------------------
+
+    def staged(self, layer: int, plan, pages: torch.Tensor) -> StagedBlock:
+        """The staged part of ``plan``'s block on entry (its first ``plan.ctx % B`` tokens
+        are meaningful): views of its slot, or a copy of its page run (``plan.stage_ids``)
+        of ``pages`` (the layer's cache) when paged."""
+        if self.paged is None:
+            slot = plan.slot
+            return StagedBlock(self.k[layer, slot], self.v[layer, slot], self.score[layer, slot],
+                               self.count[layer, slot])
+        if plan.ctx % self.block_size == 0:  # nothing staged: nothing to read
+            H, D = self.num_kv_heads, self.head_size
+            return StagedBlock(pages.new_empty(H, 0, D, dtype=self.dtype),
+                               pages.new_empty(H, 0, D, dtype=self.dtype),
+                               pages.new_empty(H, 0, dtype=torch.float32),
+                               pages.new_empty(0, dtype=torch.float32))
+        k, v, score, count = gather_staged(pages, plan.stage_ids.unsqueeze(0), self.paged, self.dtype)
+        return StagedBlock(k[0], v[0], score[0], count[0])
+
+    def store_tail(self, layer: int, plan, res, pages: torch.Tensor) -> None:
         """Write a step result's new partial block (``res.tail_*``, ``res.tail_len`` tokens,
-        maybe none) into ``slot`` of ``layer``: full-precision K/V and the saliency sums."""
+        maybe none) for ``plan``'s request: into its slot of ``layer``, or into the page run
+        of its last block (``plan.tail_stage_ids``) of ``pages`` when paged."""
         t = res.tail_len
-        if t:
-            self.k[layer, slot, :, :t] = res.tail_k.to(self.dtype)
-            self.v[layer, slot, :, :t] = res.tail_v.to(self.dtype)
-            self.score[layer, slot, :, :t] = res.tail_score
-            self.count[layer, slot, :t] = res.tail_count
+        if not t:
+            return
+        if self.paged is not None:
+            scatter_staged(pages, plan.tail_stage_ids.unsqueeze(0), self.paged,
+                           res.tail_k.to(self.dtype).unsqueeze(0),
+                           res.tail_v.to(self.dtype).unsqueeze(0),
+                           res.tail_score.unsqueeze(0), res.tail_count.unsqueeze(0))
+            return
+        slot = plan.slot
+        self.k[layer, slot, :, :t] = res.tail_k.to(self.dtype)
+        self.v[layer, slot, :, :t] = res.tail_v.to(self.dtype)
+        self.score[layer, slot, :, :t] = res.tail_score
+        self.count[layer, slot, :t] = res.tail_count
+
+    def full_blocks(self, layer: int, batch, pages: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``k, v [n, H, B, D]``, ``score [n, H, B]``, ``count [n, B]`` of a decode batch's
+        rows whose block filled this step (``batch.full_slots``, or ``batch.full_stage_ids``
+        when paged), after the step's kernel staged their last token."""
+        if self.paged is not None:
+            return gather_staged(pages, batch.full_stage_ids, self.paged, self.dtype)
+        fs = batch.full_slots
+        return (self.k[layer].index_select(0, fs), self.v[layer].index_select(0, fs),
+                self.score[layer].index_select(0, fs), self.count[layer].index_select(0, fs))
 
     def release_slot(self, slot: int) -> None:
         if self._block_of_slot[slot] != -1:

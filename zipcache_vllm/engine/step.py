@@ -229,7 +229,8 @@ def apply_step(pool: StagingPool, layer: int, plans: list[RequestPlan], query: t
     with contextlib.nullcontext() if query.is_cpu else torch.device(query.device):
         if decode is None and policy.fused_decode:
             decode_plans = [p for p in plans if p.q_len == 1]
-            decode = (DecodeBatch.from_plans(decode_plans, layout.block_size, policy, query.device)
+            decode = (DecodeBatch.from_plans(decode_plans, layout.block_size, policy, query.device,
+                                             pool.paged)
                       if decode_plans else None)
         query, key = rotate_inputs(layout, query, key, decode)
         value = rotate_values(layout, value, decode)
@@ -268,7 +269,7 @@ def _apply_chunk(pool: StagingPool, layer: int, plan: RequestPlan, query: torch.
     packed) and the queries of a block attend it as one dense float32 attention,
     instead of dequantizing every page again for every few query rows.
     """
-    B, H, slot = layout.block_size, layout.num_kv_heads, plan.slot
+    B, H = layout.block_size, layout.num_kv_heads
     ctx, filled = plan.ctx, 0
     start, end = plan.q_start, plan.q_start + plan.q_len
     blockwise = policy.blockwise_chunks
@@ -283,12 +284,13 @@ def _apply_chunk(pool: StagingPool, layer: int, plan: RequestPlan, query: torch.
     k_all = key[start:end].float().transpose(0, 1)
     v_all = value[start:end].float().transpose(0, 1)
     g = query.shape[1] // H
+    # The entry block's staged tokens: only the first block of the loop has any (every
+    # later one starts on a block boundary with s = 0 and reads none).
+    staged = pool.staged(layer, plan, pages)
     while start < end:
         n = min(end - start, B - ctx % B) if blockwise else end - start
         rows, i = slice(start, start + n), start - plan.q_start
         qs = scaled_queries(query[rows], H, scale)  # contiguous: [H, g * n, D] is a view
-        staged = StagedBlock(pool.k[layer, slot], pool.v[layer, slot],
-                             pool.score[layer, slot], pool.count[layer, slot])
         kw, vw = window(k_all[:, i:i + n], v_all[:, i:i + n], staged, ctx % B)
         prior = (prefix.attend(qs) if prefix is not None
                  else _packed_part(query[rows], view, view_layout, packed, scale))
@@ -304,7 +306,7 @@ def _apply_chunk(pool: StagingPool, layer: int, plan: RequestPlan, query: torch.
                 packed = torch.cat([packed, blocks])
             filled += n_new
         ctx, start = ctx + n, start + n
-        pool.store_tail(layer, slot, res)
+        pool.store_tail(layer, plan, res, pages)
 
 
 class _DequantizedPrefix:
@@ -357,13 +359,12 @@ def apply_decode_rows(pool: StagingPool, layer: int, batch: DecodeBatch, query: 
     to its staging slot, the slot's saliency accumulated); then each row whose block
     filled is packed from its slot into its page.
     """
-    batch.kernel.run(query, key, value, pages, *pool.layers[layer], output, layout, scale)
+    batch.kernel.run(query, key, value, pages, *(pool.layers[layer] if pool.layers else (None,) * 4),
+                     output, layout, scale)
     if batch.full:
-        fs = batch.full_slots
-        ranks = policy.rank(pool.score[layer].index_select(0, fs),
-                            pool.count[layer].index_select(0, fs), batch.full_starts)
-        new_pages = policy.pack(pool.k[layer].index_select(0, fs).transpose(1, 2),
-                                pool.v[layer].index_select(0, fs).transpose(1, 2), ranks, layout)
+        k, v, score, count = pool.full_blocks(layer, batch, pages)
+        ranks = policy.rank(score, count, batch.full_starts)
+        new_pages = policy.pack(k.transpose(1, 2), v.transpose(1, 2), ranks, layout)
         pages.index_copy_(0, batch.full_ids, new_pages)
 
 __all__ = ["StepResult", "apply_decode_rows", "apply_step", "rotate_inputs", "rotate_values",

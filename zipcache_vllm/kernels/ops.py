@@ -36,7 +36,7 @@ from functools import lru_cache
 
 import torch
 
-from ..layout import BlockLayout
+from ..layout import BlockLayout, StagingLayout
 from ..quant import rotation
 from ..quant.block import quantize_pack_blocks, unpack_dequantize_blocks
 from . import build, portable
@@ -431,13 +431,23 @@ class DecodePlan:
     path: str  # kernel_path: "triton", "cpp" or "torch"
     isa: str  # ZIPCACHE_VLLM_KERNEL_ISA at plan time ("" = the CPU's best)
     bounds: tuple[int, int, int]  # exclusive bounds of the rows, slots and block ids addressed
+    # Paged staging (None: the pool's slots): each row's page run [R, pages] in the cache.
+    stage_ids: torch.Tensor | None = None
+    staging: StagingLayout | None = None
 
     @classmethod
     def create(cls, rows: torch.Tensor, block_table: torch.Tensor, num_blocks: torch.Tensor,
                slots: torch.Tensor, staged: torch.Tensor, probe: torch.Tensor,
-               block_size: int) -> "DecodePlan":
+               block_size: int, stage_ids: torch.Tensor | None = None,
+               staging: StagingLayout | None = None) -> "DecodePlan":
+        """``stage_ids`` int64 ``[R, staging.pages]``: with paged staging, the page run each
+        row's block is staged in (its ``slots`` are then only bookkeeping keys)."""
         tensors = dict(rows=rows, block_table=block_table, num_blocks=num_blocks, slots=slots,
                        staged=staged, probe=probe)
+        if (stage_ids is None) != (staging is None):
+            raise ValueError("paged staging needs both stage_ids and its staging layout")
+        if stage_ids is not None:
+            tensors["stage_ids"] = stage_ids
         for name, t in tensors.items():
             if not isinstance(t, torch.Tensor):
                 raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -457,10 +467,22 @@ class DecodePlan:
             raise ValueError(f"block_table must be int64 [{R}, max_blocks], got "
                              f"{list(block_table.shape)}")
         bounds = _decode_bounds(rows, block_table, num_blocks, slots, staged, block_size)
+        if stage_ids is not None:
+            if staging.block_size != block_size:
+                raise ValueError(f"staging layout block size {staging.block_size} != {block_size}")
+            if stage_ids.dtype != torch.int64 or tuple(stage_ids.shape) != (R, staging.pages):
+                raise ValueError(f"stage_ids must be int64 [{R}, {staging.pages}], got "
+                                 f"{stage_ids.dtype} {list(stage_ids.shape)}")
+            if R:
+                lo, hi = (int(x) for x in torch.aminmax(stage_ids.cpu()))
+                if lo < 0:
+                    raise ValueError(f"stage_ids must be >= 0, got {lo}")
+                bounds = (bounds[0], bounds[1], max(bounds[2], hi + 1))
+            stage_ids = stage_ids.contiguous()
         # contiguous: the C++ op reads them as plain arrays
         return cls(rows.contiguous(), block_table.contiguous(), num_blocks.contiguous(),
                    slots.contiguous(), staged.contiguous(), probe.contiguous(), path,
-                   _requested_isa(), bounds)
+                   _requested_isa(), bounds, stage_ids, staging)
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """:func:`hadamard_rotate` of ``x`` into its own dtype on the plan's kernel path
@@ -479,7 +501,10 @@ class DecodePlan:
         The layer's tensors are checked once (ValueError): on the C++ path by the op itself
         (shapes against the layout and the plan's ``bounds``, a few integer compares), so
         the per-layer Python is one cached layout lookup and the launch; on the other paths
-        here."""
+        here. With paged staging the pool arguments are None: the staged tokens are the
+        rows' page runs of ``pages`` (:meth:`run_paged`)."""
+        if self.staging is not None:
+            return self.run_paged(q, k, v, pages, out, layout, scale)
         if self.path == "cpp":
             if not isinstance(layout, BlockLayout):  # unhashable ones too: ValueError, not TypeError
                 _check_layout(layout)
@@ -505,6 +530,31 @@ class DecodePlan:
             gpu.decode_staged(q, k, v, *meta, layout, float(scale))
         else:
             portable.decode_staged(q, k, v, *meta, layout, float(scale))
+
+    def run_paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor,
+                  out: torch.Tensor, layout: BlockLayout, scale: float) -> None:
+        """:meth:`run` with paged staging: the C++ op reads and writes each row's page run in
+        place (``zipcache::decode_paged``); the other paths gather the runs into dense slots,
+        run the slot kernel and write the runs back (a copy per layer: the fallback)."""
+        st = self.staging
+        if self.path == "cpp":
+            if not isinstance(layout, BlockLayout):
+                _check_layout(layout)
+            lay, offs = layout_args(layout)
+            torch.ops.zipcache.decode_paged(
+                q, k, v, self.rows, pages, self.block_table, self.num_blocks, self.stage_ids,
+                self.staged, self.probe, out, lay, offs, st.args(), float(scale), self.isa,
+                self.bounds)
+            return
+        if q.dtype.itemsize != st.elt_bytes:
+            raise ValueError(f"the staging layout holds {st.elt_bytes}-byte elements, q is {q.dtype}")
+        R = self.rows.shape[0]
+        pool = tuple(t.contiguous() for t in portable.gather_staged(pages, self.stage_ids, st, q.dtype))
+        slots = torch.arange(R, dtype=torch.int64, device=self.rows.device)
+        dense = DecodePlan(self.rows, self.block_table, self.num_blocks, slots, self.staged,
+                           self.probe, self.path, self.isa, (self.bounds[0], R, self.bounds[2]))
+        dense.run(q, k, v, pages, *pool, out, layout, scale)
+        portable.scatter_staged(pages, self.stage_ids, st, *pool)
 
 
 def hadamard_rotate(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import BlockLayout
+from ..layout import BlockLayout, StagingLayout
 from ..quant.block import unpack_dequantize_blocks
 
 GROUP_BLOCKS = 16  # pages dequantized at once (bounds the fp32 temporary)
@@ -139,5 +139,56 @@ def decode_staged(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch
     accumulate_saliency(sc, lse, visible, staged, probe, slots, pool_score, pool_count)
 
 
+def gather_staged(pages: torch.Tensor, ids: torch.Tensor, st: StagingLayout,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Paged staging of ``n`` blocks as dense copies: ``ids`` int64 ``[n, pages]`` (each
+    block's page run) of ``pages`` uint8 ``[num_blocks, page_bytes]`` to ``k, v [n, H, B, D]``
+    in ``dtype`` (the model dtype), ``score [n, H, B]`` and ``count [n, B]`` float32."""
+    n, E = ids.shape
+    H, T, D, B = st.num_kv_heads, st.tokens_per_page, st.head_size, st.block_size
+    raw = pages[:, :st.used_bytes].index_select(0, ids.reshape(-1))  # [n * E, used]
+    kv = raw[:, :st.score_offset].view(dtype).reshape(n, E, 2, H, T, D)
+
+    def tokens(x: torch.Tensor) -> torch.Tensor:  # [n, E, H, T, ...] -> [n, H, B, ...]
+        return x.transpose(1, 2).flatten(2, 3)[:, :, :B]
+
+    score = raw[:, st.score_offset:st.count_offset].view(torch.float32).reshape(n, E, H, T)
+    count = raw[:, st.count_offset:st.used_bytes].view(torch.float32).reshape(n, E * T)[:, :B]
+    return tokens(kv[:, :, 0]), tokens(kv[:, :, 1]), tokens(score), count
+
+
+def scatter_staged(pages: torch.Tensor, ids: torch.Tensor, st: StagingLayout, k: torch.Tensor,
+                   v: torch.Tensor, score: torch.Tensor, count: torch.Tensor) -> None:
+    """Write ``t`` staged tokens of ``n`` blocks into their page runs (``ids [n, pages]``):
+    ``k, v [n, H, t, D]``, ``score [n, H, t]``, ``count [n, t]``, ``t <= B``. Only the
+    pages holding the ``t`` tokens are written; past ``t`` they hold zeros (never read:
+    only the first ``s`` staged tokens of a block are meaningful, as in a slot)."""
+    n, T = ids.shape[0], st.tokens_per_page
+    t = k.shape[2]
+    if k.element_size() != st.elt_bytes:
+        raise ValueError(f"staged K/V are {k.dtype}, the staging layout holds {st.elt_bytes}-byte "
+                         "elements")
+    if not t:
+        return
+    used = -(-t // T)  # pages that hold the t tokens
+    raw = pages.new_zeros(n, used, st.used_bytes)
+
+    def put(section: slice, dtype: torch.dtype, x: torch.Tensor) -> None:
+        """``x [n, H?, t, ...]`` as ``[n, used, H?, T, ...]`` into ``raw[..., section]``."""
+        heads = x.dim() > 2
+        tok = 2 if heads else 1
+        pad = [0, 0] * (x.dim() - tok - 1) + [0, used * T - t]
+        x = torch.nn.functional.pad(x, pad).unflatten(tok, (used, T))
+        if heads:
+            x = x.transpose(1, 2)
+        raw[:, :, section].view(dtype).copy_(x.reshape(n, used, -1))
+
+    put(slice(0, st.v_offset), k.dtype, k)
+    put(slice(st.v_offset, st.score_offset), v.dtype, v)
+    put(slice(st.score_offset, st.count_offset), torch.float32, score.float())
+    put(slice(st.count_offset, st.used_bytes), torch.float32, count.float())
+    pages[:, :st.used_bytes].index_copy_(0, ids[:, :used].reshape(-1), raw.flatten(0, 1))
+
+
 __all__ = ["GROUP_BLOCKS", "accumulate_saliency", "attend_packed_varlen", "decode_staged",
-           "stage_tokens", "staged_scores"]
+           "gather_staged", "scatter_staged", "stage_tokens", "staged_scores"]

@@ -1,0 +1,153 @@
+"""Paged staging: the partial block staged in vLLM's own pages (``layout.StagingLayout``).
+
+The staged tokens live in the pages of the partial block and of the blocks allocated
+ahead of it, instead of a pool of their own. The same step over the same requests must
+give bit-identical outputs and packed pages whichever storage holds the staged tokens,
+on the C++ path (``zipcache::decode_paged`` reads the pages in place) and on the
+portable path (gather into slots, the slot kernel, scatter back).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zipcache_vllm.config import load_preset
+from zipcache_vllm.engine.plan import DecodeBatch, plan_step
+from zipcache_vllm.engine.staging import StagingError, StagingPool
+from zipcache_vllm.engine.step import apply_step
+from zipcache_vllm.kernels import build, gather_staged, scatter_staged
+from zipcache_vllm.layout import BlockLayout, FastGenLayout, StagingLayout
+from zipcache_vllm.policies import make_policy
+
+SCHEDULES = {
+    "prefill_then_decode": [300] + [1] * 5,
+    "chunked_awkward": [130, 3, 250, 1, 1, 100, 1],
+    "decode_across_boundary": [125] + [1] * 6,
+    "boundary_exact": [128, 128, 1, 127, 1],
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    return build.load()
+
+
+@pytest.mark.parametrize("P,B,H,D,dtype", [
+    (21360, 128, 3, 64, torch.bfloat16),  # SmolLM2's default preset
+    (26896, 128, 1, 256, torch.float32),  # head size 256, float32 model: 13 tokens a page
+    (4096, 16, 2, 8, torch.float16),  # one page holds the whole block
+    (800, 24, 1, 8, torch.bfloat16),  # 11 tokens a page, 3 pages, the last one partly used
+])
+def test_gather_scatter_roundtrip(P, B, H, D, dtype):
+    st = StagingLayout(P, B, H, D, torch.empty((), dtype=dtype).element_size())
+    assert st.tokens_per_page * st.pages >= B > st.tokens_per_page * (st.pages - 1)
+    assert st.used_bytes <= P and st.used_bytes % 4 == 0
+    g = torch.Generator().manual_seed(B)
+    pages = torch.randint(0, 256, (40, P), dtype=torch.uint8, generator=g)
+    n = 3
+    ids = torch.randperm(40, generator=g)[:n * st.pages].reshape(n, st.pages)
+    for t in sorted({1, min(B, st.tokens_per_page), min(B, st.tokens_per_page + 1), B}):
+        k, v = (torch.randn(n, H, t, D, generator=g).to(dtype) for _ in range(2))
+        score, count = torch.rand(n, H, t, generator=g), torch.rand(n, t, generator=g)
+        before = pages.clone()
+        scatter_staged(pages, ids, st, k, v, score, count)
+        K, V, S, C = gather_staged(pages, ids, st, dtype)
+        assert K.shape == (n, H, B, D) and S.shape == (n, H, B) and C.shape == (n, B)
+        for got, want in ((K, k), (V, v), (S, score)):
+            assert torch.equal(got[:, :, :t], want)
+        assert torch.equal(C[:, :t], count)
+        others = torch.ones(40, dtype=torch.bool)
+        others[ids.flatten()] = False  # pages of no run, and the unused end of every page
+        assert torch.equal(pages[others], before[others])
+        assert torch.equal(pages[:, st.used_bytes:], before[:, st.used_bytes:])
+
+
+def test_page_too_small_to_stage_a_token():
+    with pytest.raises(ValueError, match="cannot stage one token"):
+        StagingLayout(100, 16, 2, 64)
+
+
+def _run(preset_name: str, H: int, g: int, D: int, schedules: list[list[int]], paged: bool,
+         seed: int = 0):
+    """Steps of several requests (one schedule each, run side by side); returns the
+    outputs of every step and the packed pages of every full block."""
+    preset = load_preset(preset_name)
+    layout = (FastGenLayout if preset.paged_fastgen else BlockLayout).from_preset(preset, D, H)
+    policy = make_policy(preset)
+    B = layout.block_size
+    st = StagingLayout.of(layout) if paged else None
+    ahead = st.lookahead_blocks if paged else 0
+    lengths = [sum(s) for s in schedules]
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks = sum(-(-n // B) + ahead for n in lengths) + 3
+    ids = torch.randperm(num_blocks, generator=gen).tolist()  # scattered, like vLLM's
+    tables, start = [], 0
+    for n in lengths:
+        need = -(-n // B) + ahead
+        tables.append(ids[start:start + need])
+        start += need
+    gen = torch.Generator().manual_seed(seed + 1)  # the same tokens whatever the table
+    data = [(torch.randn(n, H * g, D, generator=gen).bfloat16(),
+             torch.randn(n, H, D, generator=gen).bfloat16(),
+             torch.randn(n, H, D, generator=gen).bfloat16()) for n in lengths]
+    pool = StagingPool(["layer0"], len(schedules) + 1, B, H, D, torch.bfloat16, paged=st)
+    state = policy.engine_state(1, pool.num_slots, H, B, None)
+    pages = torch.zeros(num_blocks, layout.page_bytes, dtype=torch.uint8)
+    width = max(len(t) for t in tables)
+    table = torch.zeros(len(tables), width, dtype=torch.int32)
+    for i, t in enumerate(tables):
+        table[i, :len(t)] = torch.tensor(t)
+    pos, outs = [0] * len(schedules), []
+    for step in range(max(len(s) for s in schedules)):
+        rows = [i for i, s in enumerate(schedules) if step < len(s)]
+        qsl, seq, q, k, v = [0], [], [], [], []
+        for i in rows:
+            c = schedules[i][step]
+            sl = slice(pos[i], pos[i] + c)
+            q.append(data[i][0][sl]), k.append(data[i][1][sl]), v.append(data[i][2][sl])
+            qsl.append(qsl[-1] + c)
+            seq.append(pos[i] + c)
+            pos[i] += c
+        plans = plan_step(pool, B, qsl, seq, table[rows])
+        q, k, v = torch.cat(q), torch.cat(k), torch.cat(v)
+        out = torch.zeros(q.shape, dtype=torch.float32)
+        prepared = state.prepare(plans, None) if state is not None else None
+        apply_step(pool, 0, plans, q, k, v, pages, layout, policy, D ** -0.5, out, None, state,
+                   prepared)
+        outs.append(out)
+    full = [pages[torch.tensor(t[:n // B], dtype=torch.long)] for t, n in zip(tables, lengths)]
+    return outs, full
+
+
+@pytest.mark.parametrize("route", ["cpp", "torch"])
+@pytest.mark.parametrize("preset", ["zipcache", "kivi2", "zipcache_exact", "zipcache_fastgen"])
+@pytest.mark.parametrize("H,g,D", [(3, 3, 64), (1, 4, 128), (2, 2, 256)])
+def test_paged_equals_slots(route, preset, H, g, D, monkeypatch):
+    monkeypatch.setenv("ZIPCACHE_VLLM_KERNELS", {"cpp": "", "torch": "torch"}[route])
+    schedules = list(SCHEDULES.values())
+    slots_out, slots_pages = _run(preset, H, g, D, schedules, paged=False)
+    paged_out, paged_pages = _run(preset, H, g, D, schedules, paged=True)
+    for a, b in zip(slots_out, paged_out):
+        assert torch.equal(a, b)
+    for a, b in zip(slots_pages, paged_pages):
+        assert torch.equal(a, b)
+
+
+def test_decode_batch_carries_page_runs():
+    layout = BlockLayout.from_preset(load_preset("zipcache"), 64, 3)
+    st = StagingLayout.of(layout)
+    pool = StagingPool(["l"], 3, 128, 3, 64, torch.bfloat16, paged=st)
+    table = torch.arange(2 * 12).reshape(2, 12)
+    plans = plan_step(pool, 128, [0, 127, 127 + 255], [127, 255], table)
+    plans = plan_step(pool, 128, [0, 1, 2], [128, 256], table)
+    assert [p.stage_ids.tolist() for p in plans] == [list(range(0, 5)), list(range(13, 18))]
+    batch = DecodeBatch.from_plans(plans, 128, make_policy(load_preset("zipcache")), "cpu", st)
+    assert batch.kernel.stage_ids.tolist() == [list(range(0, 5)), list(range(13, 18))]
+    assert batch.full_stage_ids.tolist() == batch.kernel.stage_ids.tolist()  # both rows fill
+
+
+def test_block_table_without_staging_blocks_is_refused():
+    st = StagingLayout.of(BlockLayout.from_preset(load_preset("zipcache"), 64, 3))
+    pool = StagingPool(["l"], 2, 128, 3, 64, torch.bfloat16, paged=st)
+    with pytest.raises(StagingError, match="did not allocate the staging blocks"):
+        plan_step(pool, 128, [0, 200], [200], torch.arange(2).reshape(1, 2))
