@@ -115,12 +115,15 @@ def test_skip_layers_is_refused(model_dir):
 
 @pytest.mark.slow
 @pytest.mark.engine
-def test_staging_larger_than_the_kv_budget_is_refused(model_dir):
-    """Fails in the engine process (after the workers start): the API server must still
-    exit and take every engine and worker process with it."""
-    s = Server(model_dir, "--kv-cache-dtype", "zipcache", "--max-num-seqs", "512",
-               kv_space_gib=1)  # 512 staging blocks of 2.8 MiB > 1 GiB (a whole GiB: vLLM parses int)
-    _refused(s, "zipcache staging needs", "raise VLLM_CPU_KVCACHE_SPACE or lower --max-num-seqs")
+def test_a_request_that_cannot_fit_its_staging_is_refused(model_dir):
+    """A budget of 66 pages (SmolLM2, ``zipcache``: 30 layers x 21,360 bytes each): one
+    request of 8,192 tokens needs 64 pages and 4 staging blocks next to vLLM's null block, so
+    vLLM's own startup check refuses it (without the staging blocks it would fit), with the
+    longest length that fits. Fails in the engine process (after the workers start): the API
+    server must still exit and take every engine and worker process with it."""
+    s = Server(model_dir, "--kv-cache-dtype", "zipcache", "--kv-cache-memory-bytes",
+               str(66 * 30 * 21_360), max_model_len=8192)
+    _refused(s, "max seq len (8192)", "estimated maximum model length is")
 
 
 def test_non_cpu_platform_is_refused(monkeypatch):

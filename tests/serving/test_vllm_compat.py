@@ -122,7 +122,6 @@ def test_patch_targets_have_the_expected_shape():
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.attention.selector import AttentionSelectorConfig
     from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
-    from vllm.v1.worker.cpu_worker import CPUWorker
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from zipcache_vllm.vllm_plugin import compat
@@ -143,13 +142,16 @@ def test_patch_targets_have_the_expected_shape():
     assert _params(t["CpuPlatform.check_and_update_config"]) == ["vllm_config"]
     assert {"kv_cache_dtype", "head_size", "dtype", "use_mla", "use_sparse", "has_sink",
             "has_sliding_window", "attn_type", "block_size"} <= set(AttentionSelectorConfig._fields)
-    # Engine args default filling and its inputs.
-    assert _params(t["EngineArgs._set_default_max_num_seqs_and_batched_tokens_args"])[:2] == [
-        "self", "usage_context"]
     assert "max_num_seqs" in EngineArgs.__dataclass_fields__
     assert "kv_cache_dtype" in EngineArgs.__dataclass_fields__
-    # Worker budget and runner lifecycle hooks.
-    assert _params(CPUWorker.determine_available_memory) == ["self"]
+    # The KV-cache spec registry and what ZipCacheSpec / ZipCacheManager override.
+    assert _params(t["KVCacheSpecRegistry._ensure_registered"]) == ["vllm_config"]
+    assert _params(t["FullAttentionManager.get_num_blocks_to_allocate"])[:3] == [
+        "self", "request_id", "num_tokens"]
+    assert _params(t["FullAttentionManager.allocate_new_blocks"]) == [
+        "self", "request_id", "num_tokens", "num_tokens_main_model"]
+    assert _params(t["FullAttentionSpec.max_num_blocks_per_req"]) == ["self", "vllm_config", "max_len"]
+    # Runner lifecycle hooks.
     assert _params(GPUModelRunner._on_request_state_removed) == ["self", "req_id", "req_state"]
     assert _params(GPUModelRunner._update_states) == ["self", "scheduler_output"]
     runner_init = inspect.getsource(GPUModelRunner.__init__)  # what the hooks read off the runner

@@ -84,8 +84,9 @@ def test_sweep_table_compares_each_budget_with_its_own_baseline():
     assert "| zipcache | 64 | 13,421 | 2.500 | 2.50x |" in text  # vs auto at 64 MiB
     assert "| zipcache | 256 | 53,687 | 2.100 | 1.05x |" in text  # vs auto at 256 MiB
     assert "| 64 | 1.000 · 4.00 | refused | 2.500 (2.50x auto) · 1.00 |" in text
-    assert serve.STAGING_REFUSAL.search("ValueError: zipcache staging needs 27.1 MiB but the KV budget is "
-                                        "24.0 MiB; raise").group(1).endswith("24.0 MiB")
+    assert serve.CAPACITY_REFUSAL.search(
+        "ValueError: To serve at least one request with the model's max seq len (512), (0.02 GiB KV "
+        "cache is needed, which is larger").group(1).endswith("0.02 GiB KV cache is needed")
     assert "| 256 | 2.000 · 4.00 | refused | 2.100 (1.05x auto) · 1.00 |" in text
 
 

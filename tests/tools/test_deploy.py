@@ -127,7 +127,7 @@ def test_cpu_compose_follows_its_plan():
     assert svc["image"] == "zipcache-vllm-cpu:0.1.0"
     assert _flag(args, "--kv-cache-dtype") == "zipcache" and "--enforce-eager" in args
     budget = human_readable_int(_flag(args, "--kv-cache-memory-bytes"))
-    assert budget == plan["hardware"]["kv_cache_space_gib"] * 2**30 == row["kv_budget_bytes"] + row["staging_bytes"]
+    assert budget == plan["hardware"]["kv_cache_space_gib"] * 2**30 == row["kv_budget_bytes"]
     assert int(_flag(args, "--max-num-seqs")) == plan["request"]["max_num_seqs"] == row["max_num_seqs"]
     assert int(svc["labels"]["zipcache-vllm/kv-tokens"]) == row["kv_tokens"]
     assert not {"--gpu-memory-utilization", "--max-num-batched-tokens"} & set(args)
@@ -165,11 +165,11 @@ def test_emit_needs_a_model_reference(tmp_path, capsys):
 
 
 def test_emit_without_concurrency_deploys_the_planned_max_num_seqs(tmp_path, capsys):
-    """One H100 holds 64 requests of 32k in zipcache: that is what the manifest runs, not the
-    plugin's runtime default of 8; bf16 (`auto`) gets the 13 that fit."""
+    """One H100 holds 63 requests of 32k in zipcache (each with its staging blocks): that is
+    what the manifest runs; bf16 (`auto`) gets the 13 that fit."""
     base = ["plan", "--model", "llama3_1_8b", "--hardware", "H100-80GB", "-tp", "2", "--max-model-len", "32K",
             "--model-ref", "meta-llama/Llama-3.1-8B-Instruct"]
-    for dtype, single in (("zipcache", 64), ("auto", 13)):
+    for dtype, single in (("zipcache", 63), ("auto", 13)):
         out = tmp_path / dtype
         assert cli_main([*base, "--deploy-kv-cache-dtype", dtype, "--emit", str(out)]) == 0
         plans = json.loads((out / "plan.json").read_text())

@@ -63,12 +63,13 @@ def test_weights_estimate_matches_the_prepared_checkpoint(model_dir):
 
 
 def test_cpu_plan_equals_the_measured_engine_capacity(model_dir):
-    """docs/BACKEND.md: the engine logged 93,184 (auto) and 423,424 (zipcache) tokens at 2 GiB."""
+    """docs/BACKEND.md: the engine logged 93,184 (auto) and 343,142 (zipcache) tokens at 2 GiB
+    with --max-model-len 2048 (3,351 pages; a 2,048-token request holds 16 + 4 staging)."""
     plan = make_plan(PlanRequest(model=str(model_dir), hardware="cpu-dev", kv_cache_space_gib=2,
                                  max_model_len=2048, kv_cache_dtypes=["auto", "zipcache"]))
     assert plan.row("auto").kv_tokens == 93_184
-    assert plan.row("zipcache").kv_tokens == 423_424
-    assert plan.row("zipcache").ratio_vs_auto == pytest.approx(423_424 / 93_184)
+    assert plan.row("zipcache").kv_tokens == 343_142 == int(3351 / 20 * 2048)
+    assert plan.row("zipcache").ratio_vs_auto == pytest.approx(343_142 / 93_184)
     assert plan.estimates is None  # CPU budgets are exact
 
 
@@ -112,22 +113,23 @@ def test_gpu_plan_states_estimates_and_tp_pp_split():
     assert make_plan(PlanRequest(model="llama3_8b", hardware="H100-80GB", max_model_len=32768)).warnings
 
 
-def test_staging_is_in_the_kv_budget_on_cpu_and_beside_it_on_cuda(model_dir):
-    cpu = make_plan(PlanRequest(model=str(model_dir), hardware="cpu-dev", max_model_len=2048))
-    assert cpu.row("zipcache").kv_budget_bytes == cpu.row("auto").kv_budget_bytes - cpu.row("zipcache").staging_bytes
-    gpu = make_plan(PlanRequest(model="llama3_1_8b", hardware="H100-80GB", max_model_len=32768, concurrency=32))
-    assert gpu.row("zipcache").kv_budget_bytes == gpu.row("auto").kv_budget_bytes
-    assert gpu.row("zipcache").staging_bytes > 0 and gpu.row("zipcache").fits
-    full = make_plan(PlanRequest(model="llama3_1_8b", hardware="H100-80GB", max_model_len=32768, concurrency=16,
-                                 gpu_memory_utilization=1.0))
-    assert not full.row("zipcache").fits and "DOES NOT FIT" in full.row("zipcache").note
-    assert full.row("fp8").fits
-
-
-def test_zipcache_default_max_num_seqs_is_the_backends():
-    from zipcache_vllm.vllm_plugin.backend import DEFAULT_MAX_NUM_SEQS
-
-    assert cap.ZIPCACHE_DEFAULT_MAX_NUM_SEQS == DEFAULT_MAX_NUM_SEQS
+def test_staging_is_blocks_of_the_kv_cache_on_cpu_and_cuda(model_dir):
+    """Paged staging: the same budget for every dtype; each running request holds the
+    staging blocks ahead (4 for SmolLM2's default preset in bf16), counted in concurrency."""
+    for plan in (make_plan(PlanRequest(model=str(model_dir), hardware="cpu-dev", max_model_len=2048,
+                                       context_len=512)),
+                 make_plan(PlanRequest(model="llama3_1_8b", hardware="H100-80GB", max_model_len=32768,
+                                       context_len=2048))):
+        zc, auto = plan.row("zipcache"), plan.row("auto")
+        assert zc.kv_budget_bytes == auto.kv_budget_bytes and auto.staging_blocks == 0
+        fmt = cap.page_format("zipcache", plan.model["head_size"], plan.kv_heads_per_rank, 2, plan.device)
+        assert zc.staging_blocks == fmt.staging_blocks > 0
+        assert zc.staging_bytes_per_request == zc.staging_blocks * zc.page_bytes * max(plan.layers_per_stage)
+        per_request = -(-plan.context_len // zc.block_size) + zc.staging_blocks
+        assert zc.kv_requests_at_context == zc.num_blocks // per_request
+        assert zc.max_num_seqs is None and zc.concurrency_at_context == zc.kv_requests_at_context
+    assert make_plan(PlanRequest(model=str(model_dir), hardware="cpu-dev",
+                                 max_model_len=2048)).row("zipcache").staging_blocks == 4
 
 
 def test_bad_requests_name_the_field():
@@ -161,7 +163,6 @@ def vllm_kv(model_dir):
     from vllm.v1.worker.utils import customize_attention_spec
 
     from zipcache_vllm.vllm_plugin import backend, plugin
-    from zipcache_vllm.engine.staging import staging_bytes
 
     plugin.register()
 
@@ -190,14 +191,9 @@ def vllm_kv(model_dir):
                     block_size=block_size or cfg.cache_config.block_size, num_kv_heads=heads,
                     head_size=head_size, dtype=kv_dtype))
             layers = {f"model.layers.{first + i}.self_attn.attn": spec for i in range(n)}
-            reserved = 0
-            if attn is backend.ZipCacheBackend:  # what backend.reserved_staging_bytes gives the worker
-                layout = backend.layout_for(backend.preset_for_dtype(dtype), head_size, heads)
-                reserved = staging_bytes(n, backend.num_staging_slots(cfg), layout.block_size, heads,
-                                         head_size, mc.dtype)
             for _ in range(tp):
                 specs.append(layers)
-                avail.append((budget_bytes or cfg.cache_config.kv_cache_memory_bytes) - reserved)
+                avail.append(budget_bytes or cfg.cache_config.kv_cache_memory_bytes)
         names = [layout.name for layout in get_supported_kv_cache_layouts([attn])]
         resolve_kv_cache_layout(cfg, [names] * len(specs), [s for w in specs for s in w.values()])
         sched = generate_scheduler_kv_cache_config(get_kv_cache_configs(cfg, specs, avail))
@@ -230,7 +226,7 @@ def test_gpu_block_size_and_budgets_equal_vllm(vllm_kv, model_dir, tp, pp):
         fmt = cap.page_format(dtype, spec.head_size, cap.kv_heads_per_rank(spec.num_kv_heads, tp), 2, "gpu")
         assert fmt.block_size == 16
         for budget in (123_456_789, 5 * 2**30 + 17):
-            ours = cap.engine_capacity(fmt, [budget] * pp, stages, [0] * pp, 1000)
+            ours = cap.engine_capacity(fmt, [budget] * pp, stages, 1000)
             assert (ours.num_blocks, ours.kv_tokens) == vllm_kv(dtype, tp, pp, 1, 1000, 16, budget)[:2]
 
 
@@ -248,7 +244,11 @@ def test_page_bytes_equal_the_backend_spec():
         for heads, head_size in ((1, 64), (3, 64), (8, 128)):
             spec = dtype_backend.customize_spec(FullAttentionSpec(
                 block_size=block, num_kv_heads=heads, head_size=head_size, dtype=torch.uint8))
-            assert cap.page_format(dtype, head_size, heads, 2, "cpu").page_bytes == spec.page_size_bytes
+            fmt = cap.page_format(dtype, head_size, heads, 2, "cpu")
+            assert (fmt.page_bytes, fmt.staging_blocks) == (spec.page_size_bytes, spec.staging_blocks)
+            f32 = backend.backend_for(dtype, 4).customize_spec(FullAttentionSpec(
+                block_size=block, num_kv_heads=heads, head_size=head_size, dtype=torch.uint8))
+            assert cap.page_format(dtype, head_size, heads, 4, "cpu").staging_blocks == f32.staging_blocks
 
 
 # -- CLI ------------------------------------------------------------------------------------
@@ -353,18 +353,18 @@ def test_a_length_beyond_the_model_is_refused():
 
 def test_planned_max_num_seqs():
     """--max-num-seqs given: kept; --concurrency: the target; neither: the most requests of the
-    context that fit (KV and, on CUDA, staging), capped by vLLM's default for the hardware."""
+    context that fit with their staging blocks, capped by vLLM's default for the hardware."""
     from zipcache_vllm.planner.plan import planned_max_num_seqs
 
     req = PlanRequest(model="llama3_1_8b", hardware="H100-80GB", max_model_len=32768)
     n = planned_max_num_seqs(req, "zipcache")
-    assert n == make_plan(req.model_copy(update={"max_num_seqs": n})).row("zipcache").kv_requests_at_context == 64
+    assert n == make_plan(req.model_copy(update={"max_num_seqs": n})).row("zipcache").kv_requests_at_context == 63
     assert make_plan(req.model_copy(update={"max_num_seqs": n + 1})).row("zipcache").kv_requests_at_context < n + 1
     assert planned_max_num_seqs(req.model_copy(update={"concurrency": 10}), "zipcache") == 10
     assert planned_max_num_seqs(req.model_copy(update={"max_num_seqs": 3}), "auto") == 3
     short = req.model_copy(update={"context_len": 256})  # thousands fit: vLLM's default (1024) caps
     assert planned_max_num_seqs(short, "auto") == 1024
-    # CPU: staging comes out of the budget, so n and the cache are solved together
+    # CPU: the same search (no sampler rows in the budget)
     cpu = PlanRequest(model="llama3_1_8b", hardware="cpu-dev", max_model_len=4096)
     n = planned_max_num_seqs(cpu, "zipcache")
     row = make_plan(cpu.model_copy(update={"max_num_seqs": n})).row("zipcache")

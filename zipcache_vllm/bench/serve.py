@@ -38,9 +38,11 @@ from ..engine_proc import REFUSAL
 from ..planner.units import human_readable_int
 
 BASELINE = "auto"
-# The plugin's startup refusal of a budget smaller than its staging reserve (issue 20): in a
-# budget sweep that budget becomes a row, as vLLM's fp8 refusal (REFUSAL) does.
-STAGING_REFUSAL = re.compile(r"(zipcache staging needs [\d.]+ MiB but the KV budget is [\d.]+ MiB)")
+# vLLM's startup refusal of a budget that cannot hold one request of --max-model-len (with a
+# zipcache dtype, its staging blocks included): in a budget sweep that budget becomes a row,
+# as vLLM's fp8 refusal (REFUSAL) does.
+CAPACITY_REFUSAL = re.compile(r"(To serve at least one request with the model's max seq len \(\d+\), "
+                              r"\([\d.]+ GiB KV cache is needed)")
 
 
 @dataclass(frozen=True)
@@ -82,13 +84,14 @@ def byte_sizes(text: str) -> tuple[int, ...]:
 
 
 # Sizing (bf16: 23,040 bytes per token of SmolLM2, 2.95 MB per 128-token block; the default
-# preset: 0.64 MB per packed block plus one bf16 staging block, 3.0 MB, per sequence slot):
+# preset: 0.64 MB per block, and 4 blocks ahead of each running request for its staging):
 # a request of 128 + 384 tokens takes 4 blocks; at 136 MiB `auto` holds 48 blocks (12 such
-# requests), the default preset 105 blocks after 25 staging slots (all 24 sequences run).
+# requests), the default preset 222 blocks, 8 per request with its 4 staging blocks (all 24
+# sequences run: 27 such requests fit).
 # The ceiling run: 512 MiB holds every request of the load in bf16 (24 x 4 blocks = 283 MB).
 FULL = Workload(requests=48, clients=24, prompt_len=128, output_len=384, kv_bytes=136 * 2**20, max_num_seqs=24,
                 ceiling_bytes=512 * 2**20)
-# CI smoke load: 24 MiB holds 8 bf16 blocks; the default preset ~16 after 5 staging slots.
+# CI smoke load: 24 MiB holds 8 bf16 blocks; the default preset 39 (6 per 192-token request).
 QUICK = Workload(requests=8, clients=8, prompt_len=128, output_len=64, kv_bytes=24 * 2**20, max_num_seqs=4)
 
 
@@ -329,7 +332,7 @@ def bench_one(model_dir: str, name: str, w: Workload, prompts: list[list[int]], 
             server.wait_ready()
         except RuntimeError:
             log = server.log()  # the whole log: the exception keeps only its tail
-            refused = REFUSAL.search(log) or STAGING_REFUSAL.search(log)
+            refused = REFUSAL.search(log) or CAPACITY_REFUSAL.search(log)
             if refused:
                 return Result(name, unsupported=refused.group(1), kv_bytes=w.kv_bytes)
             raise

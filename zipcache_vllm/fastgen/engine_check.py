@@ -20,7 +20,6 @@ import torch
 from ..engine_proc import run_worker
 
 KV_TOKENS = re.compile(r"KV cache size: ([\d,]+) tokens")
-BUDGET = re.compile(r"reserved ([\d.]+) MiB of the ([\d.]+) MiB KV budget")
 
 
 def run_engine(model_dir: str, kv_dtype: str, prompts: list[list[int]], max_tokens: int,
@@ -36,19 +35,18 @@ def run_engine(model_dir: str, kv_dtype: str, prompts: list[list[int]], max_toke
         res = json.loads(out.read_text())
     m = KV_TOKENS.search(log)
     res["kv_tokens_logged"] = int(m.group(1).replace(",", "")) if m else None
-    b = BUDGET.search(log)
-    res["budget_mib"] = float(b.group(2)) if b else None
     return res
 
 
 def expected_capacity(preset_name: str, model_dir: str, budget_bytes: int, dtype: torch.dtype,
-                      max_num_seqs: int = 8) -> dict:
-    """KV tokens the layout predicts for the engine, with and without eviction."""
+                      max_model_len: int = 2048) -> dict:
+    """KV tokens the engine logs for the layout, with and without eviction (the planner's
+    capacity: blocks over the blocks of a ``max_model_len`` request and its staging)."""
     from transformers import AutoConfig
 
     from ..config import load_preset
-    from ..layout import BlockLayout, FastGenLayout
-    from ..engine.staging import MARGIN, staging_bytes
+    from ..layout import BlockLayout, FastGenLayout, StagingLayout
+    from ..planner import capacity as cap
 
     cfg = AutoConfig.from_pretrained(model_dir)
     L, H = cfg.num_hidden_layers, cfg.num_key_value_heads
@@ -58,10 +56,14 @@ def expected_capacity(preset_name: str, model_dir: str, budget_bytes: int, dtype
     k = lay.kept
     no_evict = BlockLayout(lay.block_size, D, H, k.hi_bits, k.lo_bits,
                            int(round(k.n_hi * lay.block_size / lay.slots)))
-    avail = budget_bytes - staging_bytes(L, max_num_seqs + MARGIN, lay.block_size, H, D, dtype)
-    tokens = avail // (L * lay.page_bytes) * lay.block_size
-    tokens_no_evict = avail // (L * no_evict.page_bytes) * lay.block_size
-    return {"tokens": int(tokens), "tokens_no_eviction": int(tokens_no_evict), "page_bytes": lay.page_bytes,
+    elt = torch.empty((), dtype=dtype).element_size()
+
+    def tokens(layout) -> int:
+        fmt = cap.PageFormat(preset_name, layout.block_size, H, D, layout.page_bytes, preset.name, layout,
+                             StagingLayout.of(layout, elt).lookahead_blocks)
+        return cap.engine_capacity(fmt, [budget_bytes], [L], max_model_len).kv_tokens
+
+    return {"tokens": tokens(lay), "tokens_no_eviction": tokens(no_evict), "page_bytes": lay.page_bytes,
             "page_bytes_no_eviction": no_evict.page_bytes, "slots": lay.slots, "block_size": lay.block_size}
 
 
@@ -107,8 +109,7 @@ def check(model_dir: str, kv_dtype: str, num_prompts: int = 3, prompt_len: int =
         gen, elp = row["token_ids"], row["logprobs"]
         same += [abs(a - b) for a, b in zip(elp, simulated_logprobs(model, table, preset, prompt, gen))]
         none += [abs(a - b) for a, b in zip(elp, simulated_logprobs(model, table, "none", prompt, gen))]
-    budget = int(round(res["budget_mib"] * 2 ** 20)) if res["budget_mib"] else kv_space_gib * 2 ** 30
-    cap = expected_capacity(preset.name, model_dir, budget, torch.float32)
+    cap = expected_capacity(preset.name, model_dir, kv_space_gib * 2 ** 30, torch.float32)
     return {"kv_cache_dtype": kv_dtype, "preset": preset.name, "tokens": len(same),
             "vs_same_preset": _stats(same), "vs_uncompressed": _stats(none),
             "kv_tokens_logged": res["kv_tokens_logged"], "capacity": cap,

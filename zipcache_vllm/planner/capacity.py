@@ -9,17 +9,17 @@ Pure Python (no vLLM import), reproducing, in order:
 * Page bytes of one layer and one block: ``AttentionSpec.page_size_bytes`` =
   ``heads x block_size x (K + V) x dtype bytes`` for ``auto``/``fp8``, and for zipcache the
   backend's ``customize_spec``: one opaque state of :attr:`BlockLayout.page_bytes`.
-* The budget per worker: on CPU ``VLLM_CPU_KVCACHE_SPACE`` GiB, minus the zipcache staging
-  pool that ``compat.patch_cpu_kv_budget`` subtracts (sized by ``engine.staging.staging_bytes``,
-  the same function the worker uses).
+* The budget per worker: on CPU ``VLLM_CPU_KVCACHE_SPACE`` GiB. Zipcache staging lives in
+  the KV cache itself (``layout.StagingLayout``): every running request holds
+  ``staging_blocks`` blocks ahead of its tokens (``vllm_plugin/kv_spec.py``).
 * ``kv_cache_utils.get_kv_cache_config_from_groups``: one group with every layer of the
   worker, ``num_blocks = budget // (layers x page bytes)``; the engine keeps the smallest
   ``num_blocks`` of all workers.
 * ``kv_cache_utils.get_kv_cache_capacity``: ``max_concurrency = num_blocks /
-  cdiv(max_model_len, block_size)`` and the logged "KV cache size: N tokens" is
-  ``int(max_concurrency * max_model_len)``.
+  (cdiv(max_model_len, block_size) + staging_blocks)`` (``ZipCacheSpec.max_memory_usage_bytes``)
+  and the logged "KV cache size: N tokens" is ``int(max_concurrency * max_model_len)``.
 * ``_check_enough_kv_cache_memory``: the engine refuses to start unless one request of
-  ``max_model_len`` fits next to the null block.
+  ``max_model_len`` (with its staging blocks) fits next to the null block.
 
 ``tests/tools/test_planner.py`` checks these against vLLM's own functions, and
 ``tests/tools/test_planner_engine.py`` against the engine's log.
@@ -28,16 +28,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..layout import BlockLayout
+from ..layout import BlockLayout, StagingLayout
 
 GiB = 1 << 30
 CPU_BLOCK_SIZE = 128  # vllm/platforms/cpu.py sets block_size=128 when the user gives none
 GPU_BLOCK_SIZE = 16  # vllm.config.cache.CacheConfig.DEFAULT_BLOCK_SIZE
 FP8_DTYPES = ("fp8", "fp8_e4m3", "fp8_e5m2")
 FULL_PRECISION_DTYPES = ("auto", "bfloat16", "float16")
-# What the plugin sets when --max-num-seqs is not given (backend.DEFAULT_MAX_NUM_SEQS; the
-# planner does not import the backend, which imports vLLM; tests/tools/test_planner.py checks equality).
-ZIPCACHE_DEFAULT_MAX_NUM_SEQS = 8
 
 
 def cdiv(a: int, b: int) -> int:
@@ -75,6 +72,7 @@ class PageFormat:
     page_bytes: int  # one layer, one block: vLLM's spec.page_size_bytes
     preset: str | None = None
     layout: BlockLayout | None = None  # or FastGenLayout (paged FastGen presets)
+    staging_blocks: int = 0  # blocks every running request holds ahead of its tokens (zipcache)
 
     @property
     def bytes_per_token_per_layer(self) -> float:
@@ -124,8 +122,9 @@ def page_format(cache_dtype: str, head_size: int, num_kv_heads: int, model_dtype
         if block_size not in (None, preset.block_size):
             raise ValueError(f"{cache_dtype} stores blocks of {preset.block_size} tokens, not {block_size}")
         layout = zipcache_layout(preset, head_size, num_kv_heads)
+        staging = StagingLayout.of(layout, 4 if model_dtype_bytes == 4 else 2)
         return PageFormat(cache_dtype, layout.block_size, num_kv_heads, head_size, layout.page_bytes,
-                          preset.name, layout)
+                          preset.name, layout, staging.lookahead_blocks)
     if cache_dtype in FP8_DTYPES:
         elt = 1
     elif cache_dtype in FULL_PRECISION_DTYPES:
@@ -137,18 +136,6 @@ def page_format(cache_dtype: str, head_size: int, num_kv_heads: int, model_dtype
     return PageFormat(cache_dtype, bs, num_kv_heads, head_size, num_kv_heads * bs * 2 * head_size * elt)
 
 
-def staging_reserve(fmt: PageFormat, num_layers: int, max_num_seqs: int, model_dtype: str) -> int:
-    """Bytes of one worker's zipcache staging pool (0 for other dtypes): the same
-    ``engine.staging.staging_bytes`` with ``max_num_seqs + MARGIN`` slots that the worker reserves."""
-    if fmt.layout is None:
-        return 0
-    import torch
-
-    from ..engine.staging import MARGIN, staging_bytes
-    return staging_bytes(num_layers, max_num_seqs + MARGIN, fmt.block_size, fmt.num_kv_heads,
-                         fmt.head_size, getattr(torch, model_dtype))
-
-
 @dataclass(frozen=True)
 class EngineCapacity:
     """What the engine allocates and logs."""
@@ -157,20 +144,24 @@ class EngineCapacity:
     kv_tokens: int  # "KV cache size: N tokens"
     max_concurrency: float  # "Maximum concurrency for max_model_len tokens per request: X"
     starts: bool  # one max_model_len request fits next to the null block on every worker
-    kv_budget_bytes: int  # the smallest per-worker budget after staging
+    kv_budget_bytes: int  # the smallest per-worker budget
 
 
-def engine_capacity(fmt: PageFormat, budgets: list[int], layers: list[int], staging: list[int],
+def blocks_per_request(fmt: PageFormat, num_tokens: int) -> int:
+    """Blocks a running request of ``num_tokens`` tokens holds (its staging blocks included)."""
+    return cdiv(num_tokens, fmt.block_size) + fmt.staging_blocks
+
+
+def engine_capacity(fmt: PageFormat, budgets: list[int], layers: list[int],
                     max_model_len: int) -> EngineCapacity:
-    """Blocks, tokens and concurrency for workers with ``budgets[i]`` bytes, ``layers[i]``
-    layers and ``staging[i]`` reserved bytes (one entry per worker)."""
-    if not budgets or not len(budgets) == len(layers) == len(staging):
-        raise ValueError("one budget, layer count and staging reserve per worker")
-    avail = [b - s for b, s in zip(budgets, staging)]
+    """Blocks, tokens and concurrency for workers with ``budgets[i]`` bytes and ``layers[i]``
+    layers (one entry per worker)."""
+    if not budgets or len(budgets) != len(layers):
+        raise ValueError("one budget and layer count per worker")
     per_block = [n * fmt.page_bytes for n in layers]
-    num_blocks = max(0, min(a // p for a, p in zip(avail, per_block)))
-    per_request = cdiv(max_model_len, fmt.block_size)
+    num_blocks = max(0, min(a // p for a, p in zip(budgets, per_block)))
+    per_request = blocks_per_request(fmt, max_model_len)
     max_concurrency = num_blocks / per_request
-    starts = all(a - p >= per_request * p for a, p in zip(avail, per_block))
+    starts = all(a - p >= per_request * p for a, p in zip(budgets, per_block))
     return EngineCapacity(num_blocks, int(max_concurrency * max_model_len), max_concurrency, starts,
-                          min(avail))
+                          min(budgets))

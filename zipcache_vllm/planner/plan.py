@@ -111,13 +111,16 @@ class DtypeRow(BaseModel):
     parts_per_token_per_layer: dict[str, float]
     bytes_per_token: float = Field(description="whole model: all layers, all TP ranks (replicas included)")
     page_bytes: int
-    staging_bytes: int = Field(description="zipcache staging pool per worker (max over workers); taken "
-                               "from the KV budget on CPU, allocated beside it on CUDA")
-    kv_budget_bytes: int = Field(description="smallest per-worker KV budget (after staging on CPU)")
+    staging_blocks: int = Field(0, description="blocks each running request holds ahead of its tokens "
+                                "for its partial block (zipcache staging, inside the KV cache)")
+    staging_bytes_per_request: int = Field(0, description="what those blocks take on the worker "
+                                           "with the most layers (all its layers)")
+    kv_budget_bytes: int = Field(description="smallest per-worker KV budget")
     num_blocks: int
     kv_tokens: int = Field(description="what vLLM logs as 'KV cache size: N tokens'")
     max_concurrency: float = Field(description="vLLM's 'Maximum concurrency' at max_model_len")
-    kv_requests_at_context: int = Field(description="requests of context_len whose KV fits at once")
+    kv_requests_at_context: int = Field(description="requests of context_len whose KV (and staging) "
+                                        "fits at once")
     concurrency_at_context: int = Field(description="kv_requests_at_context capped by max_num_seqs")
     max_num_seqs: Optional[int]
     ratio_vs_auto: Optional[float]
@@ -195,8 +198,8 @@ def activations_per_gpu(spec: ModelSpec, tp: int, batched_tokens: int, logit_row
 
 
 def vllm_default_max_num_seqs(hardware: str, hw: GPU | CPU, workers: int) -> int:
-    """What ``vllm serve`` uses for ``--max-num-seqs`` when it is not given (before the plugin
-    lowers it for zipcache dtypes): ``EngineArgs.get_batch_defaults`` for the API server."""
+    """What ``vllm serve`` uses for ``--max-num-seqs`` when it is not given (zipcache dtypes
+    included): ``EngineArgs.get_batch_defaults`` for the API server."""
     if isinstance(hw, CPU):
         return 128 * workers
     if hw.memory_gib >= 160 or (hw.memory_gib >= 70 and "a100" not in f"{hardware} {hw.description}".lower()):
@@ -228,7 +231,7 @@ def make_plan(req: PlanRequest, spec: ModelSpec | None = None) -> Plan:
 
     # Per worker (one per TP rank of each stage; all ranks of a stage look alike).
     estimates = None
-    spare = 0.0  # GPU: bytes per GPU outside everything vLLM allocates (where zipcache staging goes)
+    spare = 0.0  # GPU: bytes per GPU outside everything vLLM allocates
     if device == "cpu":
         budget = req.kv_cache_memory_bytes or (req.kv_cache_space_gib or hw.kv_cache_space_gib) * cap.GiB
         budgets = [budget] * pp
@@ -275,28 +278,16 @@ def make_plan(req: PlanRequest, spec: ModelSpec | None = None) -> Plan:
 def _row(req, spec, hw, device, dtype, kvh, stages, budgets, context, spare, too_long) -> DtypeRow:
     fmt = cap.page_format(dtype, spec.head_size, kvh, spec.dtype_bytes, device)
     zip_ = fmt.layout is not None
-    max_num_seqs = req.max_num_seqs or req.concurrency or (cap.ZIPCACHE_DEFAULT_MAX_NUM_SEQS if zip_ else None)
-    staging = [cap.staging_reserve(fmt, n, max_num_seqs, spec.dtype) if zip_ else 0 for n in stages]
-    # CPU: compat.patch_cpu_kv_budget takes staging out of the KV budget. CUDA: the backend
-    # allocates it from the memory vLLM leaves free (docs/TRITON.md).
-    reserved = staging if device == "cpu" else [0] * len(stages)
-    capy = cap.engine_capacity(fmt, budgets, stages, reserved, req.max_model_len)
+    max_num_seqs = req.max_num_seqs or req.concurrency or None
+    capy = cap.engine_capacity(fmt, budgets, stages, req.max_model_len)
     starts = capy.starts and not too_long
-    per_request = cap.cdiv(context, fmt.block_size)
-    kv_requests = capy.num_blocks // per_request if starts else 0
+    kv_requests = capy.num_blocks // cap.blocks_per_request(fmt, context) if starts else 0
     conc = kv_requests if max_num_seqs is None else min(kv_requests, max_num_seqs)
     note = None
     if device == "cpu" and dtype in cap.FP8_DTYPES:
         note = "vLLM's fp8 CPU path needs x86 with AVX-512 or AMX"
-    staging_fits = True
     if device == "gpu" and zip_:
-        staging_fits = max(staging) <= spare
-        where = ("outside --kv-cache-memory-bytes and the estimated weights, activations and overhead"
-                 if req.kv_cache_memory_bytes else "that gpu_memory_utilization leaves free")
-        note = (f"CUDA backend (Triton kernels, not yet run on a GPU: docs/TRITON.md); staging "
-                f"{max(staging) / 2**20:.0f} MiB per GPU outside the KV budget, from the "
-                f"{max(0.0, spare) / cap.GiB:.1f} GiB {where}"
-                + ("" if staging_fits else ": DOES NOT FIT, lower gpu_memory_utilization or max_num_seqs"))
+        note = "CUDA backend (Triton kernels, not yet run on a GPU: docs/TRITON.md)"
     bound = None
     if device == "gpu" and conc:
         kv_read = [conc * context * n * fmt.bytes_per_token_per_layer for n in stages]
@@ -309,10 +300,12 @@ def _row(req, spec, hw, device, dtype, kvh, stages, budgets, context, spare, too
         cache_dtype=dtype, preset=fmt.preset, block_size=fmt.block_size,
         bytes_per_token_per_layer=fmt.bytes_per_token_per_layer,
         parts_per_token_per_layer=fmt.parts_per_token_per_layer(), bytes_per_token=whole,
-        page_bytes=fmt.page_bytes, staging_bytes=max(staging), kv_budget_bytes=capy.kv_budget_bytes,
+        page_bytes=fmt.page_bytes, staging_blocks=fmt.staging_blocks,
+        staging_bytes_per_request=fmt.staging_blocks * fmt.page_bytes * max(stages),
+        kv_budget_bytes=capy.kv_budget_bytes,
         num_blocks=capy.num_blocks, kv_tokens=capy.kv_tokens, max_concurrency=capy.max_concurrency,
         kv_requests_at_context=kv_requests, concurrency_at_context=conc, max_num_seqs=max_num_seqs,
-        ratio_vs_auto=None, starts=starts, fits=starts and staging_fits and conc >= (req.concurrency or 1),
+        ratio_vs_auto=None, starts=starts, fits=starts and conc >= (req.concurrency or 1),
         decode_tokens_per_s_bound=bound, note=note)
 
 
@@ -320,11 +313,11 @@ def planned_max_num_seqs(req: PlanRequest, cache_dtype: str, spec: ModelSpec | N
     """The ``--max-num-seqs`` to deploy ``cache_dtype`` with: ``req.max_num_seqs`` when given;
     else the largest n up to ``req.concurrency`` (without it, up to vLLM's default for the
     hardware, :func:`vllm_default_max_num_seqs`) such that n requests of ``context_len`` fit
-    in the KV cache next to n staging slots and the staging fits (GPU); at least 1.
+    in the KV cache with their staging blocks; at least 1.
 
     Every probe is a full :func:`make_plan` with ``max_num_seqs=n``, so the answer accounts for
-    what n changes (staging out of the CPU budget, sampler rows in the GPU activation
-    estimate); both only shrink the cache as n grows, so the largest such n is found by bisection.
+    what n changes (sampler rows in the GPU activation estimate), which only shrinks the
+    cache as n grows, so the largest such n is found by bisection.
     """
     if req.max_num_seqs:
         return req.max_num_seqs

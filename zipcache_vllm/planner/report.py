@@ -41,7 +41,7 @@ def markdown(plan: Plan) -> str:
         space = req.kv_cache_space_gib or hw["kv_cache_space_gib"]
         out += [f"KV budget per worker: {space} GiB (exact; VLLM_CPU_KVCACHE_SPACE={space}, the same as "
                 f"--kv-cache-memory-bytes {space}G).", ""]
-    out += ["| --kv-cache-dtype | block | bytes/token/layer | bytes/token (model) | staging MiB | KV tokens | "
+    out += ["| --kv-cache-dtype | block | bytes/token/layer | bytes/token (model) | staging blocks / MiB a request | KV tokens | "
             "vs auto | max concurrency @max_model_len | requests @context: KV / max_num_seqs | fits |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     too_long = plan.max_model_len_limit is not None and req.max_model_len > plan.max_model_len_limit
@@ -51,7 +51,8 @@ def markdown(plan: Plan) -> str:
         ratio = f"{r.ratio_vs_auto:.2f}x" if r.ratio_vs_auto is not None else ""
         fits = ("yes" if r.fits else "no") + ("" if r.starts else refusal)
         out.append(f"| {r.cache_dtype} | {r.block_size} | {r.bytes_per_token_per_layer:.2f} | "
-                   f"{r.bytes_per_token:,.0f} | {r.staging_bytes / 2**20:.1f} | {r.kv_tokens:,} | {ratio} | "
+                   f"{r.bytes_per_token:,.0f} | {r.staging_blocks} / {r.staging_bytes_per_request / 2**20:.2f} | "
+                   f"{r.kv_tokens:,} | {ratio} | "
                    f"{r.max_concurrency:.2f} | {r.kv_requests_at_context} / {r.max_num_seqs or '-'} | {fits} |")
     notes = [f"- `{r.cache_dtype}`: {r.note}" for r in plan.rows if r.note]
     if notes:

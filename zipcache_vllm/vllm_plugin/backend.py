@@ -22,25 +22,27 @@ process stay apart: an engine's staging pool, its policy's engine state and step
 are one :class:`ZipCacheEngine`, created by its first metadata builder and attached to
 its zipcache layers' impls, where its other builders, the runner's hooks
 (``compat.patch_request_lifecycle``, ``compat.patch_step_token_ids``) and the worker
-extension find it (:func:`engine_of`). The cache dtype reaches ``customize_spec``
-through the backend class: the router gives each dtype's layers a subclass that
-carries it (:func:`backend_for`).
+extension find it (:func:`engine_of`). The cache dtype (and the model dtype's width, which
+sizes the staging) reaches ``customize_spec`` through the backend class: the router gives
+each dtype's layers a subclass that carries it (:func:`backend_for`). ``customize_spec``
+declares a :class:`~.kv_spec.ZipCacheSpec`: the page bytes and the staging blocks every
+running request holds ahead of its tokens (paged staging, ``engine/staging.py``).
 
 See ``docs/BACKEND.md`` for the step flow.
 """
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from ..config import Preset
 from ..engine.plan import DecodeBatch, RequestPlan, plan_step
-from ..engine.staging import MARGIN, StagingPool, staging_bytes
+from ..engine.staging import MARGIN, StagingPool
 from ..engine.step import apply_step
-from ..layout import BlockLayout, FastGenLayout
+from ..layout import BlockLayout, FastGenLayout, StagingLayout
 from ..policies import make_policy
 from . import compat
 from .compat import (
@@ -55,13 +57,14 @@ from .compat import (
     MultipleOf,
 )
 from ..dtypes import is_zipcache_dtype, preset_for_dtype
+from .kv_spec import ZipCacheSpec
 
 logger = compat.logger
 
 SUPPORTED_HEAD_SIZES = (64, 128, 256)
 BACKEND_PATH = "zipcache_vllm.vllm_plugin.backend.ZipCacheBackend"  # vLLM's CUSTOM slot
 DTYPE_BACKEND_PREFIX = "ZipCacheBackend_"  # + cache dtype: the class the router names
-DEFAULT_MAX_NUM_SEQS = 8  # staging slots cost a bf16 block each (see docs/BACKEND.md)
+F32_SUFFIX = "__f32"  # + on the classes of float32 models (4-byte staging elements)
 
 
 def _cache_dtype_of(vllm_config) -> str:
@@ -89,6 +92,8 @@ class ZipCacheBackend(AttentionBackend):
     # The cache dtype of the layers this class serves: set on the per-dtype subclasses the
     # router names (backend_for); None on the CUSTOM-registered class itself.
     cache_dtype: ClassVar[str | None] = None
+    # Bytes of the model dtype the staging holds (2: bfloat16 / float16, 4: float32).
+    staging_elt_bytes: ClassVar[int | None] = None
 
     @staticmethod
     def get_name() -> str:
@@ -126,46 +131,70 @@ class ZipCacheBackend(AttentionBackend):
 
     @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
-        """One page per (layer, block): ``[1 head slot, 1 state, page_bytes]``.
+        """One page per (layer, block): ``[1 head slot, 1 state, page_bytes]``, as a
+        :class:`~.kv_spec.ZipCacheSpec` with the staging blocks of the preset's
+        :class:`~zipcache_vllm.layout.StagingLayout`.
 
         ``tokens_per_state = block_size`` makes the whole block one opaque state, so
         ``page_size_bytes == layout.page_bytes`` exactly (no padding, no split). The preset
-        is the class's :attr:`cache_dtype` (vLLM calls this where no current config is
-        set: the worker's ``get_kv_cache_spec``), else the current config's.
+        and the staging element width are the class's :attr:`cache_dtype` and
+        :attr:`staging_elt_bytes` (vLLM calls this where no current config is set: the
+        worker's ``get_kv_cache_spec``), else the current config's.
         """
-        if spec.state_content_bytes is not None:
+        if isinstance(spec, ZipCacheSpec):
             return spec
-        preset = preset_for_dtype(
-            cls.cache_dtype or _cache_dtype_of(compat.get_current_vllm_config_or_none()))
+        config = None if cls.cache_dtype else compat.get_current_vllm_config_or_none()
+        preset = preset_for_dtype(cls.cache_dtype or _cache_dtype_of(config))
+        elt = cls.staging_elt_bytes or _staging_elt_bytes(config.model_config.dtype)
         layout = layout_for(preset, spec.head_size, spec.num_kv_heads)
         if spec.block_size not in (1, layout.block_size):
             raise ValueError(f"zipcache preset {preset.name} needs block size {layout.block_size}, "
                              f"the engine uses {spec.block_size}")
-        return replace(spec, num_head_slots=1, tokens_per_state=spec.block_size,
-                       state_content_bytes=layout.page_bytes * spec.block_size // layout.block_size)
+        fields = {f: getattr(spec, f) for f in compat.FullAttentionSpec.__dataclass_fields__}
+        fields.update(num_head_slots=1, tokens_per_state=spec.block_size,
+                      state_content_bytes=layout.page_bytes * spec.block_size // layout.block_size,
+                      staging_blocks=StagingLayout.of(layout, elt).lookahead_blocks)
+        return ZipCacheSpec(**fields)
+
+
+def _staging_elt_bytes(model_dtype: torch.dtype | None) -> int:
+    """Bytes of a staged element: the model dtype's (float32: 4, else 2)."""
+    return 4 if model_dtype == torch.float32 else 2
+
+
+def backend_for(cache_dtype: str, staging_elt_bytes: int = 2) -> type[ZipCacheBackend]:
+    """The :class:`ZipCacheBackend` subclass for layers of ``cache_dtype`` in a model whose
+    dtype has ``staging_elt_bytes`` bytes (one per pair and process, named
+    ``ZipCacheBackend_<dtype>`` in this module, ``+ "__f32"`` for float32 models, see
+    :func:`backend_path`)."""
+    return _backend_class(cache_dtype, staging_elt_bytes)
 
 
 @functools.cache
-def backend_for(cache_dtype: str) -> type[ZipCacheBackend]:
-    """The :class:`ZipCacheBackend` subclass for layers of ``cache_dtype`` (one per dtype
-    and process, named ``ZipCacheBackend_<dtype>`` in this module, see :func:`backend_path`)."""
+def _backend_class(cache_dtype: str, staging_elt_bytes: int) -> type[ZipCacheBackend]:
     preset_for_dtype(cache_dtype)  # unknown names list the valid ones
-    name = DTYPE_BACKEND_PREFIX + cache_dtype
-    return type(name, (ZipCacheBackend,), {"cache_dtype": cache_dtype, "__module__": __name__,
-                                           "__qualname__": name})
+    if staging_elt_bytes not in (2, 4):
+        raise ValueError(f"staging elements are 2 or 4 bytes, got {staging_elt_bytes}")
+    name = DTYPE_BACKEND_PREFIX + cache_dtype + (F32_SUFFIX if staging_elt_bytes == 4 else "")
+    return type(name, (ZipCacheBackend,), {"cache_dtype": cache_dtype,
+                                           "staging_elt_bytes": staging_elt_bytes,
+                                           "__module__": __name__, "__qualname__": name})
 
 
-def backend_path(cache_dtype: str) -> str:
-    """The qualified name of :func:`backend_for` ``(cache_dtype)``: what the router returns
-    to vLLM, which imports it by name (:func:`__getattr__`)."""
-    return f"{__name__}.{DTYPE_BACKEND_PREFIX}{cache_dtype}"
+def backend_path(cache_dtype: str, model_dtype: torch.dtype | None = None) -> str:
+    """The qualified name of :func:`backend_for` for ``cache_dtype`` layers of a
+    ``model_dtype`` model: what the router returns to vLLM, which imports it by name
+    (:func:`__getattr__`)."""
+    return f"{__name__}.{backend_for(cache_dtype, _staging_elt_bytes(model_dtype)).__name__}"
 
 
 def __getattr__(name: str):
-    """``ZipCacheBackend_<dtype>``: the per-dtype backend classes, made on first use."""
+    """``ZipCacheBackend_<dtype>[__f32]``: the per-dtype backend classes, made on first use."""
     if name.startswith(DTYPE_BACKEND_PREFIX):
+        dtype = name[len(DTYPE_BACKEND_PREFIX):]
+        f32 = dtype.endswith(F32_SUFFIX)
         try:
-            return backend_for(name[len(DTYPE_BACKEND_PREFIX):])
+            return backend_for(dtype[:-len(F32_SUFFIX)] if f32 else dtype, 4 if f32 else 2)
         except ValueError:
             pass
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -224,7 +253,8 @@ class ZipCacheMetadataBuilder(AttentionMetadataBuilder[ZipCacheMetadata]):
                     if engine.state is not None else None)
         return ZipCacheMetadata(
             num_actual_tokens=cm.num_actual_tokens, plans=plans, prepared=prepared,
-            decode=(DecodeBatch.from_plans(decode, self.block_size, self.policy, self.device)
+            decode=(DecodeBatch.from_plans(decode, self.block_size, self.policy, self.device,
+                                           engine.pool.paged)
                     if decode else None))
 
 
@@ -366,12 +396,16 @@ def engine_for(vllm_config, device) -> ZipCacheEngine:
     engine = impls[0].engine
     if engine is not None and engine.pool.matches(layers, B, H, D, dtype):
         return engine
+    staging = StagingLayout.of(impls[0].layout, _staging_elt_bytes(dtype))
+    device = torch.device(device if device is not None else "cpu")
     pool = StagingPool(sorted(layers), num_staging_slots(vllm_config), B, H, D, dtype,
-                       device=device if device is not None else "cpu")
-    logger.info("zipcache: staging pool of %d slots x %d layers (%.1f MiB).",
-                pool.num_slots, len(layers), pool.nbytes / 2**20)
+                       device=device, paged=staging)
+    logger.info("zipcache: staging in the KV cache: each running request holds %d block(s) "
+                "ahead of its tokens (%d tokens a page, %.2f MiB a request over %d layers).",
+                staging.lookahead_blocks, staging.tokens_per_page,
+                staging.lookahead_blocks * staging.page_bytes * len(layers) / 2**20, len(layers))
     state = impls[0].policy.engine_state(len(layers), pool.num_slots, H, B,
-                                         vllm_config.model_config.tokenizer, pool.k.device)
+                                         vllm_config.model_config.tokenizer, device)
     if state is not None:  # its builder reads each step's token ids
         compat.patch_step_token_ids(record_step_tokens)
     engine = ZipCacheEngine(pool, state)
@@ -394,17 +428,6 @@ def staging_pool_of(vllm_config) -> StagingPool | None:
     """The engine's staging pool (for the runner's request lifecycle hooks and the stats)."""
     engine = engine_of(vllm_config)
     return engine.pool if engine is not None else None
-
-
-def reserved_staging_bytes(worker) -> int:
-    """Bytes the staging pool will take, for the KV budget (0 if no zipcache layer)."""
-    vllm_config = worker.vllm_config
-    layers = _our_layers(vllm_config)
-    if not layers:
-        return 0
-    impl = next(iter(layers.values())).impl
-    return staging_bytes(len(layers), num_staging_slots(vllm_config), impl.layout.block_size,
-                         impl.num_kv_heads, impl.head_size, vllm_config.model_config.dtype)
 
 
 def record_step_tokens(vllm_config, ids: torch.Tensor) -> None:

@@ -33,7 +33,6 @@ import vllm.utils.torch_utils as _torch_utils
 import vllm.v1.attention.selector as _selector
 from vllm.config import VllmConfig, get_current_vllm_config_or_none
 from vllm.config.cache import CacheConfig
-from vllm.engine.arg_utils import EngineArgs
 from vllm.logger import init_logger
 from vllm.v1.attention.backend import (
     AttentionBackend,
@@ -45,15 +44,17 @@ from vllm.v1.attention.backend import (
     MultipleOf,
 )
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
-from vllm.v1.worker.cpu_worker import CPUWorker
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, KVCacheLayout
+from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 __all__ = [
     "SUPPORTED_VLLM",
     "AttentionBackend", "AttentionBackendEnum", "AttentionCGSupport", "AttentionImpl",
     "AttentionMetadataBuilder",
-    "AttentionSpec", "AttentionType", "CommonAttentionMetadata", "KVCacheLayout", "MultipleOf",
+    "AttentionSpec", "AttentionType", "CommonAttentionMetadata", "FullAttentionManager",
+    "FullAttentionSpec", "KVCacheLayout", "MultipleOf",
     "VllmConfig", "get_current_vllm_config_or_none", "init_logger", "register_backend",
 ]
 
@@ -119,7 +120,7 @@ def patch_cache_dtypes(names: Iterable[str]) -> None:
 # ---------------------------------------------------------------------------
 
 def patch_platform_attn_backend(is_ours: Callable[[str | None], bool],
-                                backend_path: Callable[[str], str],
+                                backend_path: Callable[[str, torch.dtype], str],
                                 validate: Callable[[object], None]) -> None:
     """Route layers whose cache dtype is ours to our backend (idempotent).
 
@@ -130,9 +131,10 @@ def patch_platform_attn_backend(is_ours: Callable[[str | None], bool],
     reads our pages; there our backend runs the Triton kernels (``kernels/gpu.py``).
     Other platforms (ROCm, XPU, TPU) have no zipcache kernel: our dtype fails loudly.
     ``validate(selector_config)`` raises with a clear message on an unsupported
-    layer (head size, MLA, sliding window, encoder attention, ...). ``backend_path(dtype)``
-    names the backend class for the layer's cache dtype: vLLM hands that class to every
-    later call for the layer, and ``customize_spec`` gets nothing else that names the dtype.
+    layer (head size, MLA, sliding window, encoder attention, ...).
+    ``backend_path(cache_dtype, model_dtype)`` names the backend class for the layer's
+    cache dtype and model dtype: vLLM hands that class to every later call for the layer,
+    and ``customize_spec`` gets nothing else that names them.
     """
     from vllm.platforms import current_platform
 
@@ -154,7 +156,7 @@ def patch_platform_attn_backend(is_ours: Callable[[str | None], bool],
         validate(attn_selector_config)
         logger.info_once("Using zipcache attention backend (CUSTOM) for --kv-cache-dtype %s.",
                          attn_selector_config.kv_cache_dtype)
-        return backend_path(attn_selector_config.kv_cache_dtype)
+        return backend_path(attn_selector_config.kv_cache_dtype, attn_selector_config.dtype)
 
     platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
 
@@ -184,63 +186,23 @@ def patch_platform_check_config(is_ours: Callable[[str | None], bool],
     platform_cls.check_and_update_config = classmethod(check_and_update_config)
 
 
-def patch_default_max_num_seqs(is_ours: Callable[[str | None], bool], default: int) -> None:
-    """Give our dtypes a smaller default ``--max-num-seqs`` (idempotent).
+def register_kv_cache_spec(spec_cls: type, manager_cls: type) -> None:
+    """Give our KV-cache spec class its own manager in vLLM's spec registry (idempotent).
 
-    Why: every running request holds one full-precision staging block, reserved
-    out of the KV budget; vLLM's CPU serve default (128 sequences) would spend a
-    large part of the budget on staging. Only a value the user did not set is
-    changed: ``EngineArgs._set_default_max_num_seqs_and_batched_tokens_args`` is
-    where vLLM fills in a ``None``.
+    Why: with paged staging every running request holds ``staging_blocks`` blocks ahead
+    of its tokens (``layout.StagingLayout``); the manager allocates them with the
+    request's blocks, so vLLM's scheduler counts them and preempts for them. Not a
+    patch: ``KVCacheSpecRegistry`` is vLLM's registry for out-of-tree specs. Its built-in
+    specs are registered lazily, on the first lookup, only while the registry is empty:
+    registering ours first would skip them, so they are registered first here.
     """
-    original = EngineArgs._set_default_max_num_seqs_and_batched_tokens_args
-    if _is_patched(original):
-        return
-
-    @_mark
-    @functools.wraps(original)
-    def wrapper(self, *args, **kwargs):
-        if self.max_num_seqs is None and is_ours(self.kv_cache_dtype):
-            self.max_num_seqs = default
-            logger.info("zipcache: --max-num-seqs defaults to %d (each running request holds a "
-                        "full-precision staging block reserved out of the KV budget).", default)
-        return original(self, *args, **kwargs)
-
-    EngineArgs._set_default_max_num_seqs_and_batched_tokens_args = wrapper
+    KVCacheSpecRegistry._ensure_registered()
+    KVCacheSpecRegistry.register(spec_cls, manager_cls, uniform_type_base_spec=FullAttentionSpec)
 
 
 # ---------------------------------------------------------------------------
-# 3. Reserving staging memory and freeing staging slots
+# 3. Freeing staging slots
 # ---------------------------------------------------------------------------
-
-def patch_cpu_kv_budget(reserved_bytes: Callable[[CPUWorker], int]) -> None:
-    """Subtract our staging memory from the CPU worker's KV budget (idempotent).
-
-    Why: the staging pool lives outside vLLM's cache tensor, but it must come out
-    of the same ``VLLM_CPU_KVCACHE_SPACE`` so that the engine's own "KV cache
-    size: N tokens" already accounts for it. ``determine_available_memory`` is
-    the number vLLM divides by the page size.
-    """
-    original = CPUWorker.determine_available_memory
-    if _is_patched(original):
-        return
-
-    @_mark
-    @functools.wraps(original)
-    def determine_available_memory(self) -> int:
-        available = original(self)
-        reserved = reserved_bytes(self)
-        if reserved:
-            if reserved >= available:
-                raise ValueError(
-                    f"zipcache staging needs {reserved / 2**20:.1f} MiB but the KV budget is "
-                    f"{available / 2**20:.1f} MiB; raise VLLM_CPU_KVCACHE_SPACE or lower --max-num-seqs.")
-            logger.info("zipcache: reserved %.1f MiB of the %.1f MiB KV budget for staging blocks.",
-                        reserved / 2**20, available / 2**20)
-        return available - reserved
-
-    CPUWorker.determine_available_memory = determine_available_memory
-
 
 def patch_request_lifecycle(pool_of: Callable[[VllmConfig], object | None]) -> None:
     """Tell the runner's engine's staging pool when a request ends or loses its blocks
@@ -344,9 +306,11 @@ def patch_targets() -> dict[str, object]:
         "STR_DTYPE_TO_TORCH_DTYPE": _torch_utils.STR_DTYPE_TO_TORCH_DTYPE,
         "CpuPlatform.get_attn_backend_cls": CpuPlatform.get_attn_backend_cls,
         "CpuPlatform.check_and_update_config": CpuPlatform.check_and_update_config,
-        "EngineArgs._set_default_max_num_seqs_and_batched_tokens_args":
-            EngineArgs._set_default_max_num_seqs_and_batched_tokens_args,
-        "CPUWorker.determine_available_memory": CPUWorker.determine_available_memory,
+        "KVCacheSpecRegistry._ensure_registered": KVCacheSpecRegistry._ensure_registered,
+        "FullAttentionManager.get_num_blocks_to_allocate":
+            FullAttentionManager.get_num_blocks_to_allocate,
+        "FullAttentionManager.allocate_new_blocks": FullAttentionManager.allocate_new_blocks,
+        "FullAttentionSpec.max_num_blocks_per_req": FullAttentionSpec.max_num_blocks_per_req,
         "GPUModelRunner._on_request_state_removed": GPUModelRunner._on_request_state_removed,
         "GPUModelRunner._update_states": GPUModelRunner._update_states,
     }

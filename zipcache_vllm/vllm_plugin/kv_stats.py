@@ -6,9 +6,10 @@ and the worker-state Prometheus gauges, see ``endpoints.py`` and ``metrics.py``)
 
 Measured compression = bytes the same tokens take in bf16 (K and V, every layer of this
 worker) / bytes they hold here: every allocated page of a live request (partially filled
-blocks and pages allocated ahead included) plus the staging slots in use. Small contexts
-pay a whole staging block per request, so the measured ratio approaches the page ratio
-only as contexts grow.
+blocks and the staging blocks allocated ahead included: paged staging lives in them) plus
+the staging slots in use of a pool with tensors of its own (none in the engine). Small
+contexts pay the staging blocks of every running request, so the measured ratio approaches
+the page ratio only as contexts grow.
 """
 from __future__ import annotations
 

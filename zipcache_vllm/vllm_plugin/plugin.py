@@ -79,7 +79,7 @@ def register() -> None:
     if problem is not None:
         _disable(problem)
         return
-    from . import backend, compat
+    from . import backend, compat, kv_spec
     from ..dtypes import cache_dtypes, is_zipcache_dtype
 
     compat.patch_cache_dtypes(sorted(cache_dtypes()))
@@ -87,8 +87,7 @@ def register() -> None:
     compat.patch_platform_attn_backend(is_zipcache_dtype, backend.backend_path,
                                        backend.validate_selector_config)
     compat.patch_platform_check_config(is_zipcache_dtype, _update_vllm_config)
-    compat.patch_default_max_num_seqs(is_zipcache_dtype, backend.DEFAULT_MAX_NUM_SEQS)
-    compat.patch_cpu_kv_budget(backend.reserved_staging_bytes)
+    compat.register_kv_cache_spec(kv_spec.ZipCacheSpec, kv_spec.ZipCacheManager)
     compat.patch_request_lifecycle(backend.staging_pool_of)
     _registered = True
 

@@ -36,7 +36,8 @@ class ZipCacheWorkerExtension:
         ``in_use``: staging slots held; ``keyed_blocks``: vLLM block ids mapped to a
         slot; ``staged_tokens``: tokens whose K/V sit in a slot; ``saliency_tokens``:
         saliency accumulator entries (score, count) a later step would read (the first
-        ``fill`` entries of each held slot); ``preempted_pending``: preempted requests
+        ``fill`` entries of each held slot; with paged staging they sit in the slot's page run,
+        one per staged token); ``preempted_pending``: preempted requests
         whose slots were released and that have not resumed or ended yet.
         ``num_kv_heads``: the KV heads of this rank (its share under tensor parallelism).
         """
@@ -49,6 +50,7 @@ class ZipCacheWorkerExtension:
         return {**state, "preempted_pending": pool.preempted_pending, "slots": pool.num_slots,
                 "in_use": pool.in_use, "keyed_blocks": len(pool._slot_of_block),
                 "staged_tokens": sum(pool.fill),
-                "saliency_tokens": int(sum(int((pool.count[0, s, :pool.fill[s]] > 0).sum())
-                                           for s in held)),
+                "saliency_tokens": (sum(pool.fill[s] for s in held) if pool.paged is not None
+                                    else int(sum(int((pool.count[0, s, :pool.fill[s]] > 0).sum())
+                                                 for s in held))),
                 "num_kv_heads": pool.num_kv_heads}

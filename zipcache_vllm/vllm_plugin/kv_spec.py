@@ -1,0 +1,62 @@
+"""What vLLM's KV-cache manager allocates for a zipcache layer: pages plus staging blocks.
+
+With paged staging (``engine/staging.py``, ``layout.StagingLayout``) the block a request
+is filling is staged in its own page and in the pages of ``staging_blocks`` more blocks
+allocated ahead of its tokens. :class:`ZipCacheSpec` carries that count;
+:class:`ZipCacheManager` allocates the blocks with the request's own, so
+
+* the scheduler admits, preempts and reports capacity with the staging included (no
+  memory outside the KV budget, no cap on ``--max-num-seqs``);
+* the worker's block table has room for them (:meth:`ZipCacheSpec.max_num_blocks_per_req`),
+  and a request that cannot fit its longest sequence with them is refused at startup by
+  vLLM's own check (:meth:`ZipCacheSpec.max_memory_usage_bytes`).
+
+The blocks ahead are ordinary blocks of the request: block ``b + j`` of its table, freed
+with the request, never prefix-cached before they fill (vLLM caches full blocks only), and
+written packed when their turn comes. ``compat.register_kv_cache_spec`` registers the pair.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from . import compat
+
+
+@dataclass(frozen=True, kw_only=True)
+class ZipCacheSpec(compat.FullAttentionSpec):
+    """A full-attention layer whose requests hold ``staging_blocks`` blocks ahead."""
+
+    staging_blocks: int = 0
+
+    def max_num_blocks_per_req(self, vllm_config, max_len: int) -> int:
+        return super().max_num_blocks_per_req(vllm_config, max_len) + self.staging_blocks
+
+    def max_memory_usage_bytes(self, vllm_config) -> int:
+        return (super().max_memory_usage_bytes(vllm_config)
+                + self.staging_blocks * self.page_size_bytes)
+
+    @classmethod
+    def merge(cls, specs: list["ZipCacheSpec"]) -> "ZipCacheSpec":
+        counts = {spec.staging_blocks for spec in specs}
+        if len(counts) != 1:
+            raise ValueError(f"zipcache layers of one KV cache group stage in different block "
+                             f"counts: {sorted(counts)}")
+        return replace(super().merge(specs), staging_blocks=counts.pop())
+
+
+class ZipCacheManager(compat.FullAttentionManager):
+    """Full attention, with the spec's staging blocks allocated ahead of every request."""
+
+    def _with_staging(self, num_tokens: int) -> int:
+        return num_tokens + self.kv_cache_spec.staging_blocks * self.block_size
+
+    def get_num_blocks_to_allocate(self, request_id, num_tokens, *args, **kwargs) -> int:
+        return super().get_num_blocks_to_allocate(request_id, self._with_staging(num_tokens),
+                                                  *args, **kwargs)
+
+    def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
+        return super().allocate_new_blocks(request_id, self._with_staging(num_tokens),
+                                           num_tokens_main_model)
+
+
+__all__ = ["ZipCacheManager", "ZipCacheSpec"]
