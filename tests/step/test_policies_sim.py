@@ -102,6 +102,27 @@ def test_simulator_reads_compressed_blocks_only_from_earlier_chunks(hq, hk):
     assert (out[:, P:] - _dense(q, k, v, D ** -0.5)[:, P:]).abs().max() > 1e-3
 
 
+def test_staging_in_8_bits_rounds_what_later_steps_read():
+    """``staging_bits=8``: a decode token is staged (and read back, by its own query too) in
+    8 bits per token and head; the prompt chunk reads its own tokens exact, and its complete
+    blocks are what the policy packs (identity here), so a decode query sees the prompt
+    exact and its block's tokens rounded."""
+    from zipcache_vllm.eval.simulate import _fake_int8
+
+    hq, hk, D, L = 4, 2, 64, 200
+    q, k, v = _qkv(hq, hk, L, D, seed=3)
+    exact = KVSimulator(make_policy("none"), SimConfig(prefill_len=128, chunk_size=128))
+    rounded = KVSimulator(make_policy("none"), SimConfig(prefill_len=128, chunk_size=128, staging_bits=8))
+    a, _ = exact(_Module(), q, k, v, scaling=D ** -0.5)
+    b, _ = rounded(_Module(), q, k, v, scaling=D ** -0.5)
+    torch.testing.assert_close(a[:, :128], b[:, :128])  # the prompt chunk reads nothing staged
+    k8, v8 = _fake_int8(k[0]), _fake_int8(v[0])
+    k8[:, :128], v8[:, :128] = k[0, :, :128], v[0, :, :128]
+    want = _dense(q, k8[None], v8[None], D ** -0.5)
+    torch.testing.assert_close(b[:, 128:], want[:, 128:], rtol=1e-4, atol=1e-5)
+    assert 0 < (a - b).abs().max() < 0.05
+
+
 def test_saliency_policies_rank_a_dominant_token_first():
     """A token that draws most attention must be salient for zipcache and h2o, not for random in general."""
     hk, hq, B = 1, 2, 128

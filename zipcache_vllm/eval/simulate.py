@@ -35,6 +35,11 @@ class SimConfig:
     prefill_len: int
     chunk_size: int
     saliency_window: Literal["block", "chunk", "oracle"] = "block"
+    # 8: staged tokens are held in 8 bits per token and head (``_fake_int8``): the tail of a
+    # chunk that stays in a partial block, and every token of a decode chunk (the engine
+    # stages each decode token before attending it); later steps read them, and their block
+    # is packed, from those 8 bits. None: the model's precision.
+    staging_bits: int | None = None
 
 
 @dataclass
@@ -120,13 +125,23 @@ class KVSimulator:
                                                or self.cfg.saliency_window == "oracle"):
             masks = self._prepass_masks(q, k, scale)
         k_st, v_st = k.clone(), v.clone()
+        k8 = v8 = None
+        if self.cfg.staging_bits == 8:
+            k8, v8 = _fake_int8(k), _fake_int8(v)
         out = torch.empty_like(q)
         pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for c0, c1 in self.chunks(L):
-            keys = _expand(torch.cat([k_st[:, :c0], k[:, c0:c1]], 1), g)
-            vals = _expand(torch.cat([v_st[:, :c0], v[:, c0:c1]], 1), g)
+            kc, vc = k, v  # the chunk's own tokens as its queries read them
+            if k8 is not None and c0 >= self.cfg.prefill_len and c0:  # a decode chunk: staged
+                kc, vc = k8, v8
+                k_st[:, c0:c1], v_st[:, c0:c1] = k8[:, c0:c1], v8[:, c0:c1]
+            keys = _expand(torch.cat([k_st[:, :c0], kc[:, c0:c1]], 1), g)
+            vals = _expand(torch.cat([v_st[:, :c0], vc[:, c0:c1]], 1), g)
             probs = _chunk_probs(q, keys, c0, c1, scale)
             out[:, c0:c1] = torch.einsum("hqk,hkd->hqd", probs, vals)
+            tail = (c1 // B) * B
+            if k8 is not None and tail < c1:  # the chunk's tail waits in staging
+                k_st[:, tail:c1], v_st[:, tail:c1] = k8[:, tail:c1], v8[:, tail:c1]
             if identity:
                 continue
             if masks is None:
@@ -140,8 +155,11 @@ class KVSimulator:
             else:
                 sal = policy.select(torch.stack([self._scores(pending.pop(j), j, c1, hk) for j in blocks]))
             sl = slice(blocks[0] * B, (blocks[-1] + 1) * B)
-            kb = k[:, sl].transpose(0, 1).reshape(len(blocks), B, hk, -1)
-            vb = v[:, sl].transpose(0, 1).reshape(len(blocks), B, hk, -1)
+            # packed from what staging holds (tokens of earlier steps) and the chunk's own tokens
+            k_in = torch.cat([k_st[:, sl.start:c0], kc[:, c0:sl.stop]], 1)
+            v_in = torch.cat([v_st[:, sl.start:c0], vc[:, c0:sl.stop]], 1)
+            kb = k_in.transpose(0, 1).reshape(len(blocks), B, hk, -1)
+            vb = v_in.transpose(0, 1).reshape(len(blocks), B, hk, -1)
             kh, vh = policy.compress(kb, vb, sal)
             k_st[:, sl] = kh.reshape(-1, hk, kh.shape[-1]).transpose(0, 1)
             v_st[:, sl] = vh.reshape(-1, hk, vh.shape[-1]).transpose(0, 1)
