@@ -200,6 +200,20 @@ void decode_rows(const PageLayout& L, const Tensor& q, const Tensor& k, const Te
   });
 }
 
+// The step's own tensors, as both ops take them: q [T, Hq, D], k/v [T, H, D], out like q
+// (q's dtype or float32), unit inner strides, one dtype for q, k and v.
+void check_step_io(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, int64_t H, int64_t D) {
+  const auto dt = q.scalar_type();
+  TORCH_CHECK_VALUE(q.dim() == 3 && q.size(2) == D && q.size(1) % H == 0 && q.stride(2) == 1,
+              "q must be [T, Hq, D] with unit inner stride");
+  TORCH_CHECK_VALUE(k.dim() == 3 && k.size(1) == H && k.size(2) == D && k.stride(2) == 1 && v.sizes() == k.sizes() &&
+                  v.stride(2) == 1 && k.size(0) == q.size(0),
+              "k and v must be [T, H, D] with unit inner stride");
+  TORCH_CHECK_VALUE(out.sizes() == q.sizes() && out.stride(2) == 1, "out must be shaped like q");
+  TORCH_CHECK_VALUE(k.scalar_type() == dt && v.scalar_type() == dt, "q, k and v must share one dtype");
+  TORCH_CHECK_VALUE(out.scalar_type() == dt || out.scalar_type() == at::kFloat, "out must have q's dtype or float32");
+}
+
 void decode_staged(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& rows, const Tensor& pages,
                    const Tensor& block_table, const Tensor& num_blocks, const Tensor& slots, const Tensor& staged,
                    const Tensor& probe, const Tensor& pool_k, const Tensor& pool_v, const Tensor& pool_score,
@@ -211,14 +225,7 @@ void decode_staged(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
   // The layer's tensors: the loops below index them by the layout's H, B, D and the
   // plan's rows, slots and block ids with raw pointers, so a wrong shape or a tensor
   // smaller than the plan's bounds would read or write outside it.
-  TORCH_CHECK_VALUE(q.dim() == 3 && q.size(2) == D && q.size(1) % H == 0 && q.stride(2) == 1,
-              "q must be [T, Hq, D] with unit inner stride");
-  TORCH_CHECK_VALUE(k.dim() == 3 && k.size(1) == H && k.size(2) == D && k.stride(2) == 1 && v.sizes() == k.sizes() &&
-                  v.stride(2) == 1 && k.size(0) == q.size(0),
-              "k and v must be [T, H, D] with unit inner stride");
-  TORCH_CHECK_VALUE(out.sizes() == q.sizes() && out.stride(2) == 1, "out must be shaped like q");
-  TORCH_CHECK_VALUE(k.scalar_type() == dt && v.scalar_type() == dt, "q, k and v must share one dtype");
-  TORCH_CHECK_VALUE(out.scalar_type() == dt || out.scalar_type() == at::kFloat, "out must have q's dtype or float32");
+  check_step_io(q, k, v, out, H, D);
   TORCH_CHECK_VALUE(pool_v.scalar_type() == pool_k.scalar_type(), "pool_k and pool_v must share one dtype");
   TORCH_CHECK_VALUE(pool_k.dim() == 4 && pool_k.size(1) == H && pool_k.size(2) == B && pool_k.size(3) == D &&
                   pool_k.stride(3) == 1 && pool_v.sizes() == pool_k.sizes() && pool_v.strides() == pool_k.strides(),
@@ -292,14 +299,7 @@ void decode_paged(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
   const PageLayout L = parse_layout(layout, offsets);
   const int64_t H = L.num_kv_heads, D = L.head_size, B = L.block_size;
   const auto dt = q.scalar_type();
-  TORCH_CHECK_VALUE(q.dim() == 3 && q.size(2) == D && q.size(1) % H == 0 && q.stride(2) == 1,
-              "q must be [T, Hq, D] with unit inner stride");
-  TORCH_CHECK_VALUE(k.dim() == 3 && k.size(1) == H && k.size(2) == D && k.stride(2) == 1 && v.sizes() == k.sizes() &&
-                  v.stride(2) == 1 && k.size(0) == q.size(0),
-              "k and v must be [T, H, D] with unit inner stride");
-  TORCH_CHECK_VALUE(out.sizes() == q.sizes() && out.stride(2) == 1, "out must be shaped like q");
-  TORCH_CHECK_VALUE(k.scalar_type() == dt && v.scalar_type() == dt, "q, k and v must share one dtype");
-  TORCH_CHECK_VALUE(out.scalar_type() == dt || out.scalar_type() == at::kFloat, "out must have q's dtype or float32");
+  check_step_io(q, k, v, out, H, D);
   TORCH_CHECK_VALUE(pages.scalar_type() == at::kByte && pages.dim() == 2 && pages.size(1) == L.page_bytes &&
                   pages.stride(1) == 1 && pages.stride(0) >= L.page_bytes && pages.stride(0) % 4 == 0,
               "pages must be uint8 [num_pages, page_bytes] with rows of contiguous bytes, 4-byte aligned");
