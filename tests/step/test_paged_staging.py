@@ -151,3 +151,27 @@ def test_block_table_without_staging_blocks_is_refused():
     pool = StagingPool(["l"], 2, 128, 3, 64, torch.bfloat16, paged=st)
     with pytest.raises(StagingError, match="did not allocate the staging blocks"):
         plan_step(pool, 128, [0, 200], [200], torch.arange(2).reshape(1, 2))
+
+
+def test_decode_plan_checks_the_page_runs():
+    """DecodePlan.create checks the runs once (shape, ids >= 0, both or neither of stage_ids
+    and the layout); the C++ op checks the layout against the page layout and q's dtype."""
+    from zipcache_vllm.kernels import DecodePlan
+
+    layout = BlockLayout.from_preset(load_preset("zipcache"), 64, 3)
+    st = StagingLayout.of(layout)
+    one = torch.zeros(1, dtype=torch.int64)
+    args = (one, torch.zeros(1, 1, dtype=torch.int64), one, one, one, torch.zeros(1), 128)
+    with pytest.raises(ValueError, match=r"stage_ids must be int64 \[1, 5\]"):
+        DecodePlan.create(*args, torch.zeros(1, 4, dtype=torch.int64), st)
+    with pytest.raises(ValueError, match="stage_ids must be >= 0"):
+        DecodePlan.create(*args, torch.tensor([[0, 1, 2, 3, -1]]), st)
+    with pytest.raises(ValueError, match="needs both"):
+        DecodePlan.create(*args, torch.zeros(1, 5, dtype=torch.int64), None)
+    plan = DecodePlan.create(*args, torch.arange(5).reshape(1, 5), st)
+    assert plan.bounds[2] == 5  # the runs' pages are within the plan's bounds
+    pages = torch.zeros(5, layout.page_bytes, dtype=torch.uint8)
+    q = torch.zeros(1, 9, 64, dtype=torch.float32)  # float32: 4-byte elements, the run holds 2
+    kv = torch.zeros(1, 3, 64, dtype=torch.float32)
+    with pytest.raises(ValueError, match="elt|staging layout"):
+        plan.run(q, kv, kv, pages, None, None, None, None, torch.zeros_like(q), layout, 0.125)
