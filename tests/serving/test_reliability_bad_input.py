@@ -122,7 +122,7 @@ def test_a_request_that_cannot_fit_its_staging_is_refused(model_dir):
     longest length that fits. Fails in the engine process (after the workers start): the API
     server must still exit and take every engine and worker process with it."""
     s = Server(model_dir, "--kv-cache-dtype", "zipcache", "--kv-cache-memory-bytes",
-               str(66 * 30 * 21_360), max_model_len=8192)
+               str(66 * 30 * 21_360), max_model_len=8192, kv_space_gib=None)
     _refused(s, "max seq len (8192)", "estimated maximum model length is")
 
 
