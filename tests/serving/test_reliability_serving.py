@@ -23,12 +23,16 @@ from zipcache_vllm.reliability.cli import format_result, load_and_verify, server
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
 MAX_MODEL_LEN = 512
-NUM_BLOCKS = 16  # 2,048 tokens of KV cache: the load and the preemption batch overflow it
+# 21 blocks (20 after vLLM's null block): a request of this float32 engine holds its tokens
+# blocks and 9 staging blocks ahead (float32 staging: 13 tokens a page), so two requests of
+# one block run at once, and the load and the preemption batch overflow the cache
+NUM_BLOCKS = 21
 MAX_NUM_SEQS = 16
 # Load (issue: >= 64 concurrent clients). Small outputs keep it inside the CI budget.
 CLIENTS, REQUESTS, LOAD_MAX_TOKENS, LOAD_DEADLINE_S = 64, 72, 8, 600
-# Preemption: 8 requests of 200-375 prompt tokens + PREEMPT_TOKENS greedy tokens need
-# ~22 blocks at the end, more than NUM_BLOCKS.
+# Preemption: 8 requests of 96-124 prompt tokens (one block + 9 staging blocks each: two fill
+# the cache) + PREEMPT_TOKENS greedy tokens, which take each past its first block: a running
+# request then needs a block the cache does not have, and vLLM preempts the other one.
 PREEMPT_PROMPTS, PREEMPT_TOKENS = 8, 40
 TP = 3  # SmolLM2-135M has 3 KV heads: one per rank
 
@@ -104,7 +108,7 @@ def test_preemption_greedy_equals_one_at_a_time(server, corpus):
     """With the cache too small for the batch, vLLM preempts and recomputes requests
     (prompt and generated tokens as one chunk); the greedy tokens must equal those of
     the same requests run one at a time."""
-    prompts = [corpus[3000 * i + 17:3000 * i + 17 + 200 + 25 * i] for i in range(PREEMPT_PROMPTS)]
+    prompts = [corpus[3000 * i + 17:3000 * i + 17 + 96 + 4 * i] for i in range(PREEMPT_PROMPTS)]
     before = server.metric("vllm:num_preemptions_total")
     with ThreadPoolExecutor(len(prompts)) as ex:
         together = list(ex.map(lambda p: _greedy_tokens(server, p, PREEMPT_TOKENS, ignore_eos=True),
