@@ -46,15 +46,6 @@ from ..layout import StagingLayout
 MARGIN = 1  # one spare slot: a request re-keyed in the step it finishes never blocks a new one
 
 
-def staging_bytes(num_layers: int, num_slots: int, block_size: int, num_kv_heads: int,
-                  head_size: int, dtype: torch.dtype) -> int:
-    """Bytes of a pool: K and V in ``dtype`` plus the float32 accumulators."""
-    elt = torch.empty((), dtype=dtype).element_size()
-    per_slot_layer = (2 * num_kv_heads * block_size * head_size * elt
-                      + num_kv_heads * block_size * 4 + block_size * 4)
-    return num_layers * num_slots * per_slot_layer
-
-
 @dataclass
 class StagedBlock:
     """The staged part of a request's current block (views into the pool, or test tensors).
@@ -83,7 +74,6 @@ class StagingPool:
         self.layer_index = {name: i for i, name in enumerate(layer_names)}
         self.num_slots, self.block_size = S, B
         self.num_kv_heads, self.head_size, self.dtype = H, D, dtype
-        self.device = torch.device(device)
         self.paged = paged
         if paged is not None:
             elt = torch.empty((), dtype=dtype).element_size()
