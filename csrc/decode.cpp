@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "host.h"
+#include "uniform.h"
 
 namespace zc {
 namespace {
@@ -72,8 +73,9 @@ inline T* at3(const Tensor& t, int64_t i, int64_t j) {
   return t.data_ptr<T>() + i * t.stride(0) + j * t.stride(1);
 }
 
-// Where one (row, KV head)'s staged tokens live: token t's key and value rows ([D] of P),
-// its score and its count (the count is shared by the heads of the row).
+// Where one (row, KV head)'s staged tokens live, and how a token's key and value rows ([D])
+// are stored (`store`, from the step's dtype T) and read back as float (`load`); its score
+// and its count (the count is shared by the heads of the row) are float32 in place.
 template <typename P>
 struct SlotStage {  // a slot of the staging pool: [B, D] rows at stride s2
   P* kb;
@@ -81,14 +83,29 @@ struct SlotStage {  // a slot of the staging pool: [B, D] rows at stride s2
   int64_t s2;
   float* score;
   float* count;
-  P* key(int64_t t) const { return kb + t * s2; }
-  P* value(int64_t t) const { return vb + t * s2; }
+  template <typename T>
+  void store(int64_t t, const T* kn, const T* vn, int64_t D) const {
+    P* ks = kb + t * s2;
+    P* vs = vb + t * s2;
+    for (int64_t j = 0; j < D; ++j) {
+      ks[j] = static_cast<P>(to_f(kn[j]));
+      vs[j] = static_cast<P>(to_f(vn[j]));
+    }
+  }
+  void load(int64_t t, float* kf, float* vf, int64_t D) const {
+    const P* kt = kb + t * s2;
+    const P* vt = vb + t * s2;
+    for (int64_t j = 0; j < D; ++j) {
+      kf[j] = to_f(kt[j]);
+      vf[j] = to_f(vt[j]);
+    }
+  }
   float* sc(int64_t t) const { return score + t; }
   float* cn(int64_t t) const { return count + t; }
 };
 
 template <typename P>
-struct PagedStage {  // a page run of the cache (layout.StagingLayout): T tokens per page
+struct PagedStage {  // a page run of the cache (layout.StagingLayout, K/V in P): T tokens per page
   uint8_t* base;
   int64_t stride;  // bytes between pages
   const int64_t* ids;  // the run's pages
@@ -96,12 +113,81 @@ struct PagedStage {  // a page run of the cache (layout.StagingLayout): T tokens
   uint8_t* page(int64_t t) const { return base + ids[t / T] * stride; }
   P* key(int64_t t) const { return reinterpret_cast<P*>(page(t)) + (h * T + t % T) * D; }
   P* value(int64_t t) const { return reinterpret_cast<P*>(page(t) + voff) + (h * T + t % T) * D; }
+  template <typename T_>
+  void store(int64_t t, const T_* kn, const T_* vn, int64_t) const {
+    P* ks = key(t);
+    P* vs = value(t);
+    for (int64_t j = 0; j < D; ++j) {
+      ks[j] = static_cast<P>(to_f(kn[j]));
+      vs[j] = static_cast<P>(to_f(vn[j]));
+    }
+  }
+  void load(int64_t t, float* kf, float* vf, int64_t) const {
+    const P* kt = key(t);
+    const P* vt = value(t);
+    for (int64_t j = 0; j < D; ++j) {
+      kf[j] = to_f(kt[j]);
+      vf[j] = to_f(vt[j]);
+    }
+  }
   float* sc(int64_t t) const { return reinterpret_cast<float*>(page(t) + soff) + h * T + t % T; }
   float* cn(int64_t t) const { return reinterpret_cast<float*>(page(t) + coff) + t % T; }
 };
 
-// stage_of(r, h): the staging of row r, KV head h (a SlotStage or a PagedStage of P).
-template <typename T, typename P, typename StageOf>
+// One row of D elements as 8-bit codes with float16 (min, step): quant/uniform.py's
+// quantize of the sanitized row over its own range (the simulator's _fake_int8).
+template <typename T>
+inline void quantize_row8(const T* x, int64_t D, uint8_t* codes, c10::Half* params) {
+  float xs[MAX_HEAD];
+  float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+  for (int64_t j = 0; j < D; ++j) {
+    xs[j] = sanitize(to_f(x[j]));
+    lo = std::min(lo, xs[j]);
+    hi = std::max(hi, xs[j]);
+  }
+  c10::Half m, s;
+  quant_params(lo, hi, 8, m, s);
+  const float mf = static_cast<float>(m), sf = static_cast<float>(s);
+  for (int64_t j = 0; j < D; ++j) codes[j] = static_cast<uint8_t>(code_of(xs[j], mf, sf, 255.f));
+  params[0] = m;
+  params[1] = s;
+}
+
+// quant/uniform.py's dequantize: code * step + min, two roundings (no FMA in this build).
+inline void dequantize_row8(const uint8_t* codes, const c10::Half* params, int64_t D, float* out) {
+  const float mf = static_cast<float>(params[0]), sf = static_cast<float>(params[1]);
+  for (int64_t j = 0; j < D; ++j) {
+    const float prod = static_cast<float>(codes[j]) * sf;
+    out[j] = prod + mf;
+  }
+}
+
+struct PagedStage8 {  // a page run of the cache with 8-bit K/V (layout.StagingLayout, kv_bits 8)
+  uint8_t* base;
+  int64_t stride;
+  const int64_t* ids;
+  int64_t T, h, H, D, voff, poff, soff, coff;
+  uint8_t* page(int64_t t) const { return base + ids[t / T] * stride; }
+  int64_t row(int64_t t) const { return h * T + t % T; }
+  uint8_t* kcode(int64_t t) const { return page(t) + row(t) * D; }
+  uint8_t* vcode(int64_t t) const { return page(t) + voff + row(t) * D; }
+  c10::Half* kpar(int64_t t) const { return reinterpret_cast<c10::Half*>(page(t) + poff) + row(t) * 2; }
+  c10::Half* vpar(int64_t t) const { return reinterpret_cast<c10::Half*>(page(t) + poff + 4 * H * T) + row(t) * 2; }
+  template <typename T_>
+  void store(int64_t t, const T_* kn, const T_* vn, int64_t) const {
+    quantize_row8(kn, D, kcode(t), kpar(t));
+    quantize_row8(vn, D, vcode(t), vpar(t));
+  }
+  void load(int64_t t, float* kf, float* vf, int64_t) const {
+    dequantize_row8(kcode(t), kpar(t), D, kf);
+    dequantize_row8(vcode(t), vpar(t), D, vf);
+  }
+  float* sc(int64_t t) const { return reinterpret_cast<float*>(page(t) + soff) + h * T + t % T; }
+  float* cn(int64_t t) const { return reinterpret_cast<float*>(page(t) + coff) + t % T; }
+};
+
+// stage_of(r, h): the staging of row r, KV head h (a SlotStage, PagedStage or PagedStage8).
+template <typename T, typename StageOf>
 void decode_rows(const PageLayout& L, const Tensor& q, const Tensor& k, const Tensor& v, const int64_t* rows,
                  int64_t R, const PackedQuery& packed_args, const int64_t* staged, const float* probe,
                  const StageOf& stage_of, const Tensor& out, double scale, const std::string& isa) {
@@ -138,21 +224,10 @@ void decode_rows(const PageLayout& L, const Tensor& q, const Tensor& k, const Te
       const auto st = stage_of(r, h);
       const T* kn = at3<T>(k, rows[r], h);
       const T* vn = at3<T>(v, rows[r], h);
-      P* ks = st.key(s);
-      P* vs = st.value(s);
-      for (int64_t j = 0; j < D; ++j) {
-        ks[j] = static_cast<P>(to_f(kn[j]));
-        vs[j] = static_cast<P>(to_f(vn[j]));
-      }
-      // The staged tokens 0..s as float rows, converted once for the g query heads.
-      for (int64_t t = 0; t <= s; ++t) {
-        const P* kt = st.key(t);
-        const P* vt = st.value(t);
-        for (int64_t j = 0; j < D; ++j) {
-          kf[t * D + j] = to_f(kt[j]);
-          vf[t * D + j] = to_f(vt[j]);
-        }
-      }
+      st.store(s, kn, vn, D);
+      // The staged tokens 0..s (the new one as stored) as float rows, read once for the g
+      // query heads.
+      for (int64_t t = 0; t <= s; ++t) st.load(t, kf.data() + t * D, vf.data() + t * D, D);
       std::fill(prob.begin(), prob.end(), 0.f);
       for (int64_t qh = 0; qh < g; ++qh) {
         const int64_t head = h * g + qh;
@@ -269,7 +344,7 @@ void decode_staged(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
       return SlotStage<P>{pkb + slot * pk_s0 + h * pk_s1, pvb + slot * pk_s0 + h * pk_s1, pk_s2,
                           psc + (slot * H + h) * B, pcn + slot * B};
     };
-    decode_rows<T, P>(L, q, k, v, rp, R, pq, stp, prp, stage_of, out, scale, isa);
+    decode_rows<T>(L, q, k, v, rp, R, pq, stp, prp, stage_of, out, scale, isa);
   };
   auto with_pool = [&](auto q_tag) {
     switch (pool_k.scalar_type()) {
@@ -289,9 +364,11 @@ void decode_staged(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
 
 // decode_staged with the staged tokens in the cache itself (paged staging, see
 // zipcache_vllm/layout.py::StagingLayout): row r's block is staged in the pages
-// stage_ids[r, 0..E-1] of `pages`, T tokens per page, in q's dtype. `staging` is
-// StagingLayout.args(): [T, E, elt_bytes, v_offset, score_offset, count_offset]. The
-// plan's bounds cover stage_ids too (DecodePlan.create).
+// stage_ids[r, 0..E-1] of `pages`, T tokens per page, in q's dtype or in 8 bits (kv_bits 8:
+// a token's rows are quantized when it is staged, before its own query reads them back).
+// `staging` is StagingLayout.args(): [T, E, elt_bytes, v_offset, score_offset,
+// count_offset, kv_bits, params_offset]. The plan's bounds cover stage_ids too
+// (DecodePlan.create).
 void decode_paged(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& rows, const Tensor& pages,
                   const Tensor& block_table, const Tensor& num_blocks, const Tensor& stage_ids, const Tensor& staged,
                   const Tensor& probe, const Tensor& out, std::vector<int64_t> layout, std::vector<int64_t> offsets,
@@ -303,11 +380,16 @@ void decode_paged(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
   TORCH_CHECK_VALUE(pages.scalar_type() == at::kByte && pages.dim() == 2 && pages.size(1) == L.page_bytes &&
                   pages.stride(1) == 1 && pages.stride(0) >= L.page_bytes && pages.stride(0) % 4 == 0,
               "pages must be uint8 [num_pages, page_bytes] with rows of contiguous bytes, 4-byte aligned");
-  TORCH_CHECK_VALUE(staging.size() == 6, "staging must be [T, pages, elt_bytes, v_offset, score_offset, count_offset]");
+  TORCH_CHECK_VALUE(staging.size() == 8, "staging must be [T, pages, elt_bytes, v_offset, score_offset, "
+                    "count_offset, kv_bits, params_offset]");
   const int64_t T = staging[0], E = staging[1], elt = staging[2], voff = staging[3], soff = staging[4],
-                coff = staging[5];
-  TORCH_CHECK_VALUE(T >= 1 && E >= 1 && T * E >= B && elt == q.element_size() && voff == H * T * D * elt &&
-                  soff == 2 * voff && coff == soff + 4 * H * T && coff + 4 * T <= L.page_bytes,
+                coff = staging[5], kv_bits = staging[6], poff = staging[7];
+  const bool q8 = kv_bits == 8;
+  TORCH_CHECK_VALUE(kv_bits == 0 || q8, "staging kv_bits must be 0 (the model dtype) or 8, got ", kv_bits);
+  TORCH_CHECK_VALUE(T >= 1 && E >= 1 && T * E >= B && elt == q.element_size() &&
+                  voff == H * T * D * (q8 ? 1 : elt) && poff == 2 * voff &&
+                  soff == poff + (q8 ? 8 * H * T : 0) && (!q8 || D % 2 == 0) && coff == soff + 4 * H * T &&
+                  coff + 4 * T <= L.page_bytes,
               "the staging layout does not fit this page layout and q's dtype");
   const int64_t R = rows.size(0);
   TORCH_CHECK_VALUE(stage_ids.scalar_type() == at::kLong && stage_ids.is_contiguous() && stage_ids.dim() == 2 &&
@@ -326,11 +408,16 @@ void decode_paged(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
   const int64_t* ids = stage_ids.data_ptr<int64_t>();
   auto run = [&](auto q_tag) {
     using P = decltype(q_tag);
-    auto stage_of = [&](int64_t r, int64_t h) {
-      return PagedStage<P>{base, stride, ids + r * E, T, h, H, D, voff, soff, coff};
+    auto go = [&](const auto& stage_of) {
+      decode_rows<P>(L, q, k, v, rows.data_ptr<int64_t>(), R, pq, staged.data_ptr<int64_t>(),
+                     probe.data_ptr<float>(), stage_of, out, scale, isa);
     };
-    decode_rows<P, P>(L, q, k, v, rows.data_ptr<int64_t>(), R, pq, staged.data_ptr<int64_t>(),
-                      probe.data_ptr<float>(), stage_of, out, scale, isa);
+    if (q8)
+      go([&](int64_t r, int64_t h) {
+        return PagedStage8{base, stride, ids + r * E, T, h, H, D, voff, poff, soff, coff};
+      });
+    else
+      go([&](int64_t r, int64_t h) { return PagedStage<P>{base, stride, ids + r * E, T, h, H, D, voff, soff, coff}; });
   };
   switch (dt) {
     case at::kFloat: return run(float{});

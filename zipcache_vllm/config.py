@@ -104,6 +104,10 @@ class Preset(BaseModel):
         "(same bytes; quant/rotation.py)")
     probes: ProbeConfig = Field(default_factory=ProbeConfig)
     fastgen: Optional[FastGenConfig] = None
+    staging_bits: Optional[Literal[8]] = Field(
+        None, description="bits of a staged K/V element while its block fills: 8 (each token's "
+        "row quantized on its own, float16 min/step: about half the staging blocks a running "
+        "request holds) or unset (the model dtype); layout.StagingLayout")
 
     @model_validator(mode="after")
     def _consistent(self) -> "Preset":

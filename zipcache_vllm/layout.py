@@ -213,19 +213,35 @@ class StagingLayout:
     pages of blocks ``b .. b + pages - 1`` of each layer: its own page (written packed
     only once the block fills) and ``pages - 1`` blocks the KV-cache manager allocates
     ahead of the request. Page ``j`` of the run holds tokens ``j*T .. j*T + T - 1`` of the
-    block (``T = tokens_per_page``), all KV heads, in the model dtype, with their saliency
-    accumulators::
+    block (``T = tokens_per_page``), all KV heads, with their saliency accumulators. K and V
+    are held in the model dtype (``kv_bits`` None)::
 
         offset 0            K      [H, T, D]   model dtype
-        H*T*D*elt           V      [H, T, D]   model dtype
-        2*H*T*D*elt         score  [H, T]      float32   sum of (probe) attention
-        2*H*T*D*elt + 4*H*T count  [T]         float32   (probe) queries that saw the token
+        v_offset            V      [H, T, D]   model dtype
+        score_offset        score  [H, T]      float32   sum of (probe) attention
+        count_offset        count  [T]         float32   (probe) queries that saw the token
         (rest of the page unused)
+
+    or in 8 bits (``kv_bits`` 8): each token's row of each head quantized on its own
+    (``quant.uniform``: asymmetric, float16 ``(min, step)`` covering the row)::
+
+        offset 0            K codes   [H, T, D]      uint8
+        v_offset            V codes   [H, T, D]      uint8
+        params_offset       K params  [H, T, 2]      float16 (min, step)
+        params_offset+4HT   V params  [H, T, 2]      float16
+        score_offset        score     [H, T]         float32
+        count_offset        count     [T]            float32
+
+    A token is quantized once, when it is staged (a decode token before its own query
+    attends it), and read back dequantized by every later step and by the packing of its
+    block; 8 bits halve the bytes of a staged token (SmolLM2-135M: 424 instead of 784),
+    so a running request holds half the staging blocks.
 
     Args:
         page_bytes: bytes of one page of the cache (the preset's layout).
         block_size, num_kv_heads, head_size: ``B``, ``H``, ``D``.
         elt_bytes: bytes of the model dtype (2 for bfloat16 / float16, 4 for float32).
+        kv_bits: None (K and V in the model dtype) or 8 (the preset's ``staging_bits``).
     """
 
     page_bytes: int
@@ -233,26 +249,38 @@ class StagingLayout:
     num_kv_heads: int
     head_size: int
     elt_bytes: int = BF16_BYTES
+    kv_bits: int | None = None
 
     def __post_init__(self) -> None:
         if self.elt_bytes not in (2, 4):
             raise ValueError(f"elt_bytes must be 2 or 4, got {self.elt_bytes}")
+        if self.kv_bits not in (None, 8):
+            raise ValueError(f"kv_bits must be None (the model dtype) or 8, got {self.kv_bits}")
+        if self.kv_bits == 8 and self.head_size % 2:
+            raise ValueError(f"8-bit staging needs an even head size, got {self.head_size}")
         if self.tokens_per_page < 1:
             raise ValueError(
                 f"a page of {self.page_bytes} bytes cannot stage one token of {self.token_bytes} "
                 f"bytes (H={self.num_kv_heads}, D={self.head_size})")
 
     @classmethod
-    def of(cls, layout, elt_bytes: int = BF16_BYTES) -> "StagingLayout":
+    def of(cls, layout, elt_bytes: int = BF16_BYTES, kv_bits: int | None = None) -> "StagingLayout":
         """The staging of a page layout (:class:`BlockLayout` or :class:`FastGenLayout`)."""
         return cls(layout.page_bytes, layout.block_size, layout.num_kv_heads, layout.head_size,
-                   elt_bytes)
+                   elt_bytes, kv_bits)
+
+    @property
+    def kv_elt_bytes(self) -> int:
+        """Bytes of one staged K or V element (1: an 8-bit code)."""
+        return 1 if self.kv_bits == 8 else self.elt_bytes
 
     @property
     def token_bytes(self) -> int:
-        """Bytes of one staged token: K and V of every head, its scores and its count."""
+        """Bytes of one staged token: K and V of every head (and their 8-bit parameters),
+        its scores and its count."""
         H, D = self.num_kv_heads, self.head_size
-        return 2 * H * D * self.elt_bytes + 4 * H + 4
+        params = 8 * H if self.kv_bits == 8 else 0
+        return 2 * H * D * self.kv_elt_bytes + params + 4 * H + 4
 
     @property
     def tokens_per_page(self) -> int:
@@ -270,11 +298,18 @@ class StagingLayout:
 
     @property
     def v_offset(self) -> int:
-        return self.num_kv_heads * self.tokens_per_page * self.head_size * self.elt_bytes
+        return self.num_kv_heads * self.tokens_per_page * self.head_size * self.kv_elt_bytes
+
+    @property
+    def params_offset(self) -> int:
+        """Start of the 8-bit rows' float16 ``(min, step)`` (K then V); the score section
+        with K and V in the model dtype (no parameters)."""
+        return 2 * self.v_offset
 
     @property
     def score_offset(self) -> int:
-        return 2 * self.v_offset
+        params = 8 * self.num_kv_heads * self.tokens_per_page if self.kv_bits == 8 else 0
+        return self.params_offset + params
 
     @property
     def count_offset(self) -> int:
@@ -286,9 +321,10 @@ class StagingLayout:
         return self.count_offset + 4 * self.tokens_per_page
 
     def args(self) -> list[int]:
-        """``[T, pages, elt_bytes, v_offset, score_offset, count_offset]`` for the kernels."""
+        """``[T, pages, elt_bytes, v_offset, score_offset, count_offset, kv_bits,
+        params_offset]`` for the kernels (``kv_bits`` 0: the model dtype)."""
         return [self.tokens_per_page, self.pages, self.elt_bytes, self.v_offset,
-                self.score_offset, self.count_offset]
+                self.score_offset, self.count_offset, self.kv_bits or 0, self.params_offset]
 
 
 def staging_bytes_per_slot(block_size: int, head_size: int, num_kv_heads: int, num_layers: int,

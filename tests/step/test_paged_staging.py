@@ -5,6 +5,10 @@ ahead of it, instead of a pool of their own. The same step over the same request
 give bit-identical outputs and packed pages whichever storage holds the staged tokens,
 on the C++ path (``zipcache::decode_paged`` reads the pages in place) and on the
 portable path (gather into slots, the slot kernel, scatter back).
+
+8-bit staging (``kv_bits`` 8, the presets' ``staging_bits``): a token's rows are
+quantized once, when staged, with ``quant.uniform``; both paths store the same bits and
+read back the same float32 values (``kernels.portable.fake_quantize_rows8``).
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from zipcache_vllm.engine.plan import DecodeBatch, plan_step
 from zipcache_vllm.engine.staging import StagingError, StagingPool
 from zipcache_vllm.engine.step import apply_step
 from zipcache_vllm.kernels import build, gather_staged, scatter_staged
+from zipcache_vllm.kernels.portable import fake_quantize_rows8, quantize_rows8, store_token
 from zipcache_vllm.layout import BlockLayout, FastGenLayout, StagingLayout
 from zipcache_vllm.policies import make_policy
 
@@ -68,14 +73,14 @@ def test_page_too_small_to_stage_a_token():
 
 
 def _run(preset_name: str, H: int, g: int, D: int, schedules: list[list[int]], paged: bool,
-         seed: int = 0):
+         seed: int = 0, kv_bits: int | None = None):
     """Steps of several requests (one schedule each, run side by side); returns the
     outputs of every step and the packed pages of every full block."""
     preset = load_preset(preset_name)
     layout = (FastGenLayout if preset.paged_fastgen else BlockLayout).from_preset(preset, D, H)
     policy = make_policy(preset)
     B = layout.block_size
-    st = StagingLayout.of(layout) if paged else None
+    st = StagingLayout.of(layout, kv_bits=kv_bits) if paged else None
     ahead = st.lookahead_blocks if paged else 0
     lengths = [sum(s) for s in schedules]
     gen = torch.Generator().manual_seed(seed)
@@ -175,3 +180,75 @@ def test_decode_plan_checks_the_page_runs():
     kv = torch.zeros(1, 3, 64, dtype=torch.float32)
     with pytest.raises(ValueError, match="elt|staging layout"):
         plan.run(q, kv, kv, pages, None, None, None, None, torch.zeros_like(q), layout, 0.125)
+
+
+@pytest.mark.parametrize("P,B,H,D", [
+    (21360, 128, 3, 64),  # SmolLM2's default preset: 50 tokens a page, 3 pages
+    (26896, 128, 1, 256),
+    (700, 24, 1, 10),  # awkward: D = 10, 20 tokens a page, the second page partly used
+])
+def test_gather_scatter_roundtrip_8bit(P, B, H, D):
+    st = StagingLayout(P, B, H, D, 2, kv_bits=8)
+    assert st.token_bytes == 2 * H * D + 12 * H + 4 and st.used_bytes <= P
+    assert st.score_offset % 4 == 0 and st.params_offset % 2 == 0
+    g = torch.Generator().manual_seed(D)
+    pages = torch.randint(0, 256, (30, P), dtype=torch.uint8, generator=g)
+    n = 2
+    ids = torch.randperm(30, generator=g)[:n * st.pages].reshape(n, st.pages)
+    k, v = (torch.randn(n, H, B, D, generator=g).bfloat16() * 3 for _ in range(2))
+    score, count = torch.rand(n, H, B, generator=g), torch.rand(n, B, generator=g)
+    before = pages.clone()
+    t0 = B // 2 + 1
+    scatter_staged(pages, ids, st, k[:, :, :t0], v[:, :, :t0], score[:, :, :t0], count[:, :t0])
+    K, V, S, C = gather_staged(pages, ids, st, torch.float32)
+    assert torch.equal(K[:, :, :t0], fake_quantize_rows8(k[:, :, :t0]))
+    assert torch.equal(V[:, :, :t0], fake_quantize_rows8(v[:, :, :t0]))
+    assert torch.equal(S[:, :, :t0], score[:, :, :t0]) and torch.equal(C[:, :t0], count[:, :t0])
+    assert (K[:, :, :t0].float() - k[:, :, :t0].float()).abs().max() <= 6 * 3 * 2 / 255
+    # kv_from: tokens already staged keep their bits (fed different values here on purpose)
+    scatter_staged(pages, ids, st, -k, -v, score, count, kv_from=t0)
+    K2, V2, S2, C2 = gather_staged(pages, ids, st, torch.float32)
+    assert torch.equal(K2[:, :, :t0], K[:, :, :t0])
+    assert torch.equal(K2[:, :, t0:], fake_quantize_rows8(-k[:, :, t0:]))
+    assert torch.equal(S2, score) and torch.equal(C2, count)
+    # one token a block, as the decode step stages it
+    at = torch.tensor([3, B - 1])
+    store_token(pages, ids, st, at, k[:, :, 0], v[:, :, 0])
+    K3, _, _, _ = gather_staged(pages, ids, st, torch.float32)
+    for r in range(n):
+        assert torch.equal(K3[r, :, at[r]], fake_quantize_rows8(k[r, :, 0]))
+    others = torch.ones(30, dtype=torch.bool)
+    others[ids.flatten()] = False
+    assert torch.equal(pages[others], before[others])
+    assert torch.equal(pages[:, st.used_bytes:], before[:, st.used_bytes:])
+
+
+def test_quantize_rows8_is_quant_uniform():
+    """The staging codes are ``quant.uniform`` at 8 bits over each row, NaN/inf sanitized,
+    a constant row exact."""
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 5.0, 5.0], [float("nan"), float("inf"), -1.0, 0.0]])
+    codes, params = quantize_rows8(x)
+    assert codes.dtype == torch.uint8 and params.dtype == torch.float16 and params.shape == (3, 2)
+    back = fake_quantize_rows8(x)
+    assert torch.equal(back[1], x[1]) and torch.isfinite(back).all()
+    assert (back[0] - x[0]).abs().max() <= params[0, 1].float() / 2
+
+
+@pytest.mark.parametrize("preset", ["zipcache", "kivi2"])
+@pytest.mark.parametrize("H,g,D", [(3, 3, 64), (2, 2, 256)])
+def test_paged_8bit_cpp_equals_portable(preset, H, g, D, monkeypatch):
+    """The C++ op (quantizing in place) and the portable path (gather, the slot kernel over
+    the new tokens read back from their bits, scatter) agree, and differ from staging in
+    the model dtype (what that costs in fidelity: eval --offline, abl:staging=model)."""
+    schedules = list(SCHEDULES.values())
+    monkeypatch.setenv("ZIPCACHE_VLLM_KERNELS", "")
+    cpp_out, cpp_pages = _run(preset, H, g, D, schedules, paged=True, kv_bits=8)
+    full_out, _ = _run(preset, H, g, D, schedules, paged=True)
+    monkeypatch.setenv("ZIPCACHE_VLLM_KERNELS", "torch")
+    pt_out, pt_pages = _run(preset, H, g, D, schedules, paged=True, kv_bits=8)
+    for a, b, c in zip(cpp_out, pt_out, full_out):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
+    assert any((a - c).abs().max() > 0 for a, c in zip(cpp_out, full_out))
+    same = sum(int((a == b).sum()) for a, b in zip(cpp_pages, pt_pages))
+    total = sum(a.numel() for a in cpp_pages)
+    assert same >= 0.999 * total  # saliency sums differ in the last bits only

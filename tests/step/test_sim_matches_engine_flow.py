@@ -15,7 +15,11 @@ from zipcache_vllm.eval.simulate import KVSimulator, SimConfig
 from zipcache_vllm.layout import BlockLayout
 from zipcache_vllm.policies import POLICIES, KVPolicy, make_policy, register
 from zipcache_vllm.engine.staging import StagedBlock
-from zipcache_vllm.engine.step import rotate_inputs, rotate_values, run_request_step
+from zipcache_vllm.engine.plan import plan_step
+from zipcache_vllm.engine.staging import StagingPool
+from zipcache_vllm.engine.step import apply_step, rotate_inputs, rotate_values, run_request_step
+from zipcache_vllm.kernels import build
+from zipcache_vllm.layout import StagingLayout
 
 
 class _Module:
@@ -71,7 +75,10 @@ CASES = ([(name, 6, 2, 300) for name in ("zipcache", "zipcache_exact", "h2o_mixe
 @pytest.mark.parametrize("preset_name,hq,hk,prompt_len", CASES)
 def test_simulator_equals_engine_flow(preset_name, hq, hk, prompt_len):
     name, _, extra = preset_name.partition("+")
-    update = {"block_size": 64, "salient_ratio": 0.45} | ({"value_rotation": "hadamard"} if extra else {})
+    # staging in the model dtype: this flow holds the staged block itself (8-bit staging runs
+    # through the pool and the fused decode kernel: test_8bit_staging_...)
+    update = ({"block_size": 64, "salient_ratio": 0.45, "staging_bits": None}
+              | ({"value_rotation": "hadamard"} if extra else {}))
     preset = make_policy(name).preset.model_copy(update=update)
     q, k, v = _inputs(prompt_len + 90, hq, hk, 7)  # decode crosses a block boundary
     scale = q.shape[-1] ** -0.5
@@ -126,3 +133,44 @@ def test_a_policy_added_by_the_recipe_runs_in_the_engine_and_the_simulator(toy_m
     zipcache = load_preset("zipcache").model_copy(update={
         "block_size": 64, "salient_ratio": 0.25, "key_rotation": "none"})
     assert not torch.allclose(engine, _engine_steps(q, k, v, zipcache, prompt_len, scale))
+
+
+def _engine_pool_steps(q, k, v, preset, prompt_len, scale):
+    """Outputs ``[L, Hq, D]`` of the engine's own path: paged staging in a pool as the
+    preset says (``staging_bits``), plans, ``apply_step`` with the fused decode kernel."""
+    L, Hq, D = q.shape
+    H = k.shape[1]
+    layout = BlockLayout.from_preset(preset, D, H)
+    B = layout.block_size
+    st = StagingLayout.of(layout, 4, preset.staging_bits)  # float32 tensors: 4-byte elements
+    nb = -(-L // B) + st.lookahead_blocks
+    table = torch.randperm(nb + 2, generator=torch.Generator().manual_seed(1))[:nb].unsqueeze(0)
+    pages = torch.zeros(nb + 2, layout.page_bytes, dtype=torch.uint8)
+    pool = StagingPool(["l"], 2, B, H, D, torch.float32, paged=st)
+    policy = make_policy(preset)
+    out = torch.zeros(L, Hq, D)
+    for a, b in [(0, prompt_len)] + [(t, t + 1) for t in range(prompt_len, L)]:
+        plans = plan_step(pool, B, [0, b - a], [b], table)
+        apply_step(pool, 0, plans, q[a:b], k[a:b], v[a:b], pages, layout, policy, scale, out[a:b])
+    return out
+
+
+@pytest.mark.parametrize("route", ["cpp", "torch"])
+@pytest.mark.parametrize("preset_name,hq,hk,prompt_len", [("zipcache", 6, 2, 40), ("kivi3", 3, 3, 64)])
+def test_8bit_staging_engine_equals_simulator(route, preset_name, hq, hk, prompt_len, monkeypatch):
+    """``staging_bits: 8`` (the presets' default): the simulator rounds what the engine stages
+    (prompt tails, decode tokens before their own query reads them) to the same 8 bits, so
+    the engine's pooled, paged path and the simulator agree; and differ from staging in the
+    model dtype. The prompt fits one block (the engine runs a longer chunk blockwise, the
+    simulator as one window), then decode tokens fill two blocks."""
+    monkeypatch.setenv("ZIPCACHE_VLLM_KERNELS", {"cpp": "", "torch": "torch"}[route])
+    build.load()
+    preset = make_policy(preset_name).preset.model_copy(update={"block_size": 64})
+    assert preset.staging_bits == 8
+    q, k, v = _inputs(prompt_len + 150, hq, hk, 7)
+    scale = q.shape[-1] ** -0.5
+    engine = _engine_pool_steps(q, k, v, preset, prompt_len, scale)
+    torch.testing.assert_close(engine, _simulated(q, k, v, preset, prompt_len, scale),
+                               rtol=1e-4, atol=1e-4)
+    full = preset.model_copy(update={"staging_bits": None})
+    assert not torch.allclose(engine, _simulated(q, k, v, full, prompt_len, scale), rtol=1e-4, atol=1e-4)

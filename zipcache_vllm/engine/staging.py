@@ -3,7 +3,8 @@
 vLLM allocates a page for the partial block like for any block, but a zipcache
 page can only be written once the block is full (its quantization needs all B
 tokens and their saliency). Until then the block's K/V live in staging, in the
-model dtype, with their saliency accumulators. Two storages, one bookkeeping:
+model dtype or in 8 bits per element (the preset's ``staging_bits``, paged only), with
+their saliency accumulators. Two storages, one bookkeeping:
 
 * **paged** (the engine's): inside vLLM's own cache, in the pages of the partial
   block and of the ``pages - 1`` blocks the KV-cache manager allocates ahead of each
@@ -169,8 +170,15 @@ class StagingPool:
                                pages.new_empty(H, 0, D, dtype=self.dtype),
                                pages.new_empty(H, 0, dtype=torch.float32),
                                pages.new_empty(0, dtype=torch.float32))
-        k, v, score, count = gather_staged(pages, plan.stage_ids.unsqueeze(0), self.paged, self.dtype)
+        k, v, score, count = gather_staged(pages, plan.stage_ids.unsqueeze(0), self.paged,
+                                           self._gather_dtype)
         return StagedBlock(k[0], v[0], score[0], count[0])
+
+    @property
+    def _gather_dtype(self) -> torch.dtype:
+        """8-bit staging reads back in float32 (what the decode step attends); else the
+        model dtype."""
+        return torch.float32 if self.paged is not None and self.paged.kv_bits == 8 else self.dtype
 
     def store_tail(self, layer: int, plan, res, pages: torch.Tensor) -> None:
         """Write a step result's new partial block (``res.tail_*``, ``res.tail_len`` tokens,
@@ -180,10 +188,16 @@ class StagingPool:
         if not t:
             return
         if self.paged is not None:
+            # tokens staged before this chunk keep their bytes when the chunk ends in their
+            # block (8-bit staging would otherwise round them a second time)
+            B = self.block_size
+            same_block = plan.ctx // B == (plan.ctx + plan.q_len) // B
+            kv = (res.tail_k, res.tail_v) if self.paged.kv_bits == 8 else (
+                res.tail_k.to(self.dtype), res.tail_v.to(self.dtype))
             scatter_staged(pages, plan.tail_stage_ids.unsqueeze(0), self.paged,
-                           res.tail_k.to(self.dtype).unsqueeze(0),
-                           res.tail_v.to(self.dtype).unsqueeze(0),
-                           res.tail_score.unsqueeze(0), res.tail_count.unsqueeze(0))
+                           kv[0].unsqueeze(0), kv[1].unsqueeze(0),
+                           res.tail_score.unsqueeze(0), res.tail_count.unsqueeze(0),
+                           kv_from=plan.ctx % B if same_block else 0)
             return
         slot = plan.slot
         self.k[layer, slot, :, :t] = res.tail_k.to(self.dtype)
@@ -197,7 +211,7 @@ class StagingPool:
         rows whose block filled this step (``batch.full_slots``, or ``batch.full_stage_ids``
         when paged), after the step's kernel staged their last token."""
         if self.paged is not None:
-            return gather_staged(pages, batch.full_stage_ids, self.paged, self.dtype)
+            return gather_staged(pages, batch.full_stage_ids, self.paged, self._gather_dtype)
         fs = batch.full_slots
         return (self.k[layer].index_select(0, fs), self.v[layer].index_select(0, fs),
                 self.score[layer].index_select(0, fs), self.count[layer].index_select(0, fs))

@@ -35,10 +35,11 @@ class SimConfig:
     prefill_len: int
     chunk_size: int
     saliency_window: Literal["block", "chunk", "oracle"] = "block"
-    # 8: staged tokens are held in 8 bits per token and head (``_fake_int8``): the tail of a
-    # chunk that stays in a partial block, and every token of a decode chunk (the engine
-    # stages each decode token before attending it); later steps read them, and their block
-    # is packed, from those 8 bits. None: the model's precision.
+    # Staged tokens in 8 bits per token and head (``_fake_int8``, the engine's 8-bit staging):
+    # the tail of a chunk that stays in a partial block, and every token of a decode chunk
+    # (the engine stages each decode token before attending it); later steps read them, and
+    # their block is packed, from those 8 bits. None: as the policy's preset says
+    # (``staging_bits``; unset: the model's precision); 8 forces it.
     staging_bits: int | None = None
 
 
@@ -126,8 +127,9 @@ class KVSimulator:
             masks = self._prepass_masks(q, k, scale)
         k_st, v_st = k.clone(), v.clone()
         k8 = v8 = None
-        if self.cfg.staging_bits == 8:
-            k8, v8 = _fake_int8(k), _fake_int8(v)
+        if (self.cfg.staging_bits or policy.preset.staging_bits) == 8:
+            k8 = _staged_int8(k, policy.preset.key_rotation == "hadamard")
+            v8 = _staged_int8(v, policy.preset.value_rotation == "hadamard")
         out = torch.empty_like(q)
         pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for c0, c1 in self.chunks(L):
@@ -251,10 +253,19 @@ class KVSimulator:
         return torch.einsum("hqk,hkd->hqd", probs, vx)
 
 
-def _fake_int8(x: torch.Tensor) -> torch.Tensor:
-    """Per-token 8-bit round trip of ``[H, L, D]`` (FastGen's kept_bits=8 storage)."""
-    from ..quant.uniform import dequantize, quant_params, quantize, sanitize
+def _staged_int8(x: torch.Tensor, rotated: bool) -> torch.Tensor:
+    """``[H, L, D]`` as 8-bit staging reads it back: the engine stages keys (values) of a
+    rotated preset rotated, so they are rounded in the rotated basis."""
+    if not rotated:
+        return _fake_int8(x)
+    from ..kernels import hadamard_rotate
 
-    xf = sanitize(x)
-    m, s = quant_params(xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True), 8)
-    return dequantize(quantize(xf, m, s, 8), m, s)
+    return hadamard_rotate(_fake_int8(hadamard_rotate(x)))
+
+
+def _fake_int8(x: torch.Tensor) -> torch.Tensor:
+    """Per-token 8-bit round trip of ``[H, L, D]`` (FastGen's kept_bits=8 storage, and 8-bit
+    staging: the bits ``zipcache::decode_paged`` stores)."""
+    from ..kernels.portable import fake_quantize_rows8
+
+    return fake_quantize_rows8(x)

@@ -37,7 +37,7 @@ INSTALLED_KEY = PKG_DIR / "_C.buildkey"  # written by setup.py next to the exten
 # of wall time while other jobs loaded it (ZIPCACHE_VLLM_EXT=jit, empty ZIPCACHE_VLLM_EXT_DIR).
 JIT_COMPILE_COST = "about 80 s of CPU time, 1-3 minutes on 2 cores"
 SOURCES = ("ops.cpp", "decode.cpp", "rotate.cpp", "rotate_avx512.cpp", "dequant.cpp", "attend_scalar.cpp", "attend_avx2.cpp", "attend_avx512.cpp")
-HEADERS = ("zc_kernels.h", "host.h", "attend_impl.h")
+HEADERS = ("zc_kernels.h", "host.h", "attend_impl.h", "uniform.h")
 CFLAGS = ("-O3", "-fopenmp", "-Wno-psabi", "-fno-math-errno")  # cpp_extension adds -std=c++20
 LDFLAGS = ("-fopenmp",)
 

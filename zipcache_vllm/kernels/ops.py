@@ -549,12 +549,34 @@ class DecodePlan:
         if q.dtype.itemsize != st.elt_bytes:
             raise ValueError(f"the staging layout holds {st.elt_bytes}-byte elements, q is {q.dtype}")
         R = self.rows.shape[0]
-        pool = tuple(t.contiguous() for t in portable.gather_staged(pages, self.stage_ids, st, q.dtype))
+        q8 = st.kv_bits == 8
+        k_st, v_st, score, count = portable.gather_staged(pages, self.stage_ids, st,
+                                                          torch.float32 if q8 else q.dtype)
+        # tokens past the staged ones hold stale bytes: zeros, so no NaN pattern reaches
+        # the masked part of the slot kernel's sums
+        stale = (torch.arange(st.block_size, device=q.device).unsqueeze(0)
+                 >= self.staged.unsqueeze(1))[:, None, :, None]
+        k_st, v_st = k_st.masked_fill(stale, 0).contiguous(), v_st.masked_fill(stale, 0).contiguous()
+        score, count = score.contiguous(), count.contiguous()
+        q_in, k_in, v_in, out_in = q, k, v, out
+        if q8:  # the new tokens as the C++ op reads them back from their 8 bits, in float32
+            q_in = q.float()
+            k_in, v_in = k.to(torch.float32, copy=True), v.to(torch.float32, copy=True)
+            k_in[self.rows] = portable.fake_quantize_rows8(k.index_select(0, self.rows))
+            v_in[self.rows] = portable.fake_quantize_rows8(v.index_select(0, self.rows))
+            out_in = torch.empty_like(q_in)
         slots = torch.arange(R, dtype=torch.int64, device=self.rows.device)
         dense = DecodePlan(self.rows, self.block_table, self.num_blocks, slots, self.staged,
                            self.probe, self.path, self.isa, (self.bounds[0], R, self.bounds[2]))
-        dense.run(q, k, v, pages, *pool, out, layout, scale)
-        portable.scatter_staged(pages, self.stage_ids, st, *pool)
+        dense.run(q_in, k_in, v_in, pages, k_st, v_st, score, count, out_in, layout, scale)
+        if not q8:
+            portable.scatter_staged(pages, self.stage_ids, st, k_st, v_st, score, count)
+            return
+        out[self.rows] = out_in.index_select(0, self.rows).to(out.dtype)
+        portable.scatter_staged(pages, self.stage_ids, st, k_st, v_st, score, count,
+                                kv_from=st.block_size)
+        portable.store_token(pages, self.stage_ids, st, self.staged,
+                             k.index_select(0, self.rows), v.index_select(0, self.rows))
 
 
 def hadamard_rotate(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 
 from ..layout import BlockLayout, StagingLayout
 from ..quant.block import unpack_dequantize_blocks
+from ..quant.uniform import dequantize, quant_params, quantize, sanitize
 
 GROUP_BLOCKS = 16  # pages dequantized at once (bounds the fp32 temporary)
 
@@ -139,56 +140,137 @@ def decode_staged(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch
     accumulate_saliency(sc, lse, visible, staged, probe, slots, pool_score, pool_count)
 
 
+def _sections(pages: torch.Tensor, st: StagingLayout, model_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Typed views of the staging sections of every page (no copy): ``k, v [P, H, T, D]``
+    (``model_dtype``, or uint8 codes), with 8 bits ``kp, vp [P, H, T, 2]`` float16
+    ``(min, step)``; ``score [P, H, T]``, ``count [P, T]`` float32."""
+    P = pages.shape[0]
+    H, T, D = st.num_kv_heads, st.tokens_per_page, st.head_size
+    kv_dtype = model_dtype
+
+    def view(start: int, stop: int, dtype: torch.dtype, *shape: int) -> torch.Tensor:
+        return pages[:, start:stop].view(dtype).reshape(P, *shape)
+
+    out = {}
+    if st.kv_bits == 8:
+        out["k"] = view(0, st.v_offset, torch.uint8, H, T, D)
+        out["v"] = view(st.v_offset, st.params_offset, torch.uint8, H, T, D)
+        mid = st.params_offset + 4 * H * T
+        out["kp"] = view(st.params_offset, mid, torch.float16, H, T, 2)
+        out["vp"] = view(mid, st.score_offset, torch.float16, H, T, 2)
+    else:
+        out["k"] = view(0, st.v_offset, kv_dtype, H, T, D)
+        out["v"] = view(st.v_offset, st.score_offset, kv_dtype, H, T, D)
+    out["score"] = view(st.score_offset, st.count_offset, torch.float32, H, T)
+    out["count"] = view(st.count_offset, st.used_bytes, torch.float32, T)
+    return out
+
+
+def _token_index(ids: torch.Tensor, st: StagingLayout, t0: int, t1: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Page and position in the page of tokens ``t0..t1-1`` of each block's run ``ids
+    [n, pages]``: two int64 ``[n * (t1 - t0)]`` (block-major)."""
+    T = st.tokens_per_page
+    t = torch.arange(t0, t1, device=ids.device)
+    page = ids.index_select(1, t // T).reshape(-1)
+    return page, (t % T).repeat(ids.shape[0])
+
+
+def quantize_rows8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit staging of rows ``x [..., D]``: uint8 codes and float16 ``(min, step)`` ``[..., 2]``
+    (``quant.uniform`` over each row's own range; ``zipcache::decode_paged`` stores the
+    same bits)."""
+    xf = sanitize(x)
+    m, s = quant_params(xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True), 8)
+    return quantize(xf, m, s, 8), torch.cat([m, s], -1)
+
+
+def dequantize_rows8(codes: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """float32 rows of :func:`quantize_rows8`'s output."""
+    return dequantize(codes, params[..., :1], params[..., 1:])
+
+
+def fake_quantize_rows8(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as 8-bit staging reads it back (float32)."""
+    return dequantize_rows8(*quantize_rows8(x))
+
+
+def store_token(pages: torch.Tensor, ids: torch.Tensor, st: StagingLayout, at: torch.Tensor,
+                k: torch.Tensor, v: torch.Tensor) -> None:
+    """Stage one token of each of ``n`` blocks: ``k, v [n, H, D]`` at index ``at[n]`` of
+    the block's run ``ids [n, pages]`` (8-bit staging quantizes it, as the C++ decode step)."""
+    sec = _sections(pages, st, k.dtype)
+    T = st.tokens_per_page
+    page = ids.gather(1, (at // T).unsqueeze(1)).squeeze(1)
+    pos = at % T
+    if st.kv_bits == 8:
+        for name, x in (("k", k), ("v", v)):
+            codes, params = quantize_rows8(x)
+            sec[name][page, :, pos] = codes
+            sec[name + "p"][page, :, pos] = params
+    else:
+        sec["k"][page, :, pos] = k.to(sec["k"].dtype)
+        sec["v"][page, :, pos] = v.to(sec["v"].dtype)
+
+
 def gather_staged(pages: torch.Tensor, ids: torch.Tensor, st: StagingLayout,
                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Paged staging of ``n`` blocks as dense copies: ``ids`` int64 ``[n, pages]`` (each
     block's page run) of ``pages`` uint8 ``[num_blocks, page_bytes]`` to ``k, v [n, H, B, D]``
-    in ``dtype`` (the model dtype), ``score [n, H, B]`` and ``count [n, B]`` float32."""
-    n, E = ids.shape
-    H, T, D, B = st.num_kv_heads, st.tokens_per_page, st.head_size, st.block_size
-    raw = pages[:, :st.used_bytes].index_select(0, ids.reshape(-1))  # [n * E, used]
-    kv = raw[:, :st.score_offset].view(dtype).reshape(n, E, 2, H, T, D)
+    in ``dtype`` (8-bit staging: dequantized in float32, then rounded to ``dtype``),
+    ``score [n, H, B]`` and ``count [n, B]`` float32. Tokens never staged hold whatever
+    the pages held."""
+    n, B = ids.shape[0], st.block_size
+    sec = _sections(pages, st, dtype)
+    page, pos = _token_index(ids, st, 0, B)
 
-    def tokens(x: torch.Tensor) -> torch.Tensor:  # [n, E, H, T, ...] -> [n, H, B, ...]
-        return x.transpose(1, 2).flatten(2, 3)[:, :, :B]
+    def tokens(x: torch.Tensor) -> torch.Tensor:  # [P, H, T, ...] -> [n, H, B, ...]
+        return x[page, :, pos].unflatten(0, (n, B)).transpose(1, 2)
 
-    score = raw[:, st.score_offset:st.count_offset].view(torch.float32).reshape(n, E, H, T)
-    count = raw[:, st.count_offset:st.used_bytes].view(torch.float32).reshape(n, E * T)[:, :B]
-    return tokens(kv[:, :, 0]), tokens(kv[:, :, 1]), tokens(score), count
+    if st.kv_bits == 8:
+        k = dequantize_rows8(tokens(sec["k"]), tokens(sec["kp"])).to(dtype)
+        v = dequantize_rows8(tokens(sec["v"]), tokens(sec["vp"])).to(dtype)
+    else:
+        k, v = tokens(sec["k"]).to(dtype), tokens(sec["v"]).to(dtype)
+    count = sec["count"][page, pos].reshape(n, B)
+    return k, v, tokens(sec["score"]), count
 
 
 def scatter_staged(pages: torch.Tensor, ids: torch.Tensor, st: StagingLayout, k: torch.Tensor,
-                   v: torch.Tensor, score: torch.Tensor, count: torch.Tensor) -> None:
+                   v: torch.Tensor, score: torch.Tensor, count: torch.Tensor,
+                   kv_from: int = 0) -> None:
     """Write ``t`` staged tokens of ``n`` blocks into their page runs (``ids [n, pages]``):
-    ``k, v [n, H, t, D]``, ``score [n, H, t]``, ``count [n, t]``, ``t <= B``. Only the
-    pages holding the ``t`` tokens are written; past ``t`` they hold zeros (never read:
-    only the first ``s`` staged tokens of a block are meaningful, as in a slot)."""
-    n, T = ids.shape[0], st.tokens_per_page
-    t = k.shape[2]
-    if k.element_size() != st.elt_bytes:
+    ``k, v [n, H, t, D]``, ``score [n, H, t]``, ``count [n, t]``, ``t <= B``. K and V are
+    written for tokens ``kv_from..t-1`` only (8-bit staging quantizes them here; tokens
+    already staged keep the bits they were stored with), scores and counts for all ``t``.
+    Other bytes of the pages are not touched."""
+    n, t = ids.shape[0], k.shape[2]
+    if st.kv_bits is None and k.element_size() != st.elt_bytes:
         raise ValueError(f"staged K/V are {k.dtype}, the staging layout holds {st.elt_bytes}-byte "
                          "elements")
     if not t:
         return
-    used = -(-t // T)  # pages that hold the t tokens
-    raw = pages.new_zeros(n, used, st.used_bytes)
+    sec = _sections(pages, st, k.dtype)
+    page, pos = _token_index(ids, st, 0, t)
+    sec["score"][page, :, pos] = score.float().transpose(1, 2).reshape(n * t, -1)
+    sec["count"][page, pos] = count.float().reshape(-1)
+    if kv_from >= t:
+        return
+    page, pos = _token_index(ids, st, kv_from, t)
 
-    def put(section: slice, dtype: torch.dtype, x: torch.Tensor) -> None:
-        """``x [n, H?, t, ...]`` as ``[n, used, H?, T, ...]`` into ``raw[..., section]``."""
-        heads = x.dim() > 2
-        tok = 2 if heads else 1
-        pad = [0, 0] * (x.dim() - tok - 1) + [0, used * T - t]
-        x = torch.nn.functional.pad(x, pad).unflatten(tok, (used, T))
-        if heads:
-            x = x.transpose(1, 2)
-        raw[:, :, section].view(dtype).copy_(x.reshape(n, used, -1))
+    def rows(x: torch.Tensor) -> torch.Tensor:  # [n, H, t, D] -> [n * (t - kv_from), H, D]
+        return x[:, :, kv_from:].transpose(1, 2).reshape(-1, *x.shape[1:2], x.shape[-1])
 
-    put(slice(0, st.v_offset), k.dtype, k)
-    put(slice(st.v_offset, st.score_offset), v.dtype, v)
-    put(slice(st.score_offset, st.count_offset), torch.float32, score.float())
-    put(slice(st.count_offset, st.used_bytes), torch.float32, count.float())
-    pages[:, :st.used_bytes].index_copy_(0, ids[:, :used].reshape(-1), raw.flatten(0, 1))
+    if st.kv_bits == 8:
+        for name, x in (("k", k), ("v", v)):
+            codes, params = quantize_rows8(rows(x))
+            sec[name][page, :, pos] = codes
+            sec[name + "p"][page, :, pos] = params
+    else:
+        sec["k"][page, :, pos] = rows(k).to(sec["k"].dtype)
+        sec["v"][page, :, pos] = rows(v).to(sec["v"].dtype)
 
 
 __all__ = ["GROUP_BLOCKS", "accumulate_saliency", "attend_packed_varlen", "decode_staged",
-           "gather_staged", "scatter_staged", "stage_tokens", "staged_scores"]
+           "dequantize_rows8", "fake_quantize_rows8", "gather_staged", "quantize_rows8",
+           "scatter_staged", "stage_tokens", "staged_scores", "store_token"]

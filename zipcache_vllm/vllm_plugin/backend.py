@@ -153,7 +153,7 @@ class ZipCacheBackend(AttentionBackend):
         fields = {f: getattr(spec, f) for f in compat.FullAttentionSpec.__dataclass_fields__}
         fields.update(num_head_slots=1, tokens_per_state=spec.block_size,
                       state_content_bytes=layout.page_bytes * spec.block_size // layout.block_size,
-                      staging_blocks=StagingLayout.of(layout, elt).lookahead_blocks)
+                      staging_blocks=StagingLayout.of(layout, elt, preset.staging_bits).lookahead_blocks)
         return ZipCacheSpec(**fields)
 
 
@@ -396,12 +396,14 @@ def engine_for(vllm_config, device) -> ZipCacheEngine:
     engine = impls[0].engine
     if engine is not None and engine.pool.matches(layers, B, H, D, dtype):
         return engine
-    staging = StagingLayout.of(impls[0].layout, _staging_elt_bytes(dtype))
+    staging = StagingLayout.of(impls[0].layout, _staging_elt_bytes(dtype),
+                               impls[0].policy.preset.staging_bits)
     device = torch.device(device if device is not None else "cpu")
     pool = StagingPool(sorted(layers), num_staging_slots(vllm_config), B, H, D, dtype,
                        device=device, paged=staging)
-    logger.info("zipcache: staging in the KV cache: each running request holds %d block(s) "
-                "ahead of its tokens (%d tokens a page, %.2f MiB a request over %d layers).",
+    logger.info("zipcache: staging in the KV cache (%s): each running request holds %d "
+                "block(s) ahead of its tokens (%d tokens a page, %.2f MiB a request over %d "
+                "layers).", "8-bit" if staging.kv_bits == 8 else str(dtype).removeprefix("torch."),
                 staging.lookahead_blocks, staging.tokens_per_page,
                 staging.lookahead_blocks * staging.page_bytes * len(layers) / 2**20, len(layers))
     state = impls[0].policy.engine_state(len(layers), pool.num_slots, H, B,
