@@ -34,12 +34,13 @@ class Server:
     """One ``vllm serve`` process, its log, and its port (loopback only)."""
 
     def __init__(self, model: str | Path, *extra: str, env: dict | None = None,
-                 max_model_len: int = 2048, kv_space_gib: int | None = 2) -> None:
+                 max_model_len: int | None = 2048, kv_space_gib: int | None = 2) -> None:
         import requests  # noqa: F401  (fail early: every helper below needs it)
 
         self.port = free_port()
         self.log_path = Path(tempfile.mkstemp(prefix="zipcache_serve_", suffix=".log")[1])
-        # kv_space_gib None: no VLLM_CPU_KVCACHE_SPACE at all (vLLM's CPU platform would replace
+        # max_model_len None: vLLM's default (the model's). kv_space_gib None: no
+        # VLLM_CPU_KVCACHE_SPACE at all (vLLM's CPU platform would replace
         # a --kv-cache-memory-bytes budget with it)
         base = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
         if kv_space_gib is not None:
@@ -47,7 +48,7 @@ class Server:
         env = {**base, "HF_HUB_OFFLINE": "1", "VLLM_SERVER_DEV_MODE": "1", **(env or {})}
         self.cmd = [sys.executable, "-m", "zipcache_vllm.launcher", "serve", str(model),
                     "--enforce-eager", "--host", "127.0.0.1", "--port", str(self.port),
-                    "--max-model-len", str(max_model_len), *extra]
+                    *(["--max-model-len", str(max_model_len)] if max_model_len else []), *extra]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True)
