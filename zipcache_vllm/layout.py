@@ -327,12 +327,6 @@ class StagingLayout:
                 self.score_offset, self.count_offset, self.kv_bits or 0, self.params_offset]
 
 
-def staging_bytes_per_slot(block_size: int, head_size: int, num_kv_heads: int, num_layers: int,
-                           dtype_bytes: int = BF16_BYTES) -> int:
-    """Bytes of one request's full-precision staging block (K and V, all layers)."""
-    return 2 * block_size * head_size * num_kv_heads * num_layers * dtype_bytes
-
-
 # ---------------------------------------------------------------------------
 # Paged FastGen (docs/FASTGEN.md): a block of B logical tokens keeps S token
 # slots per KV head; the evicted B - S tokens take no bytes.

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zipcache_vllm.layout import ALIGN, BF16_BYTES, SUPPORTED_BITS, BlockLayout, staging_bytes_per_slot
+from zipcache_vllm.layout import ALIGN, BF16_BYTES, SUPPORTED_BITS, BlockLayout, StagingLayout
 
 SECTION_NAMES = ["k_hi_codes", "k_lo_codes", "v_hi_codes", "v_lo_codes", "k_hi_params",
                  "k_lo_params", "v_channel_scale", "v_token_params", "mask"]
@@ -226,10 +226,24 @@ def test_from_preset():
         BlockLayout(128, 80, 1, 4, 2, 58, rotate_values=True)
 
 
-def test_staging_bytes():
-    # K and V, bf16: 2 * B * D * H * layers * 2 bytes
-    assert staging_bytes_per_slot(128, 64, 8, 30) == 2 * 128 * 64 * 8 * 30 * 2
-    assert staging_bytes_per_slot(16, 8, 1, 1, dtype_bytes=4) == 2 * 16 * 8 * 4
+def test_staging_layout_sections():
+    """Model dtype: K, V, score, count; 8 bits: codes, then float16 (min, step) per row, then
+    score and count, every float32 section 4-byte aligned."""
+    full = StagingLayout(21360, 128, 3, 64)
+    assert (full.token_bytes, full.tokens_per_page, full.pages, full.lookahead_blocks) == (784, 27, 5, 4)
+    assert full.score_offset == full.params_offset == 2 * 3 * 27 * 64 * 2
+    q8 = StagingLayout(21360, 128, 3, 64, kv_bits=8)
+    assert (q8.token_bytes, q8.tokens_per_page, q8.pages, q8.lookahead_blocks) == (424, 50, 3, 2)
+    T = q8.tokens_per_page
+    assert q8.v_offset == 3 * T * 64 and q8.params_offset == 2 * q8.v_offset
+    assert q8.score_offset == q8.params_offset + 8 * 3 * T and q8.count_offset == q8.score_offset + 4 * 3 * T
+    assert q8.used_bytes == q8.count_offset + 4 * T <= 21360
+    assert q8.args() == [T, 3, 2, q8.v_offset, q8.score_offset, q8.count_offset, 8, q8.params_offset]
+    assert StagingLayout(21360, 128, 3, 64, 4, kv_bits=8).token_bytes == 424  # the model dtype's width: no matter
+    with pytest.raises(ValueError, match="kv_bits"):
+        StagingLayout(21360, 128, 3, 64, kv_bits=4)
+    with pytest.raises(ValueError, match="even head size"):
+        StagingLayout(21360, 128, 3, 63, kv_bits=8)
 
 
 @st.composite
