@@ -29,6 +29,7 @@ def _top(lp, k):
 @pytest.mark.parametrize("argv,message", [
     (["--kv-cache-dtype", "auto,uniform3"], "unknown --kv-cache-dtype uniform3; choose from auto, fp8, zipcache"),
     (["--prefill-len", "256"], "--prefill-len is for --offline"),
+    (["--max-num-batched-tokens", "8"], "--max-num-batched-tokens must be >= 16"),
 ])
 def test_bad_engine_eval_arguments_fail_before_any_engine_starts(argv, message, capsys):
     """A typo in a dtype list must not cost the engines before it (each is minutes)."""

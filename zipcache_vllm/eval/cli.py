@@ -39,6 +39,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--prefill-len", type=int, default=None,
                    help=f"prompt tokens per window, a multiple of the block size (default {FULL['prefill_len']})")
     p.add_argument("--windows", type=int, default=None, help=f"text windows (default {FULL['windows']})")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, dest="chunk",
+                   help="engine mode: vLLM's prefill chunk (default 256, whole blocks; a length that "
+                   "is not a multiple of the block size leaves each chunk's tail staged for the next)")
     p.add_argument("--model", default=None, help="HF model folder (default: the embedded SmolLM2)")
     p.add_argument("--markdown", default=None, help="write the table, command and machine to this file")
     p.add_argument("--json", default=None, help="write the rows as JSON to this file")
@@ -135,6 +138,11 @@ def _run_engine(args) -> int:
         score_len = args.seq_len or settings.score_len
         settings = replace(settings, score_windows=args.windows or settings.score_windows,
                            score_len=score_len, max_model_len=max(settings.max_model_len, score_len))
+    if args.chunk is not None:
+        if args.chunk < 16:
+            print(f"error: --max-num-batched-tokens must be >= 16, got {args.chunk}", file=sys.stderr)
+            return 2
+        settings = replace(settings, chunk=args.chunk)
     names = args.kv_cache_dtype.split(",") if args.kv_cache_dtype else None
     known = engine_eval.known_dtypes()
     unknown = [n for n in names or [] if n not in known]
