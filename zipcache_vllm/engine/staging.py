@@ -180,10 +180,13 @@ class StagingPool:
         model dtype."""
         return torch.float32 if self.paged is not None and self.paged.kv_bits == 8 else self.dtype
 
-    def store_tail(self, layer: int, plan, res, pages: torch.Tensor) -> None:
+    def store_tail(self, layer: int, plan, res, pages: torch.Tensor,
+                   exact: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Write a step result's new partial block (``res.tail_*``, ``res.tail_len`` tokens,
         maybe none) for ``plan``'s request: into its slot of ``layer``, or into the page run
-        of its last block (``plan.tail_stage_ids``) of ``pages`` when paged."""
+        of its last block (``plan.tail_stage_ids``) of ``pages`` when paged. ``exact``: the
+        chunk's own K and V (float32 ``[H, q, D]``) before 8-bit rounding, what 8-bit staging
+        quantizes the chunk's new tail tokens from (``res.tail_*`` hold their rounding)."""
         t = res.tail_len
         if not t:
             return
@@ -191,13 +194,18 @@ class StagingPool:
             # tokens staged before this chunk keep their bytes when the chunk ends in their
             # block (8-bit staging would otherwise round them a second time)
             B = self.block_size
-            same_block = plan.ctx // B == (plan.ctx + plan.q_len) // B
-            kv = (res.tail_k, res.tail_v) if self.paged.kv_bits == 8 else (
-                res.tail_k.to(self.dtype), res.tail_v.to(self.dtype))
+            kv_from = plan.ctx % B if plan.ctx // B == (plan.ctx + plan.q_len) // B else 0
+            if self.paged.kv_bits == 8:
+                k, v = res.tail_k, res.tail_v
+                if exact is not None:  # the new tail tokens are the chunk's last ones
+                    k, v = k.clone(), v.clone()
+                    k[:, kv_from:] = exact[0][:, plan.q_len - (t - kv_from):]
+                    v[:, kv_from:] = exact[1][:, plan.q_len - (t - kv_from):]
+            else:
+                k, v = res.tail_k.to(self.dtype), res.tail_v.to(self.dtype)
             scatter_staged(pages, plan.tail_stage_ids.unsqueeze(0), self.paged,
-                           kv[0].unsqueeze(0), kv[1].unsqueeze(0),
-                           res.tail_score.unsqueeze(0), res.tail_count.unsqueeze(0),
-                           kv_from=plan.ctx % B if same_block else 0)
+                           k.unsqueeze(0), v.unsqueeze(0), res.tail_score.unsqueeze(0),
+                           res.tail_count.unsqueeze(0), kv_from=kv_from)
             return
         slot = plan.slot
         self.k[layer, slot, :, :t] = res.tail_k.to(self.dtype)

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import attend_packed, dequantize_pages, hadamard_rotate, uses_triton
+from ..kernels.portable import fake_quantize_rows8
 from ..layout import BlockLayout
 from ..policies import KVPolicy
 from .attention import (causal_window, flash_cpu, local_window, merge_lse, scaled_queries,
@@ -283,6 +284,14 @@ def _apply_chunk(pool: StagingPool, layer: int, plan: RequestPlan, query: torch.
     # transposing conversion costs several times a straight one); queries once per block
     k_all = key[start:end].float().transpose(0, 1)
     v_all = value[start:end].float().transpose(0, 1)
+    exact = None
+    if pool.paged is not None and pool.paged.kv_bits == 8:
+        # 8-bit staging: until its block is packed a token is its 8-bit rounding for every
+        # reader (its own chunk's queries too, as a decode token for its own query), so how
+        # vLLM splits a request into chunks (budget, prefix hit, recompute) changes nothing;
+        # the tail's codes are taken from the exact rows (store_tail)
+        exact = (k_all, v_all)
+        k_all, v_all = fake_quantize_rows8(k_all), fake_quantize_rows8(v_all)
     g = query.shape[1] // H
     # The entry block's staged tokens: only the first block of the loop has any (every
     # later one starts on a block boundary with s = 0 and reads none).
@@ -306,7 +315,7 @@ def _apply_chunk(pool: StagingPool, layer: int, plan: RequestPlan, query: torch.
                 packed = torch.cat([packed, blocks])
             filled += n_new
         ctx, start = ctx + n, start + n
-        pool.store_tail(layer, plan, res, pages)
+        pool.store_tail(layer, plan, res, pages, exact)
 
 
 class _DequantizedPrefix:

@@ -36,10 +36,10 @@ class SimConfig:
     chunk_size: int
     saliency_window: Literal["block", "chunk", "oracle"] = "block"
     # Staged tokens in 8 bits per token and head (``_fake_int8``, the engine's 8-bit staging):
-    # the tail of a chunk that stays in a partial block, and every token of a decode chunk
-    # (the engine stages each decode token before attending it); later steps read them, and
-    # their block is packed, from those 8 bits. None: as the policy's preset says
-    # (``staging_bits``; unset: the model's precision); 8 forces it.
+    # until its block is packed, every query reads a token as its 8-bit rounding (its own
+    # chunk's too, as the engine does however the request is split into chunks), and the
+    # block is packed from those 8 bits. None: as the policy's preset says (``staging_bits``;
+    # unset: the model's precision); 8 forces it.
     staging_bits: int | None = None
 
 
@@ -125,25 +125,18 @@ class KVSimulator:
         if not identity and masks is None and (policy.preset.topk_scope == "sequence"
                                                or self.cfg.saliency_window == "oracle"):
             masks = self._prepass_masks(q, k, scale)
-        k_st, v_st = k.clone(), v.clone()
-        k8 = v8 = None
+        kc, vc = k, v  # tokens of blocks not yet packed, as every query reads them
         if (self.cfg.staging_bits or policy.preset.staging_bits) == 8:
-            k8 = _staged_int8(k, policy.preset.key_rotation == "hadamard")
-            v8 = _staged_int8(v, policy.preset.value_rotation == "hadamard")
+            kc = _staged_int8(k, policy.preset.key_rotation == "hadamard")
+            vc = _staged_int8(v, policy.preset.value_rotation == "hadamard")
+        k_st, v_st = kc.clone(), vc.clone()
         out = torch.empty_like(q)
         pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for c0, c1 in self.chunks(L):
-            kc, vc = k, v  # the chunk's own tokens as its queries read them
-            if k8 is not None and c0 >= self.cfg.prefill_len and c0:  # a decode chunk: staged
-                kc, vc = k8, v8
-                k_st[:, c0:c1], v_st[:, c0:c1] = k8[:, c0:c1], v8[:, c0:c1]
             keys = _expand(torch.cat([k_st[:, :c0], kc[:, c0:c1]], 1), g)
             vals = _expand(torch.cat([v_st[:, :c0], vc[:, c0:c1]], 1), g)
             probs = _chunk_probs(q, keys, c0, c1, scale)
             out[:, c0:c1] = torch.einsum("hqk,hkd->hqd", probs, vals)
-            tail = (c1 // B) * B
-            if k8 is not None and tail < c1:  # the chunk's tail waits in staging
-                k_st[:, tail:c1], v_st[:, tail:c1] = k8[:, tail:c1], v8[:, tail:c1]
             if identity:
                 continue
             if masks is None:
