@@ -146,7 +146,6 @@ def _sections(pages: torch.Tensor, st: StagingLayout, model_dtype: torch.dtype) 
     ``(min, step)``; ``score [P, H, T]``, ``count [P, T]`` float32."""
     P = pages.shape[0]
     H, T, D = st.num_kv_heads, st.tokens_per_page, st.head_size
-    kv_dtype = model_dtype
 
     def view(start: int, stop: int, dtype: torch.dtype, *shape: int) -> torch.Tensor:
         return pages[:, start:stop].view(dtype).reshape(P, *shape)
@@ -159,8 +158,8 @@ def _sections(pages: torch.Tensor, st: StagingLayout, model_dtype: torch.dtype) 
         out["kp"] = view(st.params_offset, mid, torch.float16, H, T, 2)
         out["vp"] = view(mid, st.score_offset, torch.float16, H, T, 2)
     else:
-        out["k"] = view(0, st.v_offset, kv_dtype, H, T, D)
-        out["v"] = view(st.v_offset, st.score_offset, kv_dtype, H, T, D)
+        out["k"] = view(0, st.v_offset, model_dtype, H, T, D)
+        out["v"] = view(st.v_offset, st.score_offset, model_dtype, H, T, D)
     out["score"] = view(st.score_offset, st.count_offset, torch.float32, H, T)
     out["count"] = view(st.count_offset, st.used_bytes, torch.float32, T)
     return out
@@ -199,18 +198,22 @@ def store_token(pages: torch.Tensor, ids: torch.Tensor, st: StagingLayout, at: t
                 k: torch.Tensor, v: torch.Tensor) -> None:
     """Stage one token of each of ``n`` blocks: ``k, v [n, H, D]`` at index ``at[n]`` of
     the block's run ``ids [n, pages]`` (8-bit staging quantizes it, as the C++ decode step)."""
-    sec = _sections(pages, st, k.dtype)
     T = st.tokens_per_page
     page = ids.gather(1, (at // T).unsqueeze(1)).squeeze(1)
-    pos = at % T
-    if st.kv_bits == 8:
-        for name, x in (("k", k), ("v", v)):
+    _put_kv(_sections(pages, st, k.dtype), st, page, at % T, k, v)
+
+
+def _put_kv(sec: dict[str, torch.Tensor], st: StagingLayout, page: torch.Tensor,
+            pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Write token rows ``k, v [N, H, D]`` at ``(page, pos)`` of the sections ``sec``
+    (:func:`_sections`), quantized when the staging is 8-bit."""
+    for name, x in (("k", k), ("v", v)):
+        if st.kv_bits == 8:
             codes, params = quantize_rows8(x)
             sec[name][page, :, pos] = codes
             sec[name + "p"][page, :, pos] = params
-    else:
-        sec["k"][page, :, pos] = k.to(sec["k"].dtype)
-        sec["v"][page, :, pos] = v.to(sec["v"].dtype)
+        else:
+            sec[name][page, :, pos] = x.to(sec[name].dtype)
 
 
 def gather_staged(pages: torch.Tensor, ids: torch.Tensor, st: StagingLayout,
@@ -261,14 +264,7 @@ def scatter_staged(pages: torch.Tensor, ids: torch.Tensor, st: StagingLayout, k:
     def rows(x: torch.Tensor) -> torch.Tensor:  # [n, H, t, D] -> [n * (t - kv_from), H, D]
         return x[:, :, kv_from:].transpose(1, 2).reshape(-1, *x.shape[1:2], x.shape[-1])
 
-    if st.kv_bits == 8:
-        for name, x in (("k", k), ("v", v)):
-            codes, params = quantize_rows8(rows(x))
-            sec[name][page, :, pos] = codes
-            sec[name + "p"][page, :, pos] = params
-    else:
-        sec["k"][page, :, pos] = rows(k).to(sec["k"].dtype)
-        sec["v"][page, :, pos] = rows(v).to(sec["v"].dtype)
+    _put_kv(sec, st, page, pos, rows(k), rows(v))
 
 
 __all__ = ["GROUP_BLOCKS", "accumulate_saliency", "attend_packed_varlen", "decode_staged",
