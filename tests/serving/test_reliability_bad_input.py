@@ -116,13 +116,13 @@ def test_skip_layers_is_refused(model_dir):
 @pytest.mark.slow
 @pytest.mark.engine
 def test_a_request_that_cannot_fit_its_staging_is_refused(model_dir):
-    """A budget of 66 pages (SmolLM2, ``zipcache``: 30 layers x 21,360 bytes each): one
-    request of 8,192 tokens needs 64 pages and 4 staging blocks next to vLLM's null block, so
+    """A budget of 65 pages (SmolLM2, ``zipcache``: 30 layers x 21,360 bytes each): one
+    request of 8,192 tokens needs 64 pages and 2 staging blocks, so
     vLLM's own startup check refuses it (without the staging blocks it would fit), with the
     longest length that fits. Fails in the engine process (after the workers start): the API
     server must still exit and take every engine and worker process with it."""
     s = Server(model_dir, "--kv-cache-dtype", "zipcache", "--kv-cache-memory-bytes",
-               str(66 * 30 * 21_360), max_model_len=8192, kv_space_gib=None)
+               str(65 * 30 * 21_360), max_model_len=8192, kv_space_gib=None)
     _refused(s, "max seq len (8192)", "estimated maximum model length is")
 
 

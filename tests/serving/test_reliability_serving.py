@@ -24,15 +24,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
 MAX_MODEL_LEN = 512
 # 21 blocks (20 after vLLM's null block): a request of this float32 engine holds its tokens
-# blocks and 9 staging blocks ahead (float32 staging: 13 tokens a page), so two requests of
-# one block run at once, and the load and the preemption batch overflow the cache
+# blocks and 2 staging blocks ahead (8-bit staging: 50 tokens a page, whatever the model
+# dtype), so six requests of one block run at once, and the load and the preemption batch
+# overflow the cache
 NUM_BLOCKS = 21
 MAX_NUM_SEQS = 16
 # Load (issue: >= 64 concurrent clients). Small outputs keep it inside the CI budget.
 CLIENTS, REQUESTS, LOAD_MAX_TOKENS, LOAD_DEADLINE_S = 64, 72, 8, 600
-# Preemption: 8 requests of 96-124 prompt tokens (one block + 9 staging blocks each: two fill
-# the cache) + PREEMPT_TOKENS greedy tokens, which take each past its first block: a running
-# request then needs a block the cache does not have, and vLLM preempts the other one.
+# Preemption: 8 requests of 96-124 prompt tokens (one block + 2 staging blocks each: six fill
+# 18 of the 20 blocks) + PREEMPT_TOKENS greedy tokens, which take each past its first block:
+# the third running request that needs its second block finds none, and vLLM preempts.
 PREEMPT_PROMPTS, PREEMPT_TOKENS = 8, 40
 TP = 3  # SmolLM2-135M has 3 KV heads: one per rank
 

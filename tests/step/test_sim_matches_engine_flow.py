@@ -158,14 +158,15 @@ def _engine_pool_steps(q, k, v, preset, prompt_len, scale):
 @pytest.mark.parametrize("route", ["cpp", "torch"])
 @pytest.mark.parametrize("preset_name,hq,hk,prompt_len", [("zipcache", 6, 2, 40), ("kivi3", 3, 3, 64)])
 def test_8bit_staging_engine_equals_simulator(route, preset_name, hq, hk, prompt_len, monkeypatch):
-    """``staging_bits: 8``: the simulator rounds what the engine stages
+    """``staging_bits: 8`` (the presets' default): the simulator rounds what the engine stages
     (prompt tails, decode tokens before their own query reads them) to the same 8 bits, so
     the engine's pooled, paged path and the simulator agree; and differ from staging in the
     model dtype. The prompt fits one block (the engine runs a longer chunk blockwise, the
     simulator as one window), then decode tokens fill two blocks."""
     monkeypatch.setenv("ZIPCACHE_VLLM_KERNELS", {"cpp": "", "torch": "torch"}[route])
     build.load()
-    preset = make_policy(preset_name).preset.model_copy(update={"block_size": 64, "staging_bits": 8})
+    preset = make_policy(preset_name).preset.model_copy(update={"block_size": 64})
+    assert preset.staging_bits == 8
     q, k, v = _inputs(prompt_len + 150, hq, hk, 7)
     scale = q.shape[-1] ** -0.5
     engine = _engine_pool_steps(q, k, v, preset, prompt_len, scale)

@@ -63,13 +63,13 @@ def test_weights_estimate_matches_the_prepared_checkpoint(model_dir):
 
 
 def test_cpu_plan_equals_the_measured_engine_capacity(model_dir):
-    """docs/BACKEND.md: the engine logged 93,184 (auto) and 343,142 (zipcache) tokens at 2 GiB
-    with --max-model-len 2048 (3,351 pages; a 2,048-token request holds 16 + 4 staging)."""
+    """docs/BACKEND.md: the engine logged 93,184 (auto) and 381,269 (zipcache) tokens at 2 GiB
+    with --max-model-len 2048 (3,351 pages; a 2,048-token request holds 16 + 2 staging)."""
     plan = make_plan(PlanRequest(model=str(model_dir), hardware="cpu-dev", kv_cache_space_gib=2,
                                  max_model_len=2048, kv_cache_dtypes=["auto", "zipcache"]))
     assert plan.row("auto").kv_tokens == 93_184
-    assert plan.row("zipcache").kv_tokens == 343_142 == int(3351 / 20 * 2048)
-    assert plan.row("zipcache").ratio_vs_auto == pytest.approx(343_142 / 93_184)
+    assert plan.row("zipcache").kv_tokens == 381_269 == int(3351 / 18 * 2048)
+    assert plan.row("zipcache").ratio_vs_auto == pytest.approx(381_269 / 93_184)
     assert plan.estimates is None  # CPU budgets are exact
 
 
@@ -129,7 +129,7 @@ def test_staging_is_blocks_of_the_kv_cache_on_cpu_and_cuda(model_dir):
         assert zc.kv_requests_at_context == zc.num_blocks // per_request
         assert zc.max_num_seqs is None and zc.concurrency_at_context == zc.kv_requests_at_context
     assert make_plan(PlanRequest(model=str(model_dir), hardware="cpu-dev",
-                                 max_model_len=2048)).row("zipcache").staging_blocks == 4
+                                 max_model_len=2048)).row("zipcache").staging_blocks == 2
 
 
 def test_bad_requests_name_the_field():
@@ -358,7 +358,7 @@ def test_planned_max_num_seqs():
 
     req = PlanRequest(model="llama3_1_8b", hardware="H100-80GB", max_model_len=32768)
     n = planned_max_num_seqs(req, "zipcache")
-    assert n == make_plan(req.model_copy(update={"max_num_seqs": n})).row("zipcache").kv_requests_at_context == 63
+    assert n == make_plan(req.model_copy(update={"max_num_seqs": n})).row("zipcache").kv_requests_at_context == 64
     assert make_plan(req.model_copy(update={"max_num_seqs": n + 1})).row("zipcache").kv_requests_at_context < n + 1
     assert planned_max_num_seqs(req.model_copy(update={"concurrency": 10}), "zipcache") == 10
     assert planned_max_num_seqs(req.model_copy(update={"max_num_seqs": 3}), "auto") == 3

@@ -93,8 +93,8 @@ def ablation_variants() -> list[Variant]:
         _variant("abl:rotation=none", "zipcache", "keys stored unrotated (the paper's)", key_rotation="none"),
         _variant("abl:values=rotated", "zipcache", "values stored Hadamard-rotated too (same bytes)",
                  value_rotation="hadamard"),
-        _variant("abl:staging=8bit", "zipcache", "staged tokens held in 8 bits per token and head (half "
-                 "the staging blocks; issue 20)", staging_bits=8),
+        _variant("abl:staging=model", "zipcache", "staged tokens held in the model dtype, not 8 bits "
+                 "(twice the staging blocks; issue 20)", staging_bits=None),
     ]
 
 
