@@ -22,19 +22,25 @@ from zipcache_vllm.eval import fidelity
 from zipcache_vllm.eval.simulate import KVSimulator, SimConfig
 from zipcache_vllm.policies import make_policy
 
-# End-to-end tolerance, justified. The HF model that drives the simulator and vLLM's
-# model do not always feed attention identical q/k: layer 0's v (no rotary embedding)
-# agrees to ~3e-7, but q and k after vLLM's rotary embedding differed from HF's by up to
-# 1.5e-3 in some engine runs and by ~1e-5 in others with the same requests (seen on an
-# AVX-512/AMX host; cause inside vLLM's CPU path not identified);
-# test_engine_inputs_differ_from_hf_only_after_rope prints the gaps of each run. With
-# 2-bit codes such gaps move values across rounding boundaries and near-ties in the
-# block-local top-k, so the engine stores slightly different pages than the HF-driven simulator computes (measured: median 6.7e-3
-# per token, against 7.4e-2 for the uncompressed simulation). The bound is therefore
-# relative: the engine must sit far closer to its own preset's simulation than to the
-# uncompressed one. Exactness (same pages, same reads, given the same inputs) is proven
-# by the layer-exact test below.
-FRACTION_OF_QUANT_EFFECT = 0.25
+# End-to-end tolerances, justified. The HF model that drives the simulator and vLLM's
+# model do not feed attention identical q/k: layer 0's v (no rotary embedding) agrees to
+# ~3e-7, but q and k after vLLM's rotary embedding differ from HF's by ~1e-5 to 1.5e-3
+# (cause inside vLLM's CPU path not identified; test_engine_inputs_differ_from_hf_only_after_rope
+# prints each run's gaps). A quantized cache is a discontinuous function of its inputs
+# (rounding boundaries, near-ties in the block-local top-k, row ranges of 8-bit staging), so
+# such gaps move the logprobs of 64 greedy tokens by about as much as any small change of the
+# cache does. Measured on 8 prompts (the engine's tokens replayed, median |delta logprob|):
+# the default preset's simulation against itself with Gaussian noise of 1e-5 on q and k,
+# 0.037; against the same preset with bf16 staging, 0.033; the engine against the
+# simulation, 0.032; the simulation against the uncompressed cache, 0.050. So per-token
+# agreement cannot be tight; what the engine must reproduce is the *size* of its preset's
+# quantization effect (a wrong bit width, saliency or staging precision changes it: bf16
+# instead of 8-bit staging moved it by 17%), and it must sit closer to its preset's
+# simulation than to the uncompressed one. Exactness (same pages, same reads, given the
+# same inputs) is proven by the layer-exact test below, on all 4 recorded layers of every
+# step, for chunked and for whole prompts.
+EFFECT_RTOL = 0.12
+CLOSER_THAN = 0.75
 LAYER_ATOL = 1e-4  # float32 summation order only (measured 3.5e-6 to 4.8e-6)
 V_ATOL, QK_ATOL = 1e-5, 1e-2  # engine vs HF inputs of layer 0: before / after RoPE
 
@@ -54,7 +60,9 @@ def test_engine_logprobs_match_the_offline_reference(result):
     print(f)
     assert f["tokens"] == 20 * 64
     for stat in ("median", "mean"):
-        assert f["vs_same_preset"][stat] < FRACTION_OF_QUANT_EFFECT * f["vs_uncompressed"][stat], stat
+        effect, sim_effect = f["vs_uncompressed"][stat], f["sim_vs_uncompressed"][stat]
+        assert abs(effect - sim_effect) <= EFFECT_RTOL * sim_effect, (stat, effect, sim_effect)
+        assert f["vs_same_preset"][stat] < CLOSER_THAN * effect, stat
 
 
 def _requests_of(steps: list[dict], layer: int) -> list[dict]:
@@ -106,10 +114,15 @@ def recorded_whole_prompts(model_dir, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.engine
-def test_engine_attention_equals_the_reference_on_its_own_inputs(recorded):
+@pytest.mark.parametrize("rec", ["recorded", "recorded_whole_prompts"])
+def test_engine_attention_equals_the_reference_on_its_own_inputs(rec, request):
+    """Both recordings: chunks cut mid-block batched with decode, and whole prompts (one
+    chunk across several blocks, as the end-to-end comparison runs them)."""
+    recorded = request.getfixturevalue(rec)
     steps, seqs = recorded["steps"], recorded["seqs"]
-    assert any(len(st["rows"]) > 1 and any(r[1] == 1 for r in st["rows"])
-               and any(r[1] > 1 for r in st["rows"]) for st in steps), "no mixed prefill+decode step"
+    if rec == "recorded":
+        assert any(len(st["rows"]) > 1 and any(r[1] == 1 for r in st["rows"])
+                   and any(r[1] > 1 for r in st["rows"]) for st in steps), "no mixed prefill+decode step"
     expected_lens = sorted(len(s) - 1 for s in seqs)  # the last token is never fed back
     worst = 0.0
     for layer in recorded["layers"]:

@@ -3,7 +3,8 @@
 One float32 zipcache server is shared by the module, with a KV cache of only
 ``NUM_BLOCKS`` blocks so that both the load and the preemption batch overflow it
 (vLLM preempts and recomputes). The tensor-parallel test starts two float32 servers of
-its own with TP=3 and compares its greedy tokens with the shared server's (TP=1).
+its own with TP=3 and compares its greedy tokens with the shared server's (TP=1) by vLLM's
+rule for runs whose float sums differ.
 Prompts are token ids of real English text (``eval/corpus.py``). What
 test_engine_e2e.py already proves (slots released after two aborted streams, a 400
 for one over-long prompt) is not repeated; these tests go further. Preemption is
@@ -152,11 +153,42 @@ def _tp_server(model_dir) -> Server:
     process per rank). float32: TP splits the row-parallel matmul sums across ranks,
     which in bf16 moves activations by ~1e-2 and flips greedy near-ties whatever the KV
     dtype (measured: TP=3 vs TP=1 in bf16 diverged at token 12 of one prompt); in float32
-    the split moves them by ~1e-6, so equal greedy tokens test the cache."""
+    the split moves them by ~1e-6."""
     return Server(model_dir, *server_args("zipcache", 4, None), "--dtype", "float32",
                   "--tensor-parallel-size", str(TP), "--distributed-executor-backend", "mp",
                   max_model_len=TP_MAX_MODEL_LEN, kv_space_gib=1,
                   env={"VLLM_CPU_OMP_THREADS_BIND": "0|1|0", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
+
+
+# How TP=3 is compared with TP=1: vLLM's own rule for runs whose float sums differ
+# (tests/models/utils.py, check_logprobs_close): equal tokens up to the first divergence,
+# and there each run's token is among the other's top TP_TOPK. Exact equality does not
+# hold for a cache with 8-bit staging: a perturbation far below its rounding step (1e-7 in
+# one early layer's q) redraws the 8-bit rounding of later layers and moves a logprob by
+# ~0.1 (``python scripts/noise_sensitivity.py``), so TP's different summation order
+# (~1e-6) flips greedy near-ties. Measured: prompt 1 diverged at its first token, a
+# near-tie ('_' -1.32 vs '"' -1.43 in the simulation). A rank that read another head's
+# bytes or a stale page would not meet the rule.
+TP_TOPK = 5
+
+
+def _greedy_top(server: Server, prompt_ids: list[int], max_tokens: int) -> tuple[list[str], list[dict]]:
+    r = server.complete(prompt_ids, max_tokens=max_tokens, logprobs=TP_TOPK)
+    assert r["status"] == 200, r
+    lp = r["json"]["choices"][0]["logprobs"]
+    return lp["tokens"], lp["top_logprobs"]
+
+
+def _assert_greedy_close(a: tuple[list[str], list[dict]], b: tuple[list[str], list[dict]], name: str) -> int:
+    """vLLM's check_logprobs_close; returns the number of equal leading tokens."""
+    (ta, top_a), (tb, top_b) = a, b
+    for i, (x, y) in enumerate(zip(ta, tb)):
+        if x != y:
+            assert x in top_b[i] and y in top_a[i], \
+                f"{name}: token {i}: {x!r} (top {top_a[i]}) vs {y!r} (top {top_b[i]})"
+            return i
+    assert len(ta) == len(tb), name
+    return len(ta)
 
 
 def _every_rank_stages(state: list[dict]) -> bool:
@@ -179,19 +211,19 @@ def _state_while_streaming(server: Server, response, polls: int = 20) -> tuple[l
     return state, events
 
 
-def test_tensor_parallel_3_equals_tp1(server, corpus, model_dir):
+def test_tensor_parallel_3_matches_tp1(server, corpus, model_dir):
     """TP=3 on the CPU engine (multiprocessing executor) serves with zipcache: one KV head
     per rank, each rank its own staging and saliency state, all released after, and the
-    same greedy tokens as TP=1 (0 to 3 packed blocks per prompt). The TP=1 reference is the
+    greedy tokens of TP=1 by vLLM's check_logprobs_close rule (0 to 3 packed blocks per prompt). The TP=1 reference is the
     module's float32 zipcache server: each reference request runs alone, so its smaller
     cache and other flags do not enter the computation."""
     prompts = [corpus[o:o + n] for o, n in TP_PROMPTS]
     assert max(n for _, n in TP_PROMPTS) + 32 <= MAX_MODEL_LEN
-    reference = [_greedy_tokens(server, p, 32) for p in prompts]
+    reference = [_greedy_top(server, p, 32) for p in prompts]
     tp = _tp_server(model_dir)
     try:
         tp.wait_ready()
-        got = [_greedy_tokens(tp, p, 32) for p in prompts]
+        got = [_greedy_top(tp, p, 32) for p in prompts]
         # While a stream runs, every rank stages it in its own pool (one KV head each);
         # closing the stream early aborts it, and every rank must release it.
         body = {"model": tp.model_name(), "prompt": prompts[1], "max_tokens": TP_STREAM_TOKENS,
@@ -208,5 +240,6 @@ def test_tensor_parallel_3_equals_tp1(server, corpus, model_dir):
     assert sorted(s["rank"] for s in during) == list(range(TP))
     assert _every_rank_stages(during), f"no rank state showed the stream; events read: {events}"
     assert all(leaked(s) == 0 for s in after), after
-    for i, (a, b) in enumerate(zip(got, reference)):
-        assert a == b, f"prompt {i}: TP={TP} differs from TP=1: {a} vs {b}"
+    same = [_assert_greedy_close(a, b, f"prompt {i}, TP={TP} vs TP=1")
+            for i, (a, b) in enumerate(zip(got, reference))]
+    print(f"equal leading tokens of 32, per prompt: {same}")

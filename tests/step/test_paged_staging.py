@@ -235,7 +235,7 @@ def test_quantize_rows8_is_quant_uniform():
 
 
 @pytest.mark.parametrize("preset", ["zipcache", "kivi2"])
-@pytest.mark.parametrize("H,g,D", [(3, 3, 64), (2, 2, 256)])
+@pytest.mark.parametrize("H,g,D", [(3, 3, 64), (1, 4, 128), (2, 2, 256)])
 def test_paged_8bit_cpp_equals_portable(preset, H, g, D, monkeypatch):
     """The C++ op (quantizing in place) and the portable path (gather, the slot kernel over
     the new tokens read back from their bits, scatter) agree, and differ from staging in
