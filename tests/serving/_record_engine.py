@@ -1,13 +1,15 @@
 """Run the real vLLM engine in-process with ``--kv-cache-dtype zipcache`` and record, for a
 few layers, every step's attention inputs and outputs (used by test_engine_fidelity.py).
 
-    python tests/serving/_record_engine.py MODEL_DIR OUT.pt [TOKEN_BUDGET]
+    python tests/serving/_record_engine.py MODEL_DIR OUT.pt [TOKEN_BUDGET [LAYERS [KV_CACHE_DTYPE]]]
 
 The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so the
 recorder wrapped around the backend's ``apply_step`` sees every call. Prompts of awkward
 lengths and the default token budget (200) make vLLM cut the prefills into chunks
-mid-block and batch them with decode rows (a budget of 4096 prefills each prompt whole); generation crosses a block boundary, so decode fills and
-packs a block.
+mid-block and batch them with decode rows (a budget of 4096 prefills each prompt whole);
+generation crosses a block boundary, so decode fills and packs a block. LAYERS:
+comma-separated layer indices to record (default: 4 of SmolLM2's 30); KV_CACHE_DTYPE:
+default ``zipcache``.
 """
 import os
 import sys
@@ -32,14 +34,16 @@ if __name__ == "__main__":
 
     model_dir, out_path = sys.argv[1], sys.argv[2]
     budget = int(sys.argv[3]) if len(sys.argv) > 3 else 200
+    layers = tuple(int(x) for x in sys.argv[4].split(",")) if len(sys.argv) > 4 else LAYERS
+    kv_cache_dtype = sys.argv[5] if len(sys.argv) > 5 else "zipcache"
     steps = []
     inner = backend.apply_step
 
     def recording_apply_step(pool, layer, plans, query, key, value, pages, layout, rule, scale,
                              output, *args, **kwargs):
         inner(pool, layer, plans, query, key, value, pages, layout, rule, scale, output, *args, **kwargs)
-        if layer in LAYERS:
-            steps.append({"layer": layer, "scale": scale, "preset_block": layout.block_size,
+        if layer in layers:
+            steps.append({"kv_cache_dtype": kv_cache_dtype, "layer": layer, "scale": scale, "preset_block": layout.block_size,
                           "rows": [(p.q_start, p.q_len, p.ctx, p.slot) for p in plans],
                           "q": query.clone(), "k": key.clone(), "v": value.clone(),
                           "out": output[:query.shape[0]].clone()})
@@ -53,11 +57,11 @@ if __name__ == "__main__":
     windows = token_windows_for(AutoTokenizer.from_pretrained(model_dir), max(PROMPT_LENS),
                                 len(PROMPT_LENS))
     prompts = [w[:n] for w, n in zip(windows, PROMPT_LENS)]
-    llm = LLM(model=model_dir, kv_cache_dtype="zipcache", dtype="float32", enforce_eager=True,
+    llm = LLM(model=model_dir, kv_cache_dtype=kv_cache_dtype, dtype="float32", enforce_eager=True,
               max_model_len=1024, max_num_seqs=4, max_num_batched_tokens=budget,
               enable_chunked_prefill=True, enable_prefix_caching=False, seed=0)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     seqs = [p + list(o.outputs[0].token_ids) for p, o in zip(prompts, outs)]
-    torch.save({"steps": steps, "seqs": seqs, "layers": LAYERS}, out_path)
+    torch.save({"steps": steps, "seqs": seqs, "layers": layers}, out_path)
     print(f"recorded {len(steps)} layer steps")

@@ -29,7 +29,8 @@ def add_parser(subparsers) -> None:
     lp.add_argument("--num-prompts", type=int, default=96, help="requests in all")
     lp.add_argument("--max-tokens", type=int, default=8)
     lp.add_argument("--max-model-len", type=int, default=512)
-    lp.add_argument("--max-num-seqs", type=int, default=16)
+    lp.add_argument("--max-num-seqs", type=int, default=None,
+                    help="passed to vllm serve (default: vLLM's own default)")
     lp.add_argument("--num-gpu-blocks-override", type=int, default=16,
                     help="vLLM's: KV blocks in all; small values force preemption")
     lp.add_argument("--duration", type=float, default=900.0, help="no request is issued after this")
@@ -38,11 +39,13 @@ def add_parser(subparsers) -> None:
     lp.set_defaults(func=_cmd_load)
 
 
-def server_args(kv_cache_dtype: str, max_num_seqs: int, num_gpu_blocks: int | None) -> list[str]:
+def server_args(kv_cache_dtype: str, max_num_seqs: int | None, num_gpu_blocks: int | None) -> list[str]:
+    """``vllm serve`` flags of the reliability servers (``max_num_seqs`` None: vLLM's default)."""
     from .server import WORKER_EXT
 
-    args = ["--kv-cache-dtype", kv_cache_dtype, "--max-num-seqs", str(max_num_seqs),
-            "--worker-extension-cls", WORKER_EXT]
+    args = ["--kv-cache-dtype", kv_cache_dtype, "--worker-extension-cls", WORKER_EXT]
+    if max_num_seqs:
+        args += ["--max-num-seqs", str(max_num_seqs)]
     if num_gpu_blocks:
         args += ["--num-gpu-blocks-override", str(num_gpu_blocks)]
     return args
