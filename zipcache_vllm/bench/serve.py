@@ -84,14 +84,14 @@ def byte_sizes(text: str) -> tuple[int, ...]:
 
 
 # Sizing (bf16: 23,040 bytes per token of SmolLM2, 2.95 MB per 128-token block; the default
-# preset: 0.64 MB per block, and 4 blocks ahead of each running request for its staging):
-# a request of 128 + 384 tokens takes 4 blocks; at 136 MiB `auto` holds 48 blocks (12 such
-# requests), the default preset 222 blocks, 8 per request with its 4 staging blocks (all 24
-# sequences run: 27 such requests fit).
+# preset: 0.64 MB per block, and 2 blocks ahead of each running request for its 8-bit
+# staging): a request of 128 + 384 tokens takes 4 blocks; at 136 MiB `auto` holds 48 blocks
+# (12 such requests), the default preset 222 blocks, 6 per request with its 2 staging blocks
+# (all 24 sequences run: 37 such requests fit).
 # The ceiling run: 512 MiB holds every request of the load in bf16 (24 x 4 blocks = 283 MB).
 FULL = Workload(requests=48, clients=24, prompt_len=128, output_len=384, kv_bytes=136 * 2**20, max_num_seqs=24,
                 ceiling_bytes=512 * 2**20)
-# CI smoke load: 24 MiB holds 8 bf16 blocks; the default preset 39 (6 per 192-token request).
+# CI smoke load: 24 MiB holds 8 bf16 blocks; the default preset 39 (4 per 192-token request).
 QUICK = Workload(requests=8, clients=8, prompt_len=128, output_len=64, kv_bytes=24 * 2**20, max_num_seqs=4)
 
 
