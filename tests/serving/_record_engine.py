@@ -43,7 +43,7 @@ if __name__ == "__main__":
                              output, *args, **kwargs):
         inner(pool, layer, plans, query, key, value, pages, layout, rule, scale, output, *args, **kwargs)
         if layer in layers:
-            steps.append({"kv_cache_dtype": kv_cache_dtype, "layer": layer, "scale": scale, "preset_block": layout.block_size,
+            steps.append({"layer": layer, "scale": scale, "preset_block": layout.block_size,
                           "rows": [(p.q_start, p.q_len, p.ctx, p.slot) for p in plans],
                           "q": query.clone(), "k": key.clone(), "v": value.clone(),
                           "out": output[:query.shape[0]].clone()})
@@ -63,5 +63,6 @@ if __name__ == "__main__":
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     seqs = [p + list(o.outputs[0].token_ids) for p, o in zip(prompts, outs)]
-    torch.save({"steps": steps, "seqs": seqs, "layers": layers}, out_path)
+    torch.save({"steps": steps, "seqs": seqs, "layers": layers, "kv_cache_dtype": kv_cache_dtype},
+               out_path)
     print(f"recorded {len(steps)} layer steps")

@@ -142,7 +142,7 @@ def test_engine_attention_equals_the_reference_on_its_own_inputs(rec, request):
         assert any(len(st["rows"]) > 1 and any(r[1] == 1 for r in st["rows"])
                    and any(r[1] > 1 for r in st["rows"]) for st in steps), "no mixed prefill+decode step"
     expected_lens = sorted(len(s) - 1 for s in seqs)  # the last token is never fed back
-    preset = fidelity.preset_of(steps[0]["kv_cache_dtype"])
+    preset = fidelity.preset_of(recorded["kv_cache_dtype"])
     worst = 0.0
     for layer in recorded["layers"]:
         reqs = _requests_of(steps, layer)

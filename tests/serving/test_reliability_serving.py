@@ -69,10 +69,16 @@ def server(model_dir):
         s.stop()
 
 
-def _greedy_tokens(server: Server, prompt_ids: list[int], max_tokens: int, **kw) -> list[str]:
-    r = server.complete(prompt_ids, max_tokens=max_tokens, logprobs=1, **kw)
+def _completion_logprobs(server: Server, prompt_ids: list[int], max_tokens: int, top: int = 1,
+                         **kw) -> dict:
+    """The OpenAI ``logprobs`` of one completion (``tokens``, ``top_logprobs`` of ``top``)."""
+    r = server.complete(prompt_ids, max_tokens=max_tokens, logprobs=top, **kw)
     assert r["status"] == 200, r
-    return r["json"]["choices"][0]["logprobs"]["tokens"]
+    return r["json"]["choices"][0]["logprobs"]
+
+
+def _greedy_tokens(server: Server, prompt_ids: list[int], max_tokens: int, **kw) -> list[str]:
+    return _completion_logprobs(server, prompt_ids, max_tokens, **kw)["tokens"]
 
 
 def _assert_idle_and_clean(server: Server) -> None:
@@ -173,9 +179,7 @@ TP_TOPK = 5
 
 
 def _greedy_top(server: Server, prompt_ids: list[int], max_tokens: int) -> tuple[list[str], list[dict]]:
-    r = server.complete(prompt_ids, max_tokens=max_tokens, logprobs=TP_TOPK)
-    assert r["status"] == 200, r
-    lp = r["json"]["choices"][0]["logprobs"]
+    lp = _completion_logprobs(server, prompt_ids, max_tokens, top=TP_TOPK)
     return lp["tokens"], lp["top_logprobs"]
 
 

@@ -69,6 +69,13 @@ def simulated_logprobs(model, preset: str, prompt: list[int], gen: list[int]) ->
     return lp.gather(-1, torch.tensor(gen).unsqueeze(-1)).squeeze(-1).tolist()
 
 
+def gap_stats(gaps: list[float]) -> dict:
+    """Mean, median, p99 and max of per-token |logprob| gaps."""
+    t = torch.tensor(gaps)
+    return {"mean": float(t.mean()), "median": float(t.median()), "p99": float(t.quantile(0.99)),
+            "max": float(t.max())}
+
+
 def prefix_match(a: list[int], b: list[int]) -> float:
     """Fraction of ``a`` that equals ``b`` before the first divergence."""
     n = 0
@@ -108,17 +115,11 @@ def run(model_dir: str, num_prompts: int = 20, prompt_len: int = 600, max_tokens
         diffs_same += [abs(a - b) for a, b in zip(elp, same)]
         diffs_none += [abs(a - b) for a, b in zip(elp, none)]
         diffs_sim += [abs(a - b) for a, b in zip(same, none)]
-
-    def stats(d: list[float]) -> dict:
-        t = torch.tensor(d)
-        return {"mean": float(t.mean()), "median": float(t.median()),
-                "p99": float(t.quantile(0.99)), "max": float(t.max())}
-
     result["fidelity"] = {
         "kv_cache_dtype": kv_dtype, "preset": preset, "tokens": len(diffs_same),
-        "vs_same_preset": stats(diffs_same), "vs_uncompressed": stats(diffs_none),
+        "vs_same_preset": gap_stats(diffs_same), "vs_uncompressed": gap_stats(diffs_none),
         # the quantization effect in the simulation, which the engine's must match in size
-        "sim_vs_uncompressed": stats(diffs_sim),
+        "sim_vs_uncompressed": gap_stats(diffs_sim),
     }
     greedy = {}
     for d in greedy_dtypes:

@@ -83,17 +83,12 @@ def simulated_logprobs(model, table: torch.Tensor, preset, prompt: list[int], ge
     return lp.gather(-1, torch.tensor(gen).unsqueeze(-1)).squeeze(-1).tolist()
 
 
-def _stats(x: list[float]) -> dict:
-    t = torch.tensor(x)
-    return {"mean": float(t.mean()), "median": float(t.median()), "p99": float(t.quantile(0.99)),
-            "max": float(t.max())}
-
-
 def check(model_dir: str, kv_dtype: str, num_prompts: int = 3, prompt_len: int = 600,
           max_tokens: int = 32, kv_space_gib: int = 1) -> dict:
     """One engine run of ``kv_dtype``: capacity vs layout, logprobs vs the simulator, greedy text."""
-    from ..eval.offline import load_model, token_windows_for
     from ..dtypes import preset_for_dtype
+    from ..eval.fidelity import gap_stats
+    from ..eval.offline import load_model, token_windows_for
     from ..policies.token_classes import class_table
 
     preset = preset_for_dtype(kv_dtype)
@@ -111,7 +106,7 @@ def check(model_dir: str, kv_dtype: str, num_prompts: int = 3, prompt_len: int =
         none += [abs(a - b) for a, b in zip(elp, simulated_logprobs(model, table, "none", prompt, gen))]
     cap = expected_capacity(preset.name, model_dir, kv_space_gib * 2 ** 30, torch.float32)
     return {"kv_cache_dtype": kv_dtype, "preset": preset.name, "tokens": len(same),
-            "vs_same_preset": _stats(same), "vs_uncompressed": _stats(none),
+            "vs_same_preset": gap_stats(same), "vs_uncompressed": gap_stats(none),
             "kv_tokens_logged": res["kv_tokens_logged"], "capacity": cap,
             "chat_answer": tok.decode(res["rows"][-1]["token_ids"])}
 
