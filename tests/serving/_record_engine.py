@@ -8,10 +8,11 @@ recorder wrapped around the backend's ``apply_step`` sees every call. Prompts of
 lengths and the default token budget (200) make vLLM cut the prefills into chunks
 mid-block and batch them with decode rows (a budget of 4096 prefills each prompt whole);
 generation crosses a block boundary, so decode fills and packs a block. LAYERS:
-comma-separated layer indices to record (default: 4 of SmolLM2's 30); KV_CACHE_DTYPE:
-default ``zipcache``.
+comma-separated model layer indices to record (default: 4 of SmolLM2's 30); KV_CACHE_DTYPE:
+default ``zipcache``. Each step records the layer's sliding window (None: full attention).
 """
 import os
+import re
 import sys
 
 LAYERS = (0, 9, 18, 27)
@@ -40,10 +41,14 @@ if __name__ == "__main__":
     inner = backend.apply_step
 
     def recording_apply_step(pool, layer, plans, query, key, value, pages, layout, rule, scale,
-                             output, *args, **kwargs):
-        inner(pool, layer, plans, query, key, value, pages, layout, rule, scale, output, *args, **kwargs)
+                             output, decode=None, state=None, prepared=None, sliding_window=None):
+        inner(pool, layer, plans, query, key, value, pages, layout, rule, scale, output, decode,
+              state, prepared, sliding_window)
+        name = next(n for n, i in pool.layer_index.items() if i == layer)
+        layer = int(re.search(r"layers\.(\d+)\.", name).group(1))  # the pool's index -> the model's
         if layer in layers:
             steps.append({"layer": layer, "scale": scale, "preset_block": layout.block_size,
+                          "sliding_window": sliding_window,
                           "rows": [(p.q_start, p.q_len, p.ctx, p.slot) for p in plans],
                           "q": query.clone(), "k": key.clone(), "v": value.clone(),
                           "out": output[:query.shape[0]].clone()})

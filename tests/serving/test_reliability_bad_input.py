@@ -92,18 +92,20 @@ def test_out_of_range_bits_and_ratio_in_custom_preset(model_dir, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.engine
-def test_sliding_window_model_is_refused(model_dir, tmp_path):
-    """An unsupported model feature: the same weights with a sliding window declared."""
+def test_sliding_window_shorter_than_a_page_is_refused(model_dir, tmp_path):
+    """A model feature the preset cannot serve, refused at startup with the fix: the same
+    weights with a sliding window (100 tokens) shorter than zipcache's 128-token pages
+    (sliding windows longer than a page are served: Gemma 3, tests/serving/test_gemma3.py)."""
     d = tmp_path / "swa_model"
     d.mkdir()
     for f in os.listdir(model_dir):
         if f != "config.json":
             os.symlink(os.path.join(model_dir, f), d / f)
     cfg = json.loads((model_dir / "config.json").read_text())
-    cfg["sliding_window"] = 256
+    cfg["sliding_window"] = 100
     (d / "config.json").write_text(json.dumps(cfg))
     s = Server(d, "--kv-cache-dtype", "zipcache")
-    _refused(s, "does not support sliding-window", "--kv-cache-dtype auto")
+    _refused(s, "sliding window (100 tokens)", "smaller pages", "--kv-cache-dtype auto")
 
 
 @pytest.mark.slow

@@ -278,10 +278,101 @@ def test_routing_and_clear_rejections(registered):
         select(head_size=80)
     with pytest.raises(ValueError, match="MLA"):
         select(use_mla=True)
-    with pytest.raises(ValueError, match="sliding-window"):
-        select(has_sliding_window=True)
+    # sliding-window layers are served (their window is checked against the page size by the
+    # impl and by update_vllm_config: test_unsupported_features_are_refused_with_the_reason)
+    assert select(has_sliding_window=True) == backend.backend_path("zipcache")
+    for kw, reason in (({"has_sink": True}, "attention sinks"), ({"use_sparse": True}, "sparse"),
+                       ({"attn_type": "encoder_only"}, "only decoder self-attention"),
+                       ({"head_size": 96}, "head size 96")):
+        with pytest.raises(ValueError, match=reason) as err:
+            select(**kw)
+        assert "--kv-cache-dtype auto" in str(err.value)
     with pytest.raises(ValueError, match="valid: "):
         select(dtype="zipcache_nope")
+
+
+def test_unsupported_features_are_refused_with_the_reason(registered):
+    """What zipcache does not serve is refused at startup, naming the feature and the fix:
+    per layer (the impl vLLM builds for each attention layer) and per model (the config
+    check)."""
+    from types import SimpleNamespace
+
+    from zipcache_vllm.vllm_plugin import backend
+
+    def impl(**kw):
+        args = dict(num_heads=4, head_size=256, scale=0.0625, num_kv_heads=1, alibi_slopes=None,
+                    sliding_window=None, kv_cache_dtype="zipcache")
+        return backend.ZipCacheImpl(**(args | kw))
+
+    assert impl(sliding_window=512).sliding_window == 512
+    for kw, reason in (({"alibi_slopes": torch.ones(4)}, "ALiBi"),
+                       ({"sliding_window": 128}, "sliding window of 128 tokens with 128-token pages"),
+                       ({"sliding_window": 512, "kv_cache_dtype": "zipcache_fastgen"},
+                        "sliding windows with a FastGen preset"),
+                       ({"logits_soft_cap": 30.0}, "logits soft cap"),
+                       ({"sinks": torch.zeros(4)}, "attention sinks"),
+                       ({"kv_sharing_target_layer_name": "model.layers.0.self_attn.attn"},
+                        "cross-layer KV sharing"),
+                       ({"attn_type": "encoder_decoder"}, "attention type encoder_decoder"),
+                       ({"head_size": 80}, "head size in")):
+        with pytest.raises(NotImplementedError, match=reason):
+            impl(**kw)
+
+    def config(dtype="zipcache", window=None, **model):
+        return SimpleNamespace(
+            cache_config=SimpleNamespace(cache_dtype=dtype, user_specified_block_size=False,
+                                         block_size=16, prefix_match_unit=None,
+                                         kv_cache_dtype_skip_layers=None,
+                                         enable_prefix_caching=False),
+            speculative_config=None,
+            model_config=SimpleNamespace(get_sliding_window=lambda: window, **model))
+
+    backend.update_vllm_config(config(window=512))  # Gemma 3: served
+    for cfg, reasons in ((config(window=100), ("sliding window (100 tokens)", "--kv-cache-dtype auto")),
+                         (config("zipcache_fastgen", 512), ("FastGen", "--kv-cache-dtype zipcache")),
+                         (config(use_mla=True), ("MLA", "--kv-cache-dtype auto"))):
+        with pytest.raises(ValueError) as err:
+            backend.update_vllm_config(cfg)
+        assert all(r in str(err.value) for r in reasons), str(err.value)
+
+
+def test_sliding_window_layers_declare_zipcache_pages(registered):
+    """Why ``compat.patch_sliding_window_spec`` exists: vLLM's own
+    ``Attention.get_kv_cache_spec`` returns a plain ``SlidingWindowSpec`` (one byte per
+    element of our uint8 dtype) for a sliding-window layer whatever the backend's
+    ``customize_spec`` says; patched, the layer declares the same zipcache pages and
+    staging blocks as a full-attention layer, with its window."""
+    from types import SimpleNamespace
+
+    from vllm.model_executor.layers.attention.attention import Attention
+    from vllm.v1.kv_cache_interface import SlidingWindowSpec
+
+    from zipcache_vllm.vllm_plugin import backend
+    from zipcache_vllm.vllm_plugin.kv_spec import ZipCacheSlidingSpec, ZipCacheSpec
+
+    cls = backend.backend_for("zipcache")
+    layer = SimpleNamespace(sliding_window=512, attn_backend=cls, num_kv_heads=1, head_size=256,
+                            head_size_v=256, kv_cache_torch_dtype=torch.uint8, kv_cache_dtype="zipcache",
+                            attn_type="decoder")
+    cfg = SimpleNamespace(cache_config=SimpleNamespace(block_size=128, skip_page_size_padded=None))
+    ours = Attention.get_kv_cache_spec(layer, cfg)
+    assert isinstance(ours, ZipCacheSlidingSpec) and ours.sliding_window == 512
+    full = cls.customize_spec(compat_full_spec(128))
+    assert isinstance(full, ZipCacheSpec)
+    assert (ours.page_size_bytes, ours.staging_blocks, ours.block_size) == (
+        full.page_size_bytes, full.staging_blocks, 128)
+    try:
+        plain = Attention.get_kv_cache_spec.__wrapped__(layer, cfg)
+    except Exception:  # noqa: BLE001 (vLLM moved: the patch's premise must be re-checked)
+        plain = None
+    assert type(plain) is SlidingWindowSpec, "vLLM now keeps customized sliding specs?"
+    assert plain.page_size_bytes != ours.page_size_bytes
+
+
+def compat_full_spec(block_size):
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    return FullAttentionSpec(block_size=block_size, num_kv_heads=1, head_size=256, dtype=torch.uint8)
 
 
 def test_customize_spec_declares_exact_page_bytes(registered):

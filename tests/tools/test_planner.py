@@ -230,6 +230,56 @@ def test_gpu_block_size_and_budgets_equal_vllm(vllm_kv, model_dir, tp, pp):
             assert (ours.num_blocks, ours.kv_tokens) == vllm_kv(dtype, tp, pp, 1, 1000, 16, budget)[:2]
 
 
+def test_hybrid_sliding_window_planner_equals_vllm(gemma_dir):
+    """Gemma 3 (15 sliding-window layers of 512 tokens, 3 full): the KV-cache groups vLLM
+    makes of the layers' specs (sliding layers in zipcache pages too), and the blocks,
+    tokens and concurrency it computes, at several budgets, lengths and token budgets."""
+    import torch
+    from vllm.config import set_current_vllm_config
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.core.kv_cache_utils import (generate_scheduler_kv_cache_config,
+                                             get_kv_cache_capacity, get_kv_cache_configs)
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    from vllm.v1.attention.backends.utils import get_supported_kv_cache_layouts, resolve_kv_cache_layout
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+
+    from zipcache_vllm.vllm_plugin import backend, plugin
+
+    plugin.register()
+    spec = load_model_spec(gemma_dir)
+    assert spec.is_hybrid and spec.layer_windows.count(512) == 15
+    assert cap.Groups.of(spec.layer_windows) == cap.Groups(3, (512,) * 5 + (None,))
+    assert cap.Groups.of([None] * 13 + [128] * 12) == cap.Groups(13, (None, 128))  # gpt-oss-like
+    for dtype in ("auto", "zipcache", "zipcache_hc"):
+        for gib, mml, batched in ((1, 4096, 2048), (1, 32768, 4096), (3, 1000, 256)):
+            cfg = EngineArgs(model=str(gemma_dir), skip_tokenizer_init=True, max_model_len=mml,
+                             kv_cache_dtype=dtype, max_num_batched_tokens=batched,
+                             enforce_eager=True).create_engine_config()
+            B = cfg.cache_config.block_size
+            elt = torch.bfloat16 if dtype == "auto" else torch.uint8
+            with set_current_vllm_config(cfg):
+                full = FullAttentionSpec(block_size=B, num_kv_heads=1, head_size=256, dtype=elt)
+                sliding = SlidingWindowSpec(block_size=B, num_kv_heads=1, head_size=256, dtype=elt,
+                                            sliding_window=512)
+                if dtype != "auto":
+                    full, sliding = (backend.backend_for(dtype).customize_spec(s)
+                                     for s in (full, sliding))
+            layers = {f"model.layers.{i}.self_attn.attn": sliding if w else full
+                      for i, w in enumerate(spec.layer_windows)}
+            attn = backend.ZipCacheBackend if dtype != "auto" else CPUAttentionBackend
+            names = [layout.name for layout in get_supported_kv_cache_layouts([attn])]
+            resolve_kv_cache_layout(cfg, [names], list(layers.values()))
+            sched = generate_scheduler_kv_cache_config(
+                get_kv_cache_configs(cfg, [layers], [gib * 2**30]))
+            tokens, conc = get_kv_cache_capacity(cfg, sched)
+            assert len(sched.kv_cache_groups) == 6
+            row = make_plan(PlanRequest(model=str(gemma_dir), hardware="cpu-dev", kv_cache_space_gib=gib,
+                                        max_model_len=mml, max_num_batched_tokens=batched,
+                                        kv_cache_dtypes=[dtype])).row(dtype)
+            assert (row.num_blocks, row.kv_tokens) == (sched.num_blocks, tokens), (dtype, gib, mml)
+            assert row.max_concurrency == pytest.approx(conc)
+
+
 def test_page_bytes_equal_the_backend_spec():
     """For every zipcache dtype and head count the planner's page is the backend's declared page."""
     import torch

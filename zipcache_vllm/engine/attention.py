@@ -149,13 +149,27 @@ def causal_window(qs: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, s: int
     return torch.matmul(logits.sub_(lse.unsqueeze(-1)).exp_(), vw.unsqueeze(1)), lse
 
 
+def masked_attention(qs: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of scaled queries ``qs [H, g, n, D]`` over ``k, v [H, T, D]`` where
+    ``visible [H, n, T]`` (dense matmuls, any device): out ``[H, g, n, D]``, lse
+    ``[H, g, n]``; a query that sees no key gets ``out = 0``, ``lse = -inf``."""
+    logits = torch.matmul(qs, k.unsqueeze(1).transpose(-1, -2))  # [H, g, n, T]
+    logits.masked_fill_(~visible.unsqueeze(1), float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)
+    p = torch.exp(logits - lse.clamp(min=torch.finfo(lse.dtype).min).unsqueeze(-1))
+    return torch.matmul(p, v.unsqueeze(1)), lse
+
+
 def flash_cpu(qs: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """ATen's CPU flash attention of scaled queries ``qs [H, g, n, D]`` over ``k, v
     [H, T, D]`` (float32, scale 1), the ``g * n`` query rows of a KV head in one call;
-    ``bias [g * n, T]`` is added to the scores. Returns out ``[H, g, n, D]``, lse ``[H, g, n]``."""
+    ``bias [g * n, T]`` (or per KV head, ``[H, g * n, T]``) is added to the scores.
+    Returns out ``[H, g, n, D]``, lse ``[H, g, n]``."""
     H, g, n, D = qs.shape
-    mask = None if bias is None else bias.unsqueeze(0).unsqueeze(0)
+    mask = None if bias is None else (bias.unsqueeze(0) if bias.dim() == 3
+                                      else bias.unsqueeze(0).unsqueeze(0))
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         qs.reshape(1, H, g * n, D), k.unsqueeze(0), v.unsqueeze(0), 0.0, False,
         attn_mask=mask, scale=1.0)[:2]
@@ -186,4 +200,4 @@ def tiled_attention(qs: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, s: int
 
 
 __all__ = ["KEY_TILE", "QUERY_TILE", "OnlineSoftmax", "causal_window", "flash_cpu",
-           "local_window", "merge_lse", "scaled_queries", "tiled_attention", "window"]
+           "local_window", "masked_attention", "merge_lse", "scaled_queries", "tiled_attention", "window"]

@@ -25,6 +25,11 @@ Positions of one request in a step (``B`` tokens per block)::
   of its own block only (``exp(q.k * scale - lse)``, summed over the query heads of
   its KV group), optionally only by probe rows chosen from the position. A block's
   quantization is therefore a function of its own tokens and its prefix.
+* Sliding-window layers (``window``: a query at ``p`` sees keys in ``(p - window, p]``,
+  as in vLLM and transformers): a block runs its queries over the packed blocks that
+  intersect their windows only (vLLM's sliding-window manager frees the blocks before
+  them, so they are never read), the block where the window starts under a per-query
+  mask. The local window is within one block (``window > B``), always visible.
 * Every block that fills in this step is packed by the policy
   (:meth:`~zipcache_vllm.policies.KVPolicy.pack`: block-local top-k salient tokens
   quantized into its page, or FastGen's kept slots); the partial tail (if any) goes
@@ -46,10 +51,11 @@ import torch
 
 from ..kernels import attend_packed, dequantize_pages, hadamard_rotate, uses_triton
 from ..kernels.portable import fake_quantize_rows8
+from ..quant.block import storage_positions
 from ..layout import BlockLayout
 from ..policies import KVPolicy
-from .attention import (causal_window, flash_cpu, local_window, merge_lse, scaled_queries,
-                        tiled_attention, window)
+from .attention import (causal_window, flash_cpu, local_window, masked_attention, merge_lse,
+                        scaled_queries, tiled_attention, window)
 from .plan import DecodeBatch, RequestPlan
 from .saliency import block_saliency
 from .staging import StagedBlock, StagingPool
@@ -78,6 +84,13 @@ class StepResult:
     def out(self) -> torch.Tensor:
         H, g, q, D = self.out_grouped.shape
         return self.out_grouped.permute(2, 0, 1, 3).reshape(q, H * g, D)
+
+
+def fused_row(plan: RequestPlan, policy: KVPolicy, window: int | None = None) -> bool:
+    """Whether a row runs in the step's fused decode call: one token, a policy with the
+    fused decode, and a window (sliding-window layers) that still covers every packed
+    token (``ctx < window``); the other rows run one at a time (:func:`_apply_chunk`)."""
+    return plan.q_len == 1 and policy.fused_decode and (window is None or plan.ctx < window)
 
 
 def run_request_step(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
@@ -116,6 +129,37 @@ def _packed_part(q: torch.Tensor, pages: torch.Tensor, layout: BlockLayout,
     H = layout.num_kv_heads
     return (out.float().reshape(n, H, Hq // H, D).permute(1, 2, 0, 3),
             lse.reshape(H, Hq // H, n))
+
+
+def _windowed_packed_part(q: torch.Tensor, pages: torch.Tensor, layout: BlockLayout,
+                          packed_ids: torch.Tensor, scale: float, q0: int, window: int
+                          ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`_packed_part` for queries at ``q0 .. q0 + n - 1`` of a sliding-window layer
+    (``packed_ids[i]`` is the block of positions ``i*B .. i*B + B - 1``): the blocks every
+    query sees whole through the kernels, the blocks where the windows start dequantized
+    and masked per query, merged by log-sum-exp; the blocks before every window are not
+    read (vLLM may have freed them)."""
+    B, n = layout.block_size, q.shape[0]
+    first = max(0, q0 - window + 1) // B  # the first block any query sees
+    whole = min(max(first, -(-(q0 + n - window) // B)), packed_ids.numel())  # seen by all
+    prior = _packed_part(q, pages, layout, packed_ids[whole:], scale)
+    if whole == first:
+        return prior
+    edge = pages.index_select(0, packed_ids[first:whole])
+    k, v = dequantize_pages(edge, layout)  # [m, H, B, D], storage order
+    pos = storage_positions(edge, layout) + (
+        torch.arange(first, whole, device=edge.device) * B).view(-1, 1, 1)
+    out, lse = masked_attention(scaled_queries(q, layout.num_kv_heads, scale),
+                                k.transpose(0, 1).flatten(1, 2), v.transpose(0, 1).flatten(1, 2),
+                                _window_visible(pos.transpose(0, 1).flatten(1), q0, n, window))
+    return (out, lse) if prior is None else merge_lse(prior[0], prior[1], out, lse)
+
+
+def _window_visible(pos: torch.Tensor, q0: int, n: int, window: int) -> torch.Tensor:
+    """bool ``[H, n, T]``: whether query ``q0 + i`` sees the key at ``pos [H, T]`` (its
+    window is ``(q0 + i - window, q0 + i]``; every key here precedes every query)."""
+    qpos = torch.arange(q0, q0 + n, device=pos.device)
+    return pos.unsqueeze(1) > (qpos - window).view(1, n, 1)
 
 
 def _step(qs: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, ctx: int,
@@ -210,7 +254,7 @@ def apply_step(pool: StagingPool, layer: int, plans: list[RequestPlan], query: t
                key: torch.Tensor, value: torch.Tensor, pages: torch.Tensor,
                layout: BlockLayout, policy: KVPolicy, scale: float,
                output: torch.Tensor, decode: "DecodeBatch | None" = None,
-               state=None, prepared: list | None = None) -> None:
+               state=None, prepared: list | None = None, sliding_window: int | None = None) -> None:
     """Run one layer's step for every planned row: write ``output``, filled pages, tails.
 
     query ``[T, Hq, D]``, key/value ``[T, H, D]``, pages uint8 ``[num_blocks, page_bytes]``,
@@ -224,12 +268,14 @@ def apply_step(pool: StagingPool, layer: int, plans: list[RequestPlan], query: t
     output rows are rotated back at the end. ``state``: the policy's engine state
     (:meth:`~zipcache_vllm.policies.KVPolicy.engine_state`, None for most policies) and
     ``prepared`` each row's data from its ``prepare`` (once per step, by the builder).
+    ``sliding_window``: the layer's window (None: full attention); rows whose window
+    starts inside the packed prefix run one at a time (:func:`fused_row`).
     """
     # Off the CPU, tensors the flow creates go to the query's device (a no-op context on
     # the CPU, where entering a device mode would tax every op of the step).
     with contextlib.nullcontext() if query.is_cpu else torch.device(query.device):
         if decode is None and policy.fused_decode:
-            decode_plans = [p for p in plans if p.q_len == 1]
+            decode_plans = [p for p in plans if fused_row(p, policy, sliding_window)]
             decode = (DecodeBatch.from_plans(decode_plans, layout.block_size, policy, query.device,
                                              pool.paged)
                       if decode_plans else None)
@@ -239,11 +285,11 @@ def apply_step(pool: StagingPool, layer: int, plans: list[RequestPlan], query: t
             apply_decode_rows(pool, layer, decode, query, key, value, pages, layout, policy, scale,
                               output)
         for i, plan in enumerate(plans):
-            if plan.q_len > 1 or not policy.fused_decode:
+            if not fused_row(plan, policy, sliding_window):
                 row = (state.row(layer, plan, prepared[i], pages, layout)
                        if state is not None else None)
                 _apply_chunk(pool, layer, plan, query, key, value, pages, layout, policy, scale,
-                             output, row)
+                             output, row, sliding_window)
                 if state is not None:
                     state.store(layer, plan, row)
         if layout.rotate_values and plans:
@@ -254,8 +300,9 @@ def apply_step(pool: StagingPool, layer: int, plans: list[RequestPlan], query: t
 def _apply_chunk(pool: StagingPool, layer: int, plan: RequestPlan, query: torch.Tensor,
                  key: torch.Tensor, value: torch.Tensor, pages: torch.Tensor,
                  layout: BlockLayout, policy: KVPolicy, scale: float,
-                 output: torch.Tensor, row=None) -> None:
-    """One row of several tokens (or one, for a policy without the fused decode).
+                 output: torch.Tensor, row=None, sliding_window: int | None = None) -> None:
+    """One row of several tokens (or one, for a policy without the fused decode, or whose
+    ``sliding_window`` starts inside its packed prefix).
 
     With ``policy.blockwise_chunks``, one block at a time: each query sees the blocks
     before its own block as packed pages and its own block in full precision, as
@@ -274,10 +321,15 @@ def _apply_chunk(pool: StagingPool, layer: int, plan: RequestPlan, query: torch.
     ctx, filled = plan.ctx, 0
     start, end = plan.q_start, plan.q_start + plan.q_len
     blockwise = policy.blockwise_chunks
+    if sliding_window is not None and not blockwise:
+        raise NotImplementedError(f"sliding windows need a blockwise policy, not {policy.name}")
     # One window reads the packed pages once, through the kernels; so does the Triton path
-    # (CUDA), with its own prefill kernel.
+    # (CUDA), with its own prefill kernel. A sliding window reads from the first block the
+    # chunk's first query sees.
+    first = 0 if sliding_window is None else max(0, ctx - sliding_window + 1) // B
     prefix = None if not blockwise or uses_triton(pages) else _DequantizedPrefix(
-        pages, plan.packed_ids, layout, plan.packed_ids.numel() + plan.filled_ids.numel())
+        pages, plan.packed_ids[first:], layout,
+        plan.packed_ids.numel() - first + plan.filled_ids.numel(), first * B, sliding_window)
     view, view_layout = policy.packed_view(pages, layout)
     packed = plan.packed_ids
     # keys/values converted once for the chunk (float32 [H, q, D] views of [q, H, D]: a
@@ -301,8 +353,13 @@ def _apply_chunk(pool: StagingPool, layer: int, plan: RequestPlan, query: torch.
         rows, i = slice(start, start + n), start - plan.q_start
         qs = scaled_queries(query[rows], H, scale)  # contiguous: [H, g * n, D] is a view
         kw, vw = window(k_all[:, i:i + n], v_all[:, i:i + n], staged, ctx % B)
-        prior = (prefix.attend(qs) if prefix is not None
-                 else _packed_part(query[rows], view, view_layout, packed, scale))
+        if prefix is not None:
+            prior = prefix.attend(qs, ctx)
+        elif sliding_window is not None:
+            prior = _windowed_packed_part(query[rows], view, view_layout, packed, scale, ctx,
+                                          sliding_window)
+        else:
+            prior = _packed_part(query[rows], view, view_layout, packed, scale)
         res = _step(qs, kw, vw, ctx, prior, staged, layout, policy, row)
         output[rows].unflatten(1, (H, g)).copy_(res.out_grouped.permute(2, 0, 1, 3))
         n_new = res.pages.shape[0]
@@ -319,15 +376,17 @@ def _apply_chunk(pool: StagingPool, layer: int, plan: RequestPlan, query: torch.
 
 
 class _DequantizedPrefix:
-    """A request's packed blocks, dequantized to float32 ``[H, n*B, D]`` once per layer
-    (room for ``capacity`` blocks, filled as blocks are packed)."""
+    """A request's packed blocks from position ``start`` on, dequantized to float32
+    ``[H, n*B, D]`` once per layer (room for ``capacity`` blocks, filled as blocks are
+    packed), in storage order; for a sliding window also each token's position ``[H, n*B]``."""
 
     def __init__(self, pages: torch.Tensor, ids: torch.Tensor, layout: BlockLayout,
-                 capacity: int) -> None:
-        self.layout = layout
+                 capacity: int, start: int = 0, window: int | None = None) -> None:
+        self.layout, self.start, self.window = layout, start, window
         H, B, D = layout.num_kv_heads, layout.block_size, layout.head_size
         self._k = torch.empty(H, capacity * B, D)
         self._v = torch.empty(H, capacity * B, D)
+        self._pos = torch.empty(H, capacity * B, dtype=torch.int64) if window else None
         self.len = 0
         if ids.numel():
             self.extend(pages.index_select(0, ids))
@@ -345,15 +404,29 @@ class _DequantizedPrefix:
         n = k.shape[0] * k.shape[2]
         self._k[:, self.len:self.len + n] = k.transpose(0, 1).flatten(1, 2)
         self._v[:, self.len:self.len + n] = v.transpose(0, 1).flatten(1, 2)
+        if self._pos is not None:
+            B = self.layout.block_size
+            first = self.start + self.len  # position of the first new token
+            pos = storage_positions(new_pages, self.layout) + (
+                first + torch.arange(k.shape[0]) * B).view(-1, 1, 1)
+            self._pos[:, self.len:self.len + n] = pos.transpose(0, 1).flatten(1)
         self.len += n
 
-    def attend(self, qs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(out [H, g, n, D], lse [H, g, n])`` of scaled queries ``qs [H, g, n, D]`` over
-        the prefix (no mask: every query comes after it); the query heads of a KV group
-        are folded into rows so one float32 flash attention per KV head serves the group."""
-        if self.len == 0:
+    def attend(self, qs: torch.Tensor, q0: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(out [H, g, n, D], lse [H, g, n])`` of scaled queries ``qs [H, g, n, D]`` at
+        positions ``q0 ..`` over the prefix (every query comes after it; with a sliding
+        window, the blocks from the first query's window start, masked per query where
+        the windows start); the query heads of a KV group are folded into rows so one
+        float32 flash attention per KV head serves the group."""
+        B, g, n, W = self.layout.block_size, qs.shape[1], qs.shape[2], self.window
+        lo = 0 if W is None else max(0, q0 - W + 1 - self.start) // B * B
+        if lo >= self.len:
             return None
-        return flash_cpu(qs, self.k, self.v)
+        bias = None
+        if W is not None and q0 + n - W > self.start + lo:  # some keys not seen by all
+            visible = _window_visible(self._pos[:, lo:self.len], q0, n, W)  # [H, n, T]
+            bias = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf")).repeat(1, g, 1)
+        return flash_cpu(qs, self.k[:, lo:], self.v[:, lo:], bias)
 
 
 def apply_decode_rows(pool: StagingPool, layer: int, batch: DecodeBatch, query: torch.Tensor,

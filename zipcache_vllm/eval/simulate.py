@@ -55,11 +55,15 @@ def _expand(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.repeat_interleave(groups, dim=0) if groups > 1 else x
 
 
-def _chunk_probs(q: torch.Tensor, keys: torch.Tensor, c0: int, c1: int, scale: float) -> torch.Tensor:
-    """Causal attention probabilities ``[Hq, c1 - c0, c1]`` of queries ``c0..c1`` over keys ``0..c1``."""
+def _chunk_probs(q: torch.Tensor, keys: torch.Tensor, c0: int, c1: int, scale: float,
+                 window: int | None = None) -> torch.Tensor:
+    """Causal attention probabilities ``[Hq, c1 - c0, c1]`` of queries ``c0..c1`` over keys
+    ``0..c1``; with a sliding ``window``, query ``p`` sees keys in ``(p - window, p]``."""
     logits = torch.einsum("hqd,hkd->hqk", q[:, c0:c1], keys) * scale
-    qpos = torch.arange(c0, c1)
-    logits.masked_fill_(torch.arange(c1).unsqueeze(0) > qpos.unsqueeze(1), float("-inf"))
+    qpos = torch.arange(c0, c1).unsqueeze(1)
+    kpos = torch.arange(c1).unsqueeze(0)
+    hidden = kpos > qpos if window is None else (kpos > qpos) | (kpos <= qpos - window)
+    logits.masked_fill_(hidden, float("-inf"))
     return torch.softmax(logits, -1)
 
 
@@ -93,11 +97,19 @@ class KVSimulator:
             bounds.append(min(bounds[-1] + self.cfg.chunk_size, L))
         return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
-    def __call__(self, module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
+    def __call__(self, module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
+                 sliding_window: int | None = None, **kwargs):
+        """``sliding_window`` (transformers passes it for a sliding-window layer): a query
+        at ``p`` sees keys in ``(p - sliding_window, p]``, as the engine's windowed reads."""
         if query.shape[0] != 1:
             raise ValueError("the simulator runs one sequence at a time")
         q, k, v = query[0].float(), key[0].float(), value[0].float()
         scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+        if sliding_window is not None and (isinstance(self.policy, FastGenPolicy)
+                                           or self.cfg.saliency_window == "oracle"
+                                           or self.policy.preset.topk_scope == "sequence"):
+            raise NotImplementedError("sliding windows are simulated for the paged quantizing "
+                                      "policies with block saliency only")
         if isinstance(self.policy, FastGenPolicy) and self.policy.paged:
             from .fastgen_sim import simulate_paged
 
@@ -105,10 +117,10 @@ class KVSimulator:
         elif isinstance(self.policy, FastGenPolicy):
             out = self._fastgen(q, k, v, scale, module.layer_idx)
         else:
-            out = self._paged(q, k, v, scale)
+            out = self._paged(q, k, v, scale, window=sliding_window)
         return out.transpose(0, 1).unsqueeze(0).to(query.dtype), None
 
-    def _paged(self, q, k, v, scale, masks=None):
+    def _paged(self, q, k, v, scale, masks=None, window=None):
         """Chunk by chunk over a cache whose completed blocks are compressed.
 
         The probe rows that score a block may come from several chunks (a block
@@ -135,7 +147,7 @@ class KVSimulator:
         for c0, c1 in self.chunks(L):
             keys = _expand(torch.cat([k_st[:, :c0], kc[:, c0:c1]], 1), g)
             vals = _expand(torch.cat([v_st[:, :c0], vc[:, c0:c1]], 1), g)
-            probs = _chunk_probs(q, keys, c0, c1, scale)
+            probs = _chunk_probs(q, keys, c0, c1, scale, window)
             out[:, c0:c1] = torch.einsum("hqk,hkd->hqd", probs, vals)
             if identity:
                 continue

@@ -20,6 +20,14 @@ Pure Python (no vLLM import), reproducing, in order:
   and the logged "KV cache size: N tokens" is ``int(max_concurrency * max_model_len)``.
 * ``_check_enough_kv_cache_memory``: the engine refuses to start unless one request of
   ``max_model_len`` (with its staging blocks) fits next to the null block.
+* Sliding-window layers (``SlidingWindowSpec.max_admission_blocks_per_request``): a
+  request holds at most ``cdiv(min(window - 1 + in-flight tokens, max_model_len),
+  block_size) + 1`` blocks of such a layer (vLLM frees what leaves the window; in-flight
+  tokens: ``max_num_batched_tokens`` per concurrent batch). A hybrid model (Gemma 2/3)
+  gets one KV-cache group per ``group_size`` layers of a type
+  (``_get_kv_cache_groups_uniform_page_size``: the smallest type's layer count, or the
+  largest when it is under 1.5x the smallest), every group with its own block table from
+  one pool of blocks of ``group_size`` pages; a request's blocks are the sum over groups.
 
 ``tests/tools/test_planner.py`` checks these against vLLM's own functions, and
 ``tests/tools/test_planner_engine.py`` against the engine's log.
@@ -147,20 +155,59 @@ class EngineCapacity:
     kv_budget_bytes: int  # the smallest per-worker budget
 
 
-def blocks_per_request(fmt: PageFormat, num_tokens: int) -> int:
-    """Blocks a running request of ``num_tokens`` tokens holds (its staging blocks included)."""
-    return cdiv(num_tokens, fmt.block_size) + fmt.staging_blocks
+@dataclass(frozen=True)
+class Groups:
+    """The KV-cache groups of one worker's layers: ``layers_per_block`` pages make one
+    block of the shared pool; ``windows`` lists each group's sliding window (None: full)."""
+
+    layers_per_block: int
+    windows: tuple[int | None, ...]
+
+    @classmethod
+    def of(cls, layer_windows: tuple[int | None, ...] | list[int | None]) -> "Groups":
+        counts: dict[int | None, int] = {}
+        for w in layer_windows:
+            counts[w] = counts.get(w, 0) + 1
+        if len(counts) == 1:
+            return cls(len(layer_windows), tuple(counts))
+        smallest, largest = min(counts.values()), max(counts.values())
+        size = largest if largest < smallest * 1.5 else smallest
+        return cls(size, tuple(w for w, n in counts.items() for _ in range(cdiv(n, size))))
+
+
+def blocks_per_request(fmt: PageFormat, num_tokens: int, window: int | None = None,
+                       in_flight_tokens: int = 0) -> int:
+    """Blocks a running request of ``num_tokens`` tokens holds in one layer (its staging
+    blocks included): all of them, or for a sliding ``window`` at most a window plus the
+    tokens in flight, plus one."""
+    if window is None:
+        return cdiv(num_tokens, fmt.block_size) + fmt.staging_blocks
+    held = min(window - 1 + in_flight_tokens, num_tokens)
+    return cdiv(held, fmt.block_size) + 1 + fmt.staging_blocks
+
+
+def request_blocks(fmt: PageFormat, groups: Groups, num_tokens: int, in_flight_tokens: int) -> int:
+    """Blocks of the pool one request of ``num_tokens`` tokens holds, over all groups."""
+    return sum(blocks_per_request(fmt, num_tokens, w, in_flight_tokens) for w in groups.windows)
 
 
 def engine_capacity(fmt: PageFormat, budgets: list[int], layers: list[int],
-                    max_model_len: int) -> EngineCapacity:
+                    max_model_len: int, layer_windows: tuple[int | None, ...] | None = None,
+                    in_flight_tokens: int = 0) -> EngineCapacity:
     """Blocks, tokens and concurrency for workers with ``budgets[i]`` bytes and ``layers[i]``
-    layers (one entry per worker)."""
+    layers (one entry per worker); ``layer_windows``: each layer's sliding window (None:
+    every layer full attention), with ``in_flight_tokens`` scheduled per step."""
     if not budgets or len(budgets) != len(layers):
         raise ValueError("one budget and layer count per worker")
-    per_block = [n * fmt.page_bytes for n in layers]
+    if layer_windows is not None and len(set(layer_windows)) > 1 and len(layers) > 1:
+        raise ValueError("the planner models hybrid (sliding-window + full) models on one "
+                         "pipeline stage only")
+    groups = Groups.of(layer_windows) if layer_windows is not None else None
+    per_block = ([groups.layers_per_block * fmt.page_bytes] if groups is not None and
+                 len(groups.windows) > 1 else [n * fmt.page_bytes for n in layers])
     num_blocks = max(0, min(a // p for a, p in zip(budgets, per_block)))
-    per_request = blocks_per_request(fmt, max_model_len)
+    per_request = (request_blocks(fmt, groups, max_model_len, in_flight_tokens)
+                   if groups is not None else blocks_per_request(fmt, max_model_len))
     max_concurrency = num_blocks / per_request
     starts = all(a - p >= per_request * p for a, p in zip(budgets, per_block))
     return EngineCapacity(num_blocks, int(max_concurrency * max_model_len), max_concurrency, starts,

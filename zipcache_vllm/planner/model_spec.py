@@ -8,7 +8,7 @@ downloaded. KV sizes follow vLLM's reading of the config (``num_key_value_heads`
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..config import CONFIG_DIR
@@ -38,6 +38,13 @@ class ModelSpec:
     max_position_embeddings: int | None
     attention_bias: bool = False
     rope_factor: float = 1.0  # RoPE scaling factor vLLM multiplies max_position_embeddings by
+    # Each layer's sliding window in tokens (None: full attention); None: every layer full.
+    layer_windows: tuple[int | None, ...] | None = None
+
+    @property
+    def is_hybrid(self) -> bool:
+        """Layers of more than one attention type (Gemma 2/3: sliding windows and full)."""
+        return self.layer_windows is not None and len(set(self.layer_windows)) > 1
 
     @property
     def derived_max_model_len(self) -> int | None:
@@ -124,9 +131,26 @@ def spec_from_config(cfg: dict, name: str = "model") -> ModelSpec:
         raise ModelSpecError(f"{name}: config has no {exc.args[0]!r}") from None
     if spec.dtype not in DTYPE_BYTES:
         raise ModelSpecError(f"{name}: unsupported dtype {spec.dtype!r} ({', '.join(DTYPE_BYTES)})")
-    if cfg.get("sliding_window") and cfg.get("use_sliding_window", True):
-        raise ModelSpecError(f"{name}: sliding-window attention models are not supported by zipcache")
-    return spec
+    windows = _layer_windows(cfg, spec.num_layers, name)
+    return spec if windows is None else replace(spec, layer_windows=windows)
+
+
+def _layer_windows(cfg: dict, num_layers: int, name: str) -> tuple[int | None, ...] | None:
+    """Each layer's sliding window as vLLM reads the config: ``layer_types`` (Gemma 2/3, gpt-oss:
+    ``sliding_attention`` layers get ``sliding_window``), else one window for every layer
+    (Mistral: ``sliding_window``, unless ``use_sliding_window`` is false); None: no window."""
+    window = cfg.get("sliding_window")
+    if not window or not cfg.get("use_sliding_window", True):
+        return None
+    types = cfg.get("layer_types")
+    if types is None:
+        return (int(window),) * num_layers
+    if len(types) != num_layers:
+        raise ModelSpecError(f"{name}: layer_types lists {len(types)} layers, the model has {num_layers}")
+    unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if unknown:
+        raise ModelSpecError(f"{name}: layer types {unknown} are not supported by the planner")
+    return tuple(int(window) if t == "sliding_attention" else None for t in types)
 
 
 def load_model_spec(model: str | Path) -> ModelSpec:

@@ -207,6 +207,17 @@ def vllm_default_max_num_seqs(hardware: str, hw: GPU | CPU, workers: int) -> int
     return 256
 
 
+def in_flight_tokens(req: PlanRequest, device: str) -> int:
+    """Tokens scheduled but not yet settled (``VllmConfig.max_in_flight_tokens``): what a
+    sliding-window layer holds beyond its window. ``--max-num-batched-tokens`` as given,
+    else ``vllm serve``'s default on the CPU (``2048 x world size``, arg_utils), per
+    concurrent batch (one per pipeline stage; async scheduling off, the CPU default)."""
+    pp = req.pipeline_parallel_size
+    given = "max_num_batched_tokens" in req.model_fields_set or device != "cpu"
+    batched = req.max_num_batched_tokens if given else 2048 * req.tensor_parallel_size * pp
+    return batched * pp
+
+
 def make_plan(req: PlanRequest, spec: ModelSpec | None = None) -> Plan:
     spec = spec or load_model_spec(req.model)
     hw = load_catalog().lookup(req.hardware)
@@ -279,9 +290,12 @@ def _row(req, spec, hw, device, dtype, kvh, stages, budgets, context, spare, too
     fmt = cap.page_format(dtype, spec.head_size, kvh, spec.dtype_bytes, device)
     zip_ = fmt.layout is not None
     max_num_seqs = req.max_num_seqs or req.concurrency or None
-    capy = cap.engine_capacity(fmt, budgets, stages, req.max_model_len)
+    in_flight = in_flight_tokens(req, device)
+    capy = cap.engine_capacity(fmt, budgets, stages, req.max_model_len, spec.layer_windows, in_flight)
     starts = capy.starts and not too_long
-    kv_requests = capy.num_blocks // cap.blocks_per_request(fmt, context) if starts else 0
+    per_request = (cap.request_blocks(fmt, cap.Groups.of(spec.layer_windows), context, in_flight)
+                   if spec.layer_windows is not None else cap.blocks_per_request(fmt, context))
+    kv_requests = capy.num_blocks // per_request if starts else 0
     conc = kv_requests if max_num_seqs is None else min(kv_requests, max_num_seqs)
     note = None
     if device == "cpu" and dtype in cap.FP8_DTYPES:

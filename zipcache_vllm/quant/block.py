@@ -118,6 +118,12 @@ def unpack_salient_mask(pages: torch.Tensor, layout: BlockLayout) -> torch.Tenso
     return unpack_bits(_get(p, layout, "mask"), 1, B).bool()
 
 
+def storage_positions(pages: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    """int64 ``[N, H, B]``: the position in its block of each storage slot's token (what
+    a reader of storage-order keys needs for a position mask: sliding windows)."""
+    return storage_order(unpack_salient_mask(pages, layout))
+
+
 def unpack_dequantize_blocks(pages: torch.Tensor, layout: BlockLayout,
                              order: str = "token") -> tuple[torch.Tensor, torch.Tensor]:
     """Dequantize pages to float32 keys and values ``[N, H, B, D]``.

@@ -41,7 +41,7 @@ import torch
 from ..config import Preset
 from ..engine.plan import DecodeBatch, RequestPlan, plan_step
 from ..engine.staging import MARGIN, StagingPool
-from ..engine.step import apply_step
+from ..engine.step import apply_step, fused_row
 from ..layout import BlockLayout, FastGenLayout, StagingLayout
 from ..policies import make_policy
 from . import compat
@@ -57,7 +57,7 @@ from .compat import (
     MultipleOf,
 )
 from ..dtypes import is_zipcache_dtype, preset_for_dtype
-from .kv_spec import ZipCacheSpec
+from .kv_spec import ZipCacheSlidingSpec, ZipCacheSpec
 
 logger = compat.logger
 
@@ -141,7 +141,7 @@ class ZipCacheBackend(AttentionBackend):
         :attr:`staging_elt_bytes` (vLLM calls this where no current config is set: the
         worker's ``get_kv_cache_spec``), else the current config's.
         """
-        if isinstance(spec, ZipCacheSpec):
+        if isinstance(spec, (ZipCacheSpec, ZipCacheSlidingSpec)):
             return spec
         config = None if cls.cache_dtype else compat.get_current_vllm_config_or_none()
         preset = preset_for_dtype(cls.cache_dtype or _cache_dtype_of(config))
@@ -150,11 +150,18 @@ class ZipCacheBackend(AttentionBackend):
         if spec.block_size not in (1, layout.block_size):
             raise ValueError(f"zipcache preset {preset.name} needs block size {layout.block_size}, "
                              f"the engine uses {spec.block_size}")
-        fields = {f: getattr(spec, f) for f in compat.FullAttentionSpec.__dataclass_fields__}
+        sliding = isinstance(spec, compat.SlidingWindowSpec)
+        base = compat.SlidingWindowSpec if sliding else compat.FullAttentionSpec
+        fields = {f: getattr(spec, f) for f in base.__dataclass_fields__}
         fields.update(num_head_slots=1, tokens_per_state=spec.block_size,
                       state_content_bytes=layout.page_bytes * spec.block_size // layout.block_size,
                       staging_blocks=StagingLayout.of(layout, elt, preset.staging_bits).lookahead_blocks)
-        return ZipCacheSpec(**fields)
+        return (ZipCacheSlidingSpec if sliding else ZipCacheSpec)(**fields)
+
+
+def is_zipcache_backend(backend: object) -> bool:
+    """Whether ``backend`` (an attention backend class) is ours."""
+    return isinstance(backend, type) and issubclass(backend, ZipCacheBackend)
 
 
 def _staging_elt_bytes(model_dtype: torch.dtype | None) -> int:
@@ -242,13 +249,16 @@ class ZipCacheMetadataBuilder(AttentionMetadataBuilder[ZipCacheMetadata]):
         self.block_size = preset.block_size
         self.policy = make_policy(preset)
         self.engine = engine_for(vllm_config, device)
+        # A sliding-window group: decode rows whose window starts inside the packed
+        # prefix run the windowed per-row path (engine/step.py), not the fused kernel.
+        self.window = getattr(kv_cache_spec, "sliding_window", None)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> ZipCacheMetadata:
         cm, engine = common_attn_metadata, self.engine
         plans = plan_step(engine.pool, self.block_size, cm.query_start_loc_cpu.tolist(),
                           cm.seq_lens.cpu().tolist()[:cm.num_reqs], cm.block_table_tensor)
-        decode = [p for p in plans if p.q_len == 1] if self.policy.fused_decode else []
+        decode = [p for p in plans if fused_row(p, self.policy, self.window)]
         prepared = (engine.state.prepare(plans, engine.step_token_ids)
                     if engine.state is not None else None)
         return ZipCacheMetadata(
@@ -265,9 +275,14 @@ class ZipCacheImpl(AttentionImpl[ZipCacheMetadata]):
                  alibi_slopes, sliding_window, kv_cache_dtype: str,
                  logits_soft_cap: float | None = None, attn_type: str = AttentionType.DECODER,
                  kv_sharing_target_layer_name: str | None = None, sinks=None) -> None:
+        preset = preset_for_dtype(kv_cache_dtype)
         unsupported = {
             "ALiBi": alibi_slopes is not None,
-            "sliding window": sliding_window is not None,
+            f"a sliding window of {sliding_window} tokens with {preset.block_size}-token pages "
+            "(the window must be longer than a page)":
+                sliding_window is not None and sliding_window <= preset.block_size,
+            "sliding windows with a FastGen preset":
+                sliding_window is not None and preset.paged_fastgen,
             "logits soft cap": bool(logits_soft_cap),
             "attention sinks": sinks is not None,
             "cross-layer KV sharing": kv_sharing_target_layer_name is not None,
@@ -285,8 +300,7 @@ class ZipCacheImpl(AttentionImpl[ZipCacheMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = None
-        self.sliding_window = None
-        preset = preset_for_dtype(kv_cache_dtype)
+        self.sliding_window = sliding_window  # keys in (p - window, p] for a query at p
         self.layout = layout_for(preset, head_size, num_kv_heads)
         self.policy = make_policy(preset)
         self.engine: ZipCacheEngine | None = None  # attached by the engine's first builder
@@ -306,7 +320,8 @@ class ZipCacheImpl(AttentionImpl[ZipCacheMetadata]):
             return output
         apply_step(self.engine.pool, self.layer_index, attn_metadata.plans, query, key, value,
                    kv_cache.flatten(1), self.layout, self.policy, self.scale, output,
-                   attn_metadata.decode, self.engine.state, attn_metadata.prepared)
+                   attn_metadata.decode, self.engine.state, attn_metadata.prepared,
+                   self.sliding_window)
         return output
 
 
@@ -325,8 +340,6 @@ def validate_selector_config(cfg) -> None:
         problems.append("sparse attention")
     if cfg.has_sink:
         problems.append("attention sinks")
-    if cfg.has_sliding_window:
-        problems.append("sliding-window attention")
     if cfg.attn_type != AttentionType.DECODER:
         problems.append(f"{cfg.attn_type} attention (only decoder self-attention)")
     if cfg.head_size not in SUPPORTED_HEAD_SIZES:
@@ -361,9 +374,17 @@ def update_vllm_config(vllm_config) -> None:
         if getattr(model, "use_mla", False):
             raise ValueError("zipcache does not support MLA models; serve this model with "
                              "--kv-cache-dtype auto")
-        if model.get_sliding_window() is not None:
-            raise ValueError("zipcache does not support sliding-window attention models; serve "
-                             "this model with --kv-cache-dtype auto")
+        window = model.get_sliding_window()
+        if window is not None and preset.paged_fastgen:
+            raise ValueError(f"--kv-cache-dtype {cache.cache_dtype} (FastGen) does not support "
+                             "sliding-window attention models; serve this model with a "
+                             "quantizing zipcache preset (--kv-cache-dtype zipcache)")
+        if window is not None and window <= preset.block_size:
+            raise ValueError(f"this model's sliding window ({window} tokens) must be longer "
+                             f"than the pages of --kv-cache-dtype {cache.cache_dtype} "
+                             f"({preset.block_size} tokens): use a preset with smaller pages "
+                             "(block_size in a user preset, docs/POLICIES.md) or "
+                             "--kv-cache-dtype auto")
     if cache.enable_prefix_caching:
         logger.info("zipcache: prefix caching stays on: a full page is written once and "
                     "depends only on its own tokens and its prefix.")
@@ -371,6 +392,19 @@ def update_vllm_config(vllm_config) -> None:
 
 def num_staging_slots(vllm_config) -> int:
     return vllm_config.scheduler_config.max_num_seqs + MARGIN
+
+
+def _max_groups(impls: list[ZipCacheImpl]) -> int:
+    """At most how many KV-cache groups vLLM makes of these layers: one for a model of one
+    attention type; for a hybrid model (full and sliding-window layers) vLLM splits each
+    type into groups of at least the smallest type's layer count. A running request
+    stages one partial block per group (its block ids differ), so the pool has this many
+    slots per request (paged slots are keys only: no memory)."""
+    counts: dict[int | None, int] = {}
+    for impl in impls:
+        counts[impl.sliding_window] = counts.get(impl.sliding_window, 0) + 1
+    smallest = min(counts.values())
+    return sum(-(-n // smallest) for n in counts.values())
 
 
 def _our_layers(vllm_config) -> dict[str, object]:
@@ -399,8 +433,8 @@ def engine_for(vllm_config, device) -> ZipCacheEngine:
     staging = StagingLayout.of(impls[0].layout, _staging_elt_bytes(dtype),
                                impls[0].policy.preset.staging_bits)
     device = torch.device(device if device is not None else "cpu")
-    pool = StagingPool(sorted(layers), num_staging_slots(vllm_config), B, H, D, dtype,
-                       device=device, paged=staging)
+    pool = StagingPool(sorted(layers), num_staging_slots(vllm_config) * _max_groups(impls),
+                       B, H, D, dtype, device=device, paged=staging)
     logger.info("zipcache: staging in the KV cache (%s): each running request holds %d "
                 "block(s) ahead of its tokens (%d tokens a page, %.2f MiB a request over %d "
                 "layers).", "8-bit" if staging.kv_bits == 8 else str(dtype).removeprefix("torch."),

@@ -44,8 +44,10 @@ from vllm.v1.attention.backend import (
     MultipleOf,
 )
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
-from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, KVCacheLayout
+from vllm.model_executor.layers.attention.attention import Attention
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager, SlidingWindowManager
+from vllm.v1.kv_cache_interface import (AttentionSpec, FullAttentionSpec, KVCacheLayout,
+                                        SlidingWindowSpec)
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -54,7 +56,8 @@ __all__ = [
     "AttentionBackend", "AttentionBackendEnum", "AttentionCGSupport", "AttentionImpl",
     "AttentionMetadataBuilder",
     "AttentionSpec", "AttentionType", "CommonAttentionMetadata", "FullAttentionManager",
-    "FullAttentionSpec", "KVCacheLayout", "MultipleOf",
+    "FullAttentionSpec", "KVCacheLayout", "MultipleOf", "SlidingWindowManager",
+    "SlidingWindowSpec",
     "VllmConfig", "get_current_vllm_config_or_none", "init_logger", "register_backend",
 ]
 
@@ -186,8 +189,9 @@ def patch_platform_check_config(is_ours: Callable[[str | None], bool],
     platform_cls.check_and_update_config = classmethod(check_and_update_config)
 
 
-def register_kv_cache_spec(spec_cls: type, manager_cls: type) -> None:
-    """Give our KV-cache spec class its own manager in vLLM's spec registry (idempotent).
+def register_kv_cache_spec(spec_cls: type, manager_cls: type, base: type) -> None:
+    """Give our KV-cache spec class its own manager in vLLM's spec registry (idempotent),
+    grouped with vLLM's ``base`` spec (``FullAttentionSpec``, ``SlidingWindowSpec``).
 
     Why: with paged staging every running request holds ``staging_blocks`` blocks ahead
     of its tokens (``layout.StagingLayout``); the manager allocates them with the
@@ -197,7 +201,38 @@ def register_kv_cache_spec(spec_cls: type, manager_cls: type) -> None:
     registering ours first would skip them, so they are registered first here.
     """
     KVCacheSpecRegistry._ensure_registered()
-    KVCacheSpecRegistry.register(spec_cls, manager_cls, uniform_type_base_spec=FullAttentionSpec)
+    KVCacheSpecRegistry.register(spec_cls, manager_cls, uniform_type_base_spec=base)
+
+
+def patch_sliding_window_spec(is_ours: Callable[[type], bool]) -> None:
+    """Let our backend declare the KV-cache spec of its sliding-window layers (idempotent).
+
+    Why: ``Attention.get_kv_cache_spec`` hands a full-attention layer's spec to the
+    backend's ``customize_spec`` and keeps the result, but for a sliding-window layer it
+    only reads the customized spec's bytes per token, picks a block size from them and
+    returns a plain ``SlidingWindowSpec`` sized by the cache dtype's element (one byte for
+    our uint8 pages): our pages would be misdeclared and the hybrid allocator would pad
+    one of the two page sizes to the other. For a layer whose backend ``is_ours``, the
+    spec is built as the full-attention branch builds it (the cache's block size, the
+    layer's window) and customized by the backend: every group of a hybrid model then
+    has the same page size, and vLLM's sliding-window manager frees what leaves the
+    window.
+    """
+    original = Attention.get_kv_cache_spec
+    if _is_patched(original):
+        return
+
+    @_mark
+    @functools.wraps(original)
+    def get_kv_cache_spec(self, vllm_config):
+        if self.sliding_window is None or not is_ours(self.attn_backend):
+            return original(self, vllm_config)
+        return self.attn_backend.customize_spec(SlidingWindowSpec(
+            block_size=vllm_config.cache_config.block_size, num_kv_heads=self.num_kv_heads,
+            head_size=self.head_size, head_size_v=self.head_size_v,
+            dtype=self.kv_cache_torch_dtype, sliding_window=self.sliding_window))
+
+    Attention.get_kv_cache_spec = get_kv_cache_spec
 
 
 # ---------------------------------------------------------------------------
@@ -311,6 +346,11 @@ def patch_targets() -> dict[str, object]:
             FullAttentionManager.get_num_blocks_to_allocate,
         "FullAttentionManager.allocate_new_blocks": FullAttentionManager.allocate_new_blocks,
         "FullAttentionSpec.max_num_blocks_per_req": FullAttentionSpec.max_num_blocks_per_req,
+        "SlidingWindowManager.get_num_blocks_to_allocate":
+            SlidingWindowManager.get_num_blocks_to_allocate,
+        "SlidingWindowManager.allocate_new_blocks": SlidingWindowManager.allocate_new_blocks,
+        "SlidingWindowSpec.max_memory_usage_bytes": SlidingWindowSpec.max_memory_usage_bytes,
+        "Attention.get_kv_cache_spec": Attention.get_kv_cache_spec,
         "GPUModelRunner._on_request_state_removed": GPUModelRunner._on_request_state_removed,
         "GPUModelRunner._update_states": GPUModelRunner._update_states,
     }

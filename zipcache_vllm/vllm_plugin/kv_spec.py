@@ -13,7 +13,15 @@ allocated ahead of its tokens. :class:`ZipCacheSpec` carries that count;
 
 The blocks ahead are ordinary blocks of the request: block ``b + j`` of its table, freed
 with the request, never prefix-cached before they fill (vLLM caches full blocks only), and
-written packed when their turn comes. ``compat.register_kv_cache_spec`` registers the pair.
+written packed when their turn comes. ``compat.register_kv_cache_spec`` registers each
+pair.
+
+Sliding-window layers (Gemma 2/3, Mistral-style windows) get :class:`ZipCacheSlidingSpec`:
+the same pages (so every KV-cache group of a hybrid model shares one page size, as vLLM's
+hybrid allocator requires, and nothing is padded back to bf16 size) and the same staging
+blocks, managed by :class:`ZipCacheSlidingManager`, vLLM's sliding-window manager, which
+frees the blocks that leave the window. The step never reads them
+(``engine/step.py``: windowed reads).
 """
 from __future__ import annotations
 
@@ -44,8 +52,23 @@ class ZipCacheSpec(compat.FullAttentionSpec):
         return replace(super().merge(specs), staging_blocks=counts.pop())
 
 
-class ZipCacheManager(compat.FullAttentionManager):
-    """Full attention, with the spec's staging blocks allocated ahead of every request."""
+@dataclass(frozen=True, kw_only=True)
+class ZipCacheSlidingSpec(compat.SlidingWindowSpec):
+    """A sliding-window layer in zipcache pages, whose requests hold ``staging_blocks``
+    blocks ahead (at most a window plus the tokens in flight, plus those)."""
+
+    staging_blocks: int = 0
+
+    def max_num_blocks_per_req(self, vllm_config, max_len: int) -> int:
+        return super().max_num_blocks_per_req(vllm_config, max_len) + self.staging_blocks
+
+    def max_memory_usage_bytes(self, vllm_config) -> int:
+        return (super().max_memory_usage_bytes(vllm_config)
+                + self.staging_blocks * self.page_size_bytes)
+
+
+class _StagingAhead:
+    """Allocates the spec's staging blocks ahead of every request's tokens."""
 
     def _with_staging(self, num_tokens: int) -> int:
         return num_tokens + self.kv_cache_spec.staging_blocks * self.block_size
@@ -59,4 +82,13 @@ class ZipCacheManager(compat.FullAttentionManager):
                                            num_tokens_main_model)
 
 
-__all__ = ["ZipCacheManager", "ZipCacheSpec"]
+class ZipCacheManager(_StagingAhead, compat.FullAttentionManager):
+    """Full attention, with the spec's staging blocks allocated ahead of every request."""
+
+
+class ZipCacheSlidingManager(_StagingAhead, compat.SlidingWindowManager):
+    """A sliding window (blocks that leave it are freed), with the spec's staging blocks
+    allocated ahead of every request."""
+
+
+__all__ = ["ZipCacheManager", "ZipCacheSlidingManager", "ZipCacheSlidingSpec", "ZipCacheSpec"]

@@ -87,7 +87,11 @@ def register() -> None:
     compat.patch_platform_attn_backend(is_zipcache_dtype, backend.backend_path,
                                        backend.validate_selector_config)
     compat.patch_platform_check_config(is_zipcache_dtype, _update_vllm_config)
-    compat.register_kv_cache_spec(kv_spec.ZipCacheSpec, kv_spec.ZipCacheManager)
+    compat.register_kv_cache_spec(kv_spec.ZipCacheSpec, kv_spec.ZipCacheManager,
+                                  compat.FullAttentionSpec)
+    compat.register_kv_cache_spec(kv_spec.ZipCacheSlidingSpec, kv_spec.ZipCacheSlidingManager,
+                                  compat.SlidingWindowSpec)
+    compat.patch_sliding_window_spec(backend.is_zipcache_backend)
     compat.patch_request_lifecycle(backend.staging_pool_of)
     _registered = True
 
