@@ -42,7 +42,8 @@ HERE = Path(__file__).resolve().parent
 
 # Repository folders shipped inside the package (zipcache_vllm/resources.py reads them).
 DATA_PACKAGES = {
-    "zipcache_vllm.configs": ("configs", ["*.yaml", "hardware/*.yaml", "models/*.json"]),
+    "zipcache_vllm.configs": ("configs", ["*.yaml", "hardware/*.yaml", "models/*.json",
+                                          "calibrations/*.json"]),
     "zipcache_vllm.triton_kernels": ("triton_kernels", ["*.md"]),  # its .py files are modules
     "zipcache_vllm.csrc": ("csrc", ["*.cpp", "*.h"]),
 }

@@ -63,7 +63,7 @@ def _add_model_parser(subparsers) -> None:
     from zipcache_vllm.model.prepare import DEFAULT_MODEL, MODELS
 
     p = subparsers.add_parser("model", help="prepare / locate the bundled models")
-    msub = p.add_subparsers(dest="model_cmd", metavar="{prepare,path}", required=True)
+    msub = p.add_subparsers(dest="model_cmd", metavar="{prepare,path,calibrate}", required=True)
 
     pp = msub.add_parser(
         "prepare",
@@ -81,6 +81,18 @@ def _add_model_parser(subparsers) -> None:
     pa.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODELS))
     pa.set_defaults(func=_cmd_model_path)
 
+    pc = msub.add_parser(
+        "calibrate", help="measure which layers store their keys rotated (key_rotation: calibrated)",
+        description="Run windows of the project's corpus through the HF model and, per layer, the "
+        "default preset's pages with keys Hadamard-rotated and unrotated; write the layers where "
+        "rotation lowers the attention error to zipcache_calibration.json in the model folder "
+        "(read by the engine at startup). The bundled models ship theirs (model prepare installs it).")
+    pc.add_argument("--model", default=DEFAULT_MODEL,
+                    help=f"a bundled model ({', '.join(sorted(MODELS))}) or an HF model folder "
+                    f"(default: {DEFAULT_MODEL})")
+    pc.add_argument("--output", default=None, help="write here instead of the model folder")
+    pc.set_defaults(func=_cmd_model_calibrate)
+
 
 def _cmd_model_prepare(args) -> int:
     from zipcache_vllm.model.prepare import ModelNotInstalledError, prepare_model
@@ -91,6 +103,24 @@ def _cmd_model_prepare(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(path)
+    return 0
+
+
+def _cmd_model_calibrate(args) -> int:
+    import json
+    import shutil
+
+    from zipcache_vllm.eval.calibrate import calibrate
+    from zipcache_vllm.model.prepare import MODELS, prepare_model
+
+    folder = (prepare_model(args.model) if args.model in MODELS and not os.path.exists(args.model)
+              else args.model)
+    path = calibrate(folder)
+    if args.output:
+        shutil.copyfile(path, args.output)
+        path = args.output
+    rotate = json.loads(open(path).read())["key_rotation"]["rotate"]
+    print(f"{path}: keys rotated in {sum(rotate)} of {len(rotate)} layers")
     return 0
 
 

@@ -97,8 +97,11 @@ class Preset(BaseModel):
         None, description="normalized attention (ZipCache), accumulated attention (H2O), or random: "
         "chosen by the method (h2o_mixed: accumulated, random_mixed: random, others normalized); "
         "a fastgen preset may set it to rank the tokens of its slots")
-    key_rotation: Literal["none", "hadamard"] = Field(
-        "none", description="store keys Hadamard-rotated (same bytes; quant/rotation.py)")
+    key_rotation: Literal["none", "hadamard", "calibrated"] = Field(
+        "none", description="store keys Hadamard-rotated (same bytes; quant/rotation.py): in "
+        "every layer (hadamard), or in the layers where the model's calibration measured that "
+        "it lowers the attention error (calibrated; every layer without a calibration; "
+        "zipcache_vllm/calibration.py)")
     value_rotation: Literal["none", "hadamard"] = Field(
         "none", description="store values Hadamard-rotated, the attention output rotated back "
         "(same bytes; quant/rotation.py)")

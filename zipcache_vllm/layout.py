@@ -117,7 +117,7 @@ class BlockLayout:
             hi_bits=preset.hi_bits,
             lo_bits=preset.lo_bits,
             n_hi=preset.n_salient,
-            rotate_keys=preset.key_rotation == "hadamard",
+            rotate_keys=preset.key_rotation != "none",
             rotate_values=preset.value_rotation == "hadamard",
         )
 

@@ -717,7 +717,7 @@ def test_key_rotation_only_for_quantized_pages():
     data["key_rotation"] = "hadamard"
     with pytest.raises(Exception, match="key_rotation applies to quantized pages"):
         parse_preset(data, "test")
-    assert load_preset("zipcache").key_rotation == "hadamard"
+    assert load_preset("zipcache").key_rotation == "calibrated"
     assert load_preset("kivi3").key_rotation == "none"  # KIVI as published
 
 

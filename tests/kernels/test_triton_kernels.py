@@ -41,6 +41,8 @@ GQA_RATIOS = (1, 3, 4)
 BLOCK_SIZES = (32, 64)
 # Not powers of two: the kernels pad tiles to 128 and mask (Phi-2 style head size 80).
 ODD_SHAPES = [(96, 80, 3, 3, 0.3), (96, 80, 4, 2, 0.45)]  # (B, D, hi, lo, frac)
+# Gemma 2/3's head size (one KV head, GQA 4:1): two 128-wide channel tiles.
+HEAD_256 = [(64, 256, 4, 2, 0.45), (32, 256, 3, 3, 0.0)]  # (B, D, hi, lo, frac)
 NUM_BLOCKS = (1, 3, 5)  # per request
 # (hi_bits, lo_bits, n_hi as a fraction of B: 0 = all low, 1 = all high, else mixed)
 BIT_MIXES = [(4, 2, 0.0), (4, 2, 0.41), (4, 2, 1.0),
@@ -111,7 +113,7 @@ def test_quantize_pack_bytes_match_reference(hi, lo, frac, B, D):
     assert bool((out[[1, 3, 5]] == 0xA5).all()), "pages not in page_ids were written"
 
 
-@pytest.mark.parametrize("B,D,hi,lo,frac", ODD_SHAPES)
+@pytest.mark.parametrize("B,D,hi,lo,frac", ODD_SHAPES + HEAD_256)
 def test_quantize_pack_padded_tiles(B, D, hi, lo, frac):
     layout = _layout(B, D, 1, hi, lo, frac)
     gen = torch.Generator().manual_seed(B + D + hi)
@@ -173,6 +175,7 @@ DECODE_CASES = [
     (64, 3, 64, 4, 2, 0.0, 1, 5),
     (80, 3, 96, 4, 2, 0.45, 1, 2),  # padded tiles (ODD_SHAPES)
     (128, 4, 128, 4, 2, 0.6, 1, 2),  # two 64-row sub-tiles, salient rows spill into the second
+    (256, 4, 64, 4, 2, 0.45, 1, 2),  # Gemma 3: head size 256, one KV head
 ]
 
 
@@ -325,6 +328,7 @@ PREFILL_CASES = [
     (64, 3, 32, 3, 3, 0.3, 1, 7, 3),
     (128, 4, 32, 2, 2, 0.0, 1, 9, 5),
     (128, 3, 64, 4, 2, 1.0, 1, 3, 3),
+    (256, 4, 64, 4, 2, 0.45, 1, 5, 2),  # Gemma 3: head size 256, one KV head
 ]
 
 

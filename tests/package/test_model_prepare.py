@@ -142,7 +142,26 @@ def test_incomplete_target_is_replaced(monkeypatch, tmp_path):
 
     monkeypatch.setattr(prepare, "_convert", fake)
     assert prepare.prepare_model(target=target) == target
-    assert sorted(p.name for p in target.iterdir()) == sorted([prepare.MARKER_NAME, "config.json"])
+    assert sorted(p.name for p in target.iterdir()) == sorted(
+        [prepare.MARKER_NAME, "config.json", "zipcache_calibration.json"])  # the shipped one
+
+
+def test_prepare_installs_the_shipped_calibration(monkeypatch, tmp_path):
+    """Every bundled model ships its calibration (configs/calibrations/, one flag per
+    layer); prepare puts it into the folder, also into one prepared before it shipped."""
+    from zipcache_vllm.calibration import rotated_layers
+
+    for name in prepare.MODELS:
+        data = json.loads(prepare.shipped_calibration(name).read_text())
+        assert data["version"] == 1 and data["preset"] == "zipcache"
+        assert len(data["key_rotation"]["rotate"]) == {"smollm2": 30, "gemma3-270m": 18}[name]
+    target = tmp_path / "m"
+    target.mkdir()
+    (target / prepare.MARKER_NAME).write_text("{}")
+    assert rotated_layers(target) is None
+    prepare.prepare_model("gemma3-270m", target=target)
+    assert rotated_layers(target) == json.loads(
+        prepare.shipped_calibration("gemma3-270m").read_text())["key_rotation"]["rotate"]
 
 
 @pytest.mark.slow

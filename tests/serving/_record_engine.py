@@ -9,7 +9,8 @@ lengths and the default token budget (200) make vLLM cut the prefills into chunk
 mid-block and batch them with decode rows (a budget of 4096 prefills each prompt whole);
 generation crosses a block boundary, so decode fills and packs a block. LAYERS:
 comma-separated model layer indices to record (default: 4 of SmolLM2's 30); KV_CACHE_DTYPE:
-default ``zipcache``. Each step records the layer's sliding window (None: full attention).
+default ``zipcache``. Each step records the layer's sliding window (None: full attention)
+and whether its keys are stored rotated (the model's calibration).
 """
 import os
 import re
@@ -48,7 +49,7 @@ if __name__ == "__main__":
         layer = int(re.search(r"layers\.(\d+)\.", name).group(1))  # the pool's index -> the model's
         if layer in layers:
             steps.append({"layer": layer, "scale": scale, "preset_block": layout.block_size,
-                          "sliding_window": sliding_window,
+                          "sliding_window": sliding_window, "rotate_keys": layout.rotate_keys,
                           "rows": [(p.q_start, p.q_len, p.ctx, p.slot) for p in plans],
                           "q": query.clone(), "k": key.clone(), "v": value.clone(),
                           "out": output[:query.shape[0]].clone()})

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from zipcache_vllm.config import load_preset
 from zipcache_vllm.eval import fidelity
 from zipcache_vllm.eval.simulate import KVSimulator, SimConfig
 from zipcache_vllm.policies import make_policy
@@ -161,18 +162,22 @@ def test_engine_attention_equals_the_reference_on_its_own_inputs(rec, request):
         assert any(len(st["rows"]) > 1 and any(r[1] == 1 for r in st["rows"])
                    and any(r[1] > 1 for r in st["rows"]) for st in steps), "no mixed prefill+decode step"
     expected_lens = sorted(len(s) - 1 for s in seqs)  # the last token is never fed back
-    preset = fidelity.preset_of(recorded["kv_cache_dtype"])
+    preset = load_preset(fidelity.preset_of(recorded["kv_cache_dtype"]))
     windows = {st["layer"]: st.get("sliding_window") for st in steps}
+    rotated = {st["layer"]: st["rotate_keys"] for st in steps}
     if rec == "recorded_gemma3":  # sliding and full layers, requests past the window
         assert set(windows.values()) == {512, None} and max(expected_lens) > 512 + 128
+        assert rotated == {0: True, 4: True, 5: False}  # its calibration (configs/calibrations/)
     worst = 0.0
     for layer in recorded["layers"]:
         reqs = _requests_of(steps, layer)
         assert sorted(r["len"] for r in reqs) == expected_lens
         scale = next(st["scale"] for st in steps if st["layer"] == layer)
         window = windows[layer]
+        # the layer's pages as the engine stored them: a calibrated key rotation resolved
+        layer_preset = preset.model_copy(update={"key_rotation": "hadamard" if rotated[layer] else "none"})
         for r in reqs:
-            sim = KVSimulator(make_policy(preset),
+            sim = KVSimulator(make_policy(layer_preset),
                               SimConfig(prefill_len=0, chunk_size=steps[0]["preset_block"]))
             ref, _ = sim(_Layer(), *(r[n].transpose(0, 1).unsqueeze(0) for n in ("q", "k", "v")),
                          scaling=scale, sliding_window=window)

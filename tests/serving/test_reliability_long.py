@@ -33,6 +33,9 @@ each time: -1.44 / -1.80 against ``auto``'s -0.62 / -0.42 in bf16, -1.73 / -1.00
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
 from _server import Server
 
@@ -49,21 +52,40 @@ PROMPT_TOKENS = 8180  # room for the answer
 DEPTHS = (0.5, 0.8)
 TOP_K = 20  # vLLM's default --max-logprobs
 LOGPROB_MARGIN = 2.0  # nats over the passkey digits; a collapse costs far more (each lost digit ~2+)
+# SmolLM2 (8,192 positions: its whole context) and Gemma 3 270M (sliding window of 512 on
+# 15 of 18 layers: the needle is far outside every sliding window, so only the 3 full
+# layers' packed pages can carry it), by the conftest fixture that prepares each.
+MODELS = {"smollm2": "model_dir", "gemma3-270m": "gemma_dir"}
 
 
-@pytest.fixture(scope="module")
-def tokenizer(model_dir):
+@dataclass
+class Case:
+    """One model's passkey run: its folder, prompts, passkey tokens and uncompressed rows."""
+
+    model: Path
+    prompts: list[list[int]]
+    key_ids: list[int]
+    uncompressed: list[dict]
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def case(request) -> Case:
+    """Per model: the prompts, and the baseline in this run: the HF model (float32, its own
+    attention) on the same prompts, one row per depth (``key_logprob``, ``found``)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_dir)
-
-
-@pytest.fixture(scope="module")
-def prompts(tokenizer):
     from zipcache_vllm.eval.corpus import corpus_ids
+    from zipcache_vllm.eval.passkey import offline
 
-    ids = corpus_ids(tokenizer)
-    return [build_prompt(tokenizer, ids, d, PROMPT_TOKENS) for d in DEPTHS]
+    model = request.getfixturevalue(MODELS[request.param])
+    tok = AutoTokenizer.from_pretrained(model)
+    ids = corpus_ids(tok)
+    rows = [{"key_logprob": r["key_logprob"], "found": r["retrieved"], "answer": r["argmax"]}
+            for r in offline(str(model), ["none"], PROMPT_TOKENS, DEPTHS)]
+    assert all(r["found"] for r in rows), \
+        "the uncompressed model itself does not retrieve: the check measures nothing"
+    return Case(model, [build_prompt(tok, ids, d, PROMPT_TOKENS) for d in DEPTHS],
+                passkey_ids(tok), rows)
 
 
 def _key_logprob(s: Server, prompt: list[int], key_ids: list[int]) -> tuple[float, int]:
@@ -101,27 +123,11 @@ def _retrieval(model_dir, dtype: str, prompts: list[list[int]], key_ids: list[in
     return rows
 
 
-@pytest.fixture(scope="module")
-def key_ids(tokenizer) -> list[int]:
-    return passkey_ids(tokenizer)
-
-
-@pytest.fixture(scope="module")
-def uncompressed(model_dir) -> list[dict]:
-    """The baseline, in this run: the HF model (float32, its own attention) on the same
-    prompts, one row per depth (``key_logprob``, ``found``)."""
-    from zipcache_vllm.eval.passkey import offline
-
-    rows = [{"key_logprob": r["key_logprob"], "found": r["retrieved"], "answer": r["argmax"]}
-            for r in offline(str(model_dir), ["none"], PROMPT_TOKENS, DEPTHS)]
-    assert all(r["found"] for r in rows), \
-        "the uncompressed model itself does not retrieve: the check measures nothing"
-    return rows
-
-
 @pytest.mark.parametrize("dtype", ["zipcache"])
-def test_passkey_retrieval_vs_uncompressed(model_dir, prompts, key_ids, uncompressed, dtype):
-    got = _retrieval(model_dir, dtype, prompts, key_ids)
+def test_passkey_retrieval_vs_uncompressed(case, dtype):
+    got = _retrieval(case.model, dtype, case.prompts, case.key_ids)
+    uncompressed = case.uncompressed
+    print(f"\n{case.model.name}:", end="")
     for d, a, z in zip(DEPTHS, uncompressed, got):
         print(f"\ndepth {d}: {z['prompt_tokens']} tokens | uncompressed found={a['found']} "
               f"logprob={a['key_logprob']:.3f} {a['answer']!r} | {dtype} found={z['found']} "

@@ -42,7 +42,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=None, dest="chunk",
                    help="engine mode: vLLM's prefill chunk (default 256, whole blocks; a length that "
                    "is not a multiple of the block size leaves each chunk's tail staged for the next)")
-    p.add_argument("--model", default=None, help="HF model folder (default: the embedded SmolLM2)")
+    p.add_argument("--model", default=None, help="HF model folder or a bundled model: smollm2 (the default), gemma3-270m (prepared on first use)")
     p.add_argument("--markdown", default=None, help="write the table, command and machine to this file")
     p.add_argument("--json", default=None, help="write the rows as JSON to this file")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -137,7 +137,8 @@ def _run_engine(args) -> int:
     if args.windows or args.seq_len:
         score_len = args.seq_len or settings.score_len
         settings = replace(settings, score_windows=args.windows or settings.score_windows,
-                           score_len=score_len, max_model_len=max(settings.max_model_len, score_len))
+                           score_len=score_len,
+                           max_model_len=max(settings.max_model_len, score_len + 1))  # + its 1 token
     if args.chunk is not None:
         if args.chunk < 16:
             print(f"error: --max-num-batched-tokens must be >= 16, got {args.chunk}", file=sys.stderr)
@@ -170,9 +171,14 @@ def emit(text: str, markdown: str | None, json_path: str | None = None, data=Non
 
 
 def _model_dir(args) -> str:
-    """``--model`` or the embedded model (prepared on first use)."""
+    """``--model``: an HF folder or a bundled model's name (``smollm2``, ``gemma3-270m``:
+    prepared on first use, as ``zipcache-vllm model prepare``); default the embedded model."""
+    import os
+
+    from ..model.prepare import MODELS, prepare_default_model, prepare_model
+
+    if args.model and args.model in MODELS and not os.path.exists(args.model):
+        return str(prepare_model(args.model))
     if args.model:
         return args.model
-    from ..model.prepare import prepare_default_model
-
     return str(prepare_default_model())

@@ -141,9 +141,14 @@ def load_model(model_dir: str):
 def simulated_logprobs(model, sim: KVSimulator, ids: torch.Tensor, start: int) -> torch.Tensor:
     """float32 log-probabilities ``[len(ids) - start - 1, vocab]`` of the HF model over
     ``ids``, its attention run through ``sim`` (a policy applied block by block, as the
-    paged engine stores the cache): row ``i`` predicts the token at ``start + 1 + i``."""
+    paged engine stores the cache): row ``i`` predicts the token at ``start + 1 + i``. A
+    ``calibrated`` key rotation follows the model folder's calibration, as in the engine."""
     from transformers import AttentionInterface
 
+    from ..calibration import rotated_layers
+
+    if sim.rotated is None:
+        sim.rotated = rotated_layers(getattr(model, "name_or_path", None) or None)
     AttentionInterface.register(ATTN_NAME, sim)
     return _logprobs(model, ATTN_NAME, ids, start)
 

@@ -22,18 +22,27 @@ CUE = "\n\nThe secret passkey is"
 DEPTHS = (0.2, 0.5, 0.8)
 
 
+def bos_ids(tokenizer) -> list[int]:
+    """``[bos]`` when the tokenizer starts a text with its BOS token (Gemma: without it the
+    model degenerates), else ``[]`` (SmolLM2)."""
+    first = tokenizer("a")["input_ids"][:1]
+    return first if tokenizer.bos_token_id is not None and first == [tokenizer.bos_token_id] else []
+
+
 def build_prompt(tokenizer, corpus_ids: list[int], depth: float, n_tokens: int) -> list[int]:
-    """``n_tokens`` token ids: real text with the needle after the first sentence end
-    at ``depth`` of it, then the cue."""
+    """``n_tokens`` token ids: the tokenizer's BOS token if it adds one, real text with the
+    needle after the first sentence end at ``depth`` of it, then the cue."""
     needle = tokenizer(NEEDLE, add_special_tokens=False)["input_ids"]
     cue = tokenizer(CUE, add_special_tokens=False)["input_ids"]
-    hay = corpus_ids[:n_tokens - len(needle) - len(cue)]
-    if len(hay) < n_tokens - len(needle) - len(cue):
+    bos = bos_ids(tokenizer)
+    size = n_tokens - len(needle) - len(cue) - len(bos)
+    hay = corpus_ids[:size]
+    if len(hay) < size:
         raise ValueError(f"the corpus holds {len(corpus_ids)} tokens, fewer than a {n_tokens}-token prompt needs")
     at = max(1, int(depth * len(hay)))
     while at < len(hay) and not tokenizer.decode(hay[at - 1:at]).endswith("."):
         at += 1
-    ids = hay[:at] + needle + hay[at:] + cue
+    ids = bos + hay[:at] + needle + hay[at:] + cue
     assert len(ids) == n_tokens
     return ids
 

@@ -75,11 +75,16 @@ class KVSimulator:
     sequence.
     """
 
-    def __init__(self, policy: KVPolicy, cfg: SimConfig):
+    def __init__(self, policy: KVPolicy, cfg: SimConfig, rotated: list[bool] | None = None):
+        """``rotated``: the model's calibration (``calibration.rotated_layers``), which
+        resolves a ``calibrated`` key rotation per layer as the engine does; None: every
+        layer rotated (:func:`~.offline.simulated_logprobs` reads the model's own)."""
         block = policy.preset.block_size
         if cfg.chunk_size % block or cfg.chunk_size <= 0 or cfg.prefill_len < 0:
             raise ValueError(f"chunk_size must be a positive multiple of the block size {block}")
         self.policy, self.cfg, self.block = policy, cfg, block
+        self.rotated = rotated
+        self._layer_policies: dict[int, KVPolicy] = {}
         self.special = self.punct = None
         self.stats = SimStats()
 
@@ -105,11 +110,9 @@ class KVSimulator:
             raise ValueError("the simulator runs one sequence at a time")
         q, k, v = query[0].float(), key[0].float(), value[0].float()
         scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-        if sliding_window is not None and (isinstance(self.policy, FastGenPolicy)
-                                           or self.cfg.saliency_window == "oracle"
-                                           or self.policy.preset.topk_scope == "sequence"):
-            raise NotImplementedError("sliding windows are simulated for the paged quantizing "
-                                      "policies with block saliency only")
+        if sliding_window is not None and isinstance(self.policy, FastGenPolicy):
+            raise NotImplementedError("sliding windows are simulated for the quantizing policies "
+                                      "(FastGen is refused on sliding-window models)")
         if isinstance(self.policy, FastGenPolicy) and self.policy.paged:
             from .fastgen_sim import simulate_paged
 
@@ -117,10 +120,23 @@ class KVSimulator:
         elif isinstance(self.policy, FastGenPolicy):
             out = self._fastgen(q, k, v, scale, module.layer_idx)
         else:
-            out = self._paged(q, k, v, scale, window=sliding_window)
+            out = self._paged(q, k, v, scale, window=sliding_window,
+                              policy=self.layer_policy(module.layer_idx))
         return out.transpose(0, 1).unsqueeze(0).to(query.dtype), None
 
-    def _paged(self, q, k, v, scale, masks=None, window=None):
+    def layer_policy(self, layer: int) -> KVPolicy:
+        """The policy as layer ``layer`` stores its pages (a ``calibrated`` key rotation
+        resolved by :attr:`rotated`)."""
+        preset = self.policy.preset
+        if preset.key_rotation != "calibrated":
+            return self.policy
+        if layer not in self._layer_policies:
+            from ..calibration import layer_preset
+
+            self._layer_policies[layer] = type(self.policy)(layer_preset(preset, self.rotated, layer))
+        return self._layer_policies[layer]
+
+    def _paged(self, q, k, v, scale, masks=None, window=None, policy=None):
         """Chunk by chunk over a cache whose completed blocks are compressed.
 
         The probe rows that score a block may come from several chunks (a block
@@ -132,14 +148,14 @@ class KVSimulator:
         hk = k.shape[0]
         g = hq // hk
         B = self.block
-        policy = self.policy
+        policy = policy or self.policy
         identity = isinstance(policy, NoCompression)
         if not identity and masks is None and (policy.preset.topk_scope == "sequence"
                                                or self.cfg.saliency_window == "oracle"):
-            masks = self._prepass_masks(q, k, scale)
+            masks = self._prepass_masks(q, k, scale, window)
         kc, vc = k, v  # tokens of blocks not yet packed, as every query reads them
         if (self.cfg.staging_bits or policy.preset.staging_bits) == 8:
-            kc = _staged_int8(k, policy.preset.key_rotation == "hadamard")
+            kc = _staged_int8(k, policy.preset.key_rotation != "none")
             vc = _staged_int8(v, policy.preset.value_rotation == "hadamard")
         k_st, v_st = kc.clone(), vc.clone()
         out = torch.empty_like(q)
@@ -198,7 +214,7 @@ class KVSimulator:
         """Saliency of block ``j`` from one chunk's attention (the uncompressed prepass)."""
         return self._scores([self._probe_piece(probs, c0, c1, j)], j, c1, hk)
 
-    def _prepass_masks(self, q, k, scale):
+    def _prepass_masks(self, q, k, scale, window=None):
         """Salient masks from an uncompressed pass: sequence-global top-k and/or oracle scores."""
         hk = k.shape[0]
         g = q.shape[0] // hk
@@ -211,7 +227,7 @@ class KVSimulator:
             chunks = self.chunks(L)
         for c0, c1 in chunks:
             keys = _expand(k[:, :c1], g)
-            probs = _chunk_probs(q, keys, c0, c1, scale)
+            probs = _chunk_probs(q, keys, c0, c1, scale, window)
             for j in range(c0 // B, c1 // B):
                 if self.cfg.saliency_window == "oracle":
                     pos = torch.arange(L)

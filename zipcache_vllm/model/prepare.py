@@ -187,6 +187,7 @@ def prepare_model(name: str = DEFAULT_MODEL, target: Path | None = None, force: 
     target = Path(target).absolute() if target is not None else model_dir(name)
     if not force and is_prepared(target):
         _log(f"already prepared: {target}")
+        install_calibration(name, target)
         return target
 
     _check_installed(spec)  # fail fast with the install hint, before touching the disk
@@ -212,8 +213,27 @@ def prepare_model(name: str = DEFAULT_MODEL, target: Path | None = None, force: 
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        install_calibration(name, target)
         _log(f"prepared {spec.folder} in {time.monotonic() - t0:.1f} s: {target}")
         return target
+
+
+def shipped_calibration(name: str) -> Path:
+    """The calibration shipped for bundled model ``name`` (``configs/calibrations/``,
+    written by ``zipcache-vllm model calibrate --model NAME --output ...``)."""
+    from ..resources import data_dir
+
+    return data_dir("configs") / "calibrations" / f"{name}.json"
+
+
+def install_calibration(name: str, target: Path) -> None:
+    """Put the shipped calibration of ``name`` into its prepared folder (when missing or
+    different): the per-layer key rotation of ``key_rotation: calibrated`` presets."""
+    from ..calibration import calibration_path
+
+    src, dst = shipped_calibration(name), calibration_path(target)
+    if src.is_file() and (not dst.is_file() or dst.read_bytes() != src.read_bytes()):
+        shutil.copyfile(src, dst)
 
 
 def _convert(spec: ModelSpec, out: Path) -> None:

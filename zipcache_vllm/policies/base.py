@@ -150,7 +150,7 @@ class KVPolicy:
     def compress(self, k: torch.Tensor, v: torch.Tensor, salient: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized ``k, v [N, B, Hk, D]`` as the engine's pages would return them
         (rotated keys and values rotated back: ``R`` is its own inverse)."""
-        rotate_k = self.preset.key_rotation == "hadamard"
+        rotate_k = self.preset.key_rotation != "none"  # calibrated: unresolved = every layer
         rotate_v = self.preset.value_rotation == "hadamard"
         if rotate_k:
             k = hadamard_rotate(k)

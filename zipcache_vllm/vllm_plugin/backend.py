@@ -33,6 +33,7 @@ See ``docs/BACKEND.md`` for the step flow.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -447,7 +448,40 @@ def engine_for(vllm_config, device) -> ZipCacheEngine:
     engine = ZipCacheEngine(pool, state)
     for name, impl in zip(layers, impls):
         impl.attach(engine, pool.layer_index[name])
+    _apply_calibration(vllm_config, layers)
     return engine
+
+
+def _apply_calibration(vllm_config, layers: dict[str, object]) -> None:
+    """Resolve a ``calibrated`` key rotation per layer from the model folder's calibration
+    (``zipcache_vllm/calibration.py``): the layers it marks store unrotated keys (same page
+    bytes); without a calibration every layer rotates them. Logged either way."""
+    from ..calibration import FILE_NAME, layer_preset, rotated_layers
+
+    impls = [layer.impl for layer in layers.values()]
+    preset = impls[0].policy.preset
+    if preset.key_rotation != "calibrated":
+        return
+    model = getattr(vllm_config.model_config, "model", None)  # its folder (a hub name has none)
+    rotated = rotated_layers(model)
+    if rotated is None:
+        logger.info("zipcache: %s has no %s (zipcache-vllm model calibrate): keys rotated in "
+                    "every layer.", model, FILE_NAME)
+        return
+    for name, impl in zip(layers, impls):
+        p = layer_preset(preset, rotated, _model_layer(name))
+        impl.layout = layout_for(p, impl.head_size, impl.num_kv_heads)
+        impl.policy = make_policy(p)
+    logger.info("zipcache: keys rotated in %d of %d layers (the model's calibration, %s).",
+                sum(i.layout.rotate_keys for i in impls), len(impls), FILE_NAME)
+
+
+def _model_layer(name: str) -> int:
+    """The model layer index in a layer name (``model.layers.5.self_attn.attn`` -> 5)."""
+    match = re.search(r"layers\.(\d+)\.", name)
+    if match is None:
+        raise ValueError(f"cannot tell the layer index of attention layer {name!r}")
+    return int(match.group(1))
 
 
 def engine_of(vllm_config) -> ZipCacheEngine | None:
