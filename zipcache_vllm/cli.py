@@ -83,10 +83,11 @@ def _add_model_parser(subparsers) -> None:
 
     pc = msub.add_parser(
         "calibrate", help="measure which layers store their keys rotated (key_rotation: calibrated)",
-        description="Run windows of the project's corpus through the HF model and, per layer, the "
-        "default preset's pages with keys Hadamard-rotated and unrotated; write the layers where "
-        "rotation lowers the attention error to zipcache_calibration.json in the model folder "
-        "(read by the engine at startup). The bundled models ship theirs (model prepare installs it).")
+        description="Run the corpus's held-out text through the HF model and, per layer, the "
+        "default preset's pages with keys Hadamard-rotated and unrotated; keys stay unrotated where "
+        "rotation at least doubles the attention error, and rotate everywhere else. Writes "
+        "zipcache_calibration.json in the model folder (read by the engine at startup). The bundled "
+        "models ship theirs (model prepare installs it).")
     pc.add_argument("--model", default=DEFAULT_MODEL,
                     help=f"a bundled model ({', '.join(sorted(MODELS))}) or an HF model folder "
                     f"(default: {DEFAULT_MODEL})")

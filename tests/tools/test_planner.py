@@ -243,6 +243,8 @@ def test_hybrid_sliding_window_planner_equals_vllm(gemma_dir):
     from vllm.v1.attention.backends.utils import get_supported_kv_cache_layouts, resolve_kv_cache_layout
     from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
 
+    from zipcache_vllm.config import load_preset
+    from zipcache_vllm.dtypes import cache_dtypes
     from zipcache_vllm.vllm_plugin import backend, plugin
 
     plugin.register()
@@ -250,8 +252,13 @@ def test_hybrid_sliding_window_planner_equals_vllm(gemma_dir):
     assert spec.is_hybrid and spec.layer_windows.count(512) == 15
     assert cap.Groups.of(spec.layer_windows) == cap.Groups(3, (512,) * 5 + (None,))
     assert cap.Groups.of([None] * 13 + [128] * 12) == cap.Groups(13, (None, 128))  # gpt-oss-like
-    for dtype in ("auto", "zipcache", "zipcache_hc"):
-        for gib, mml, batched in ((1, 4096, 2048), (1, 32768, 4096), (3, 1000, 256)):
+    # Every preset a window allows (FastGen is refused with one): the three layouts of the
+    # main presets at several settings, the others at the engine eval's.
+    allowed = [d for d, name in cache_dtypes().items() if not load_preset(name).paged_fastgen]
+    assert {"zipcache", "zipcache_hc", "zipcache_uniform3"} <= set(allowed)
+    for dtype in ("auto", *allowed):
+        main = dtype in ("auto", "zipcache", "zipcache_hc")
+        for gib, mml, batched in ((1, 4096, 2048), (1, 32768, 4096), (3, 1000, 256)) if main else ((1, 2049, 256),):
             cfg = EngineArgs(model=str(gemma_dir), skip_tokenizer_init=True, max_model_len=mml,
                              kv_cache_dtype=dtype, max_num_batched_tokens=batched,
                              enforce_eager=True).create_engine_config()

@@ -13,7 +13,30 @@ import re
 _UNDERLINE = re.compile(r"^[*=\-~^\"]{3,}\s*$")
 
 
+#: Characters at the end of the prose held out for calibration (``calibrate.py``, about
+#: 4,000 tokens): no evaluation, benchmark or test prompt reads them.
+CALIBRATION_CHARS = 20_000
+
+
 def english_text() -> str:
+    """The evaluation text: the prose of the Python documentation topics, paragraphs
+    separated by blank lines, without its held-out end (:func:`calibration_text`)."""
+    return _split()[0]
+
+
+def calibration_text() -> str:
+    """The last paragraphs of the prose (at least ``CALIBRATION_CHARS`` characters), which
+    only calibration reads."""
+    return _split()[1]
+
+
+def _split() -> tuple[str, str]:
+    text = _prose()
+    cut = text.rindex("\n\n", 0, len(text) - CALIBRATION_CHARS)
+    return text[:cut], text[cut + 2:]
+
+
+def _prose() -> str:
     """The prose of the Python documentation topics, paragraphs separated by blank lines."""
     from pydoc_data.topics import topics
 

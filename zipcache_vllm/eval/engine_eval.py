@@ -34,7 +34,6 @@ BASELINE = "auto"
 #: vLLM's own cache dtypes an engine eval may compare against (no plugin needed).
 VLLM_DTYPES = ("auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2")
 WORKER_MARK = "[engine_worker] "  # engine_worker's line as each dtype's engine starts
-BF16_BYTES_PER_TOKEN_PER_HEAD = 256  # K and V, head size 64, 2 bytes
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,7 @@ class Settings:
 QUICK = Settings(score_windows=1, score_len=512, chunk=256, gen_prompts=2, gen_len=256, gen_tokens=8,
                  task_items=4)
 FULL = Settings(score_windows=2, score_len=1024, chunk=256, gen_prompts=4, gen_len=256, gen_tokens=16,
-                task_items=8)
+                task_items=16)
 
 # Exact task: copy a passage of real prose. The prompt is the passage twice, then its first
 # COPY_CUE tokens a third time (blank lines between); the answer is the next COPY_ANSWER
@@ -189,7 +188,7 @@ class Row:
     kv_cache_dtype: str
     kv_tokens: int | None = None
     capacity_ratio: float | None = None
-    bytes_per_token: float | None = None  # KV budget / KV tokens, all 30 layers
+    bytes_per_token: float | None = None  # KV budget / KV tokens, every layer
     kl: float | None = None
     top1: float | None = None
     ppl: float | None = None
@@ -197,20 +196,23 @@ class Row:
     task_acc: float | None = None
     unsupported: str | None = None
     kv_tokens_logged: int | None = None  # vLLM's "KV cache size: N tokens" (whole requests of max_model_len)
+    kl_range: tuple[float, float] | None = None  # lowest and highest KL of one text window: the spread
 
 
 def score_rows(ref: dict, res: dict, answers: list, first: int) -> dict:
     """Metrics of one run vs the reference run; positions before ``first`` are left out."""
-    kls, agree, nll = [], [], []
+    kls, agree, nll, window_kl = [], [], [], []
     for a, b in zip(ref["score"], res["score"]):
+        start = len(kls)
         for j in range(first, len(a["target"])):
             kls.append(topk_kl(a["top_ids"][j], a["top_lps"][j], b["top_ids"][j], b["top_lps"][j]))
             agree.append(a["top_ids"][j][0] == b["top_ids"][j][0])
             nll.append(-b["target"][j])
+        window_kl.append(sum(kls[start:]) / max(len(kls) - start, 1))
     n = len(kls)
     greedy = [prefix_match(g, r) for g, r in zip(res["gen"], ref["gen"])]
     task = [g[:len(x)] == x for g, x in zip(res["task"], answers)]
-    return {"kl": sum(kls) / n, "top1": sum(agree) / n, "ppl": math.exp(sum(nll) / n), "positions": n,
+    return {"kl": sum(kls) / n, "kl_range": (min(window_kl), max(window_kl)), "top1": sum(agree) / n, "ppl": math.exp(sum(nll) / n), "positions": n,
             "greedy_match": sum(greedy) / len(greedy), "task_acc": sum(task) / len(task)}
 
 
@@ -225,7 +227,10 @@ def evaluate(model_dir: str, s: Settings, names: list[str] | None = None, progre
     if names[0] != BASELINE:
         names = [BASELINE] + [n for n in names if n != BASELINE]
     inputs = build_inputs(model_dir, s)
-    base_job = {"model": model_dir, "chunk": s.chunk, "max_model_len": s.max_model_len,
+    from ..calibration import rotated_layers
+
+    # the calibration is part of a job: a result kept in work_dir is not reused after it changes
+    base_job = {"model": model_dir, "calibration": rotated_layers(model_dir), "chunk": s.chunk, "max_model_len": s.max_model_len,
                 "max_num_seqs": s.max_num_seqs, "logprobs": s.logprobs, "kv_space_gib": s.kv_space_gib,
                 "score": inputs["score"], "gen": inputs["gen"], "gen_tokens": s.gen_tokens,
                 "task": inputs["task"], "task_tokens": COPY_ANSWER}
@@ -246,40 +251,52 @@ def evaluate(model_dir: str, s: Settings, names: list[str] | None = None, progre
         m = score_rows(ref, r, inputs["answers"], s.chunk)
         rows.append(Row(name, tokens, tokens / (ref["num_gpu_blocks"] * ref["block_size"]),
                         r["kv_cache_memory_bytes"] / tokens, m["kl"], m["top1"], m["ppl"],
-                        m["greedy_match"], m["task_acc"], kv_tokens_logged=r["kv_cache_size_tokens"]))
-    return {"settings": asdict(s), "positions": m["positions"], "rows": [asdict(r) for r in rows],
-            "seconds": seconds}
+                        m["greedy_match"], m["task_acc"], kv_tokens_logged=r["kv_cache_size_tokens"],
+                        kl_range=m["kl_range"]))
+    return {"model": Path(model_dir).name, "settings": asdict(s), "positions": m["positions"],
+            "rows": [asdict(r) for r in rows], "seconds": seconds}
 
 
 def markdown(res: dict, command: str, machine: str) -> str:
     s = res["settings"]
     lines = [
         f"Command: `{command}`", "", f"Machine: {machine}", "",
-        f"Engine: vLLM (CPU), bfloat16 model, `VLLM_CPU_KVCACHE_SPACE={s['kv_space_gib']}` GiB, "
+        f"Engine: vLLM (CPU), `{res.get('model', 'the model')}` in bfloat16, "
+        f"`VLLM_CPU_KVCACHE_SPACE={s['kv_space_gib']}` GiB, "
         f"`--max-num-seqs {s['max_num_seqs']}`, `--max-num-batched-tokens {s['chunk']}` (chunked prefill), "
         "`--enforce-eager`, no prefix caching. One engine start per dtype.", "",
         f"* Teacher forcing: {s['score_windows']} windows of {s['score_len']} tokens of prose, "
         f"`prompt_logprobs={s['logprobs']}`; metrics over the {res['positions']} positions after the "
         f"first {s['chunk']}-token chunk (each reads earlier chunks from the packed cache). KL(auto || dtype) "
         "from the top-k of both runs (union of the two top-k sets, tail mass lumped; see "
-        "`zipcache_vllm/eval/engine_eval.py:topk_kl`).",
+        "`zipcache_vllm/eval/engine_eval.py:topk_kl`). KL per window: the lowest and highest mean KL of "
+        "one text window (the spread).",
         f"* Greedy: {s['gen_prompts']} prose prompts of {s['gen_len']} tokens, {s['gen_tokens']} tokens each; "
         "mean fraction equal to `auto`'s before the first divergence.",
         f"* Copy task: {s['task_items']} items; a {COPY_PASSAGE}-token prose passage twice, then its first "
         f"{COPY_CUE} tokens again (blank lines between); correct if the next {COPY_ANSWER} greedy tokens equal "
         "the passage's (both copies sit in blocks that are packed after prefill).", "",
-        "| --kv-cache-dtype | KV tokens | vs auto | bytes/token | KL vs auto | top-1 agree | perplexity "
-        "| greedy match | copy task |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        "| --kv-cache-dtype | KV tokens | vs auto | bytes/token | KL vs auto | KL per window | top-1 agree "
+        "| perplexity | greedy match | copy task |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in res["rows"]:
         if r["unsupported"]:
-            lines.append(f"| {r['kv_cache_dtype']} | refused by vLLM: {r['unsupported']} | | | | | | | |")
+            lines.append(f"| {r['kv_cache_dtype']} | refused by vLLM: {r['unsupported']} | | | | | | | | |")
             continue
         lines.append(
             f"| {r['kv_cache_dtype']} | {r['kv_tokens']:,} | {r['capacity_ratio']:.2f}x | "
-            f"{r['bytes_per_token']:,.0f} | {r['kl']:.4f} | {r['top1']:.1%} | {r['ppl']:.3f} | "
+            f"{r['bytes_per_token']:,.0f} | {r['kl']:.4f} | {_spread(r.get('kl_range'))} | {r['top1']:.1%} | "
+            f"{r['ppl']:.3f} | "
             f"{r['greedy_match']:.3f} | {r['task_acc']:.1%} |")
     return "\n".join(lines) + "\n"
+
+
+def _spread(lo_hi) -> str:
+    """``lo-hi`` of the per-window KL (a single window: its value; older results: blank)."""
+    if not lo_hi:
+        return ""
+    lo, hi = lo_hi
+    return f"{lo:.4f}" if lo == hi else f"{lo:.4f}-{hi:.4f}"
 
 
 def plot(res: dict, path: str) -> None:
@@ -301,10 +318,10 @@ def plot(res: dict, path: str) -> None:
         ax.set_xscale("log")
         if log:
             ax.set_yscale("log")
-        ax.set_xlabel("KV bytes per token (engine budget / engine KV tokens, 30 layers)")
+        ax.set_xlabel("KV bytes per token, every layer (engine budget / engine KV tokens)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    fig.suptitle("Quality vs memory through the vLLM engine (SmolLM2-135M)")
+    fig.suptitle(f"Quality vs memory through the vLLM engine ({res.get('model', 'model')})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
