@@ -112,22 +112,28 @@ def test_load_many_clients_then_clean_and_correct(server, tokenizer):
 
 # -- preemption and recompute -------------------------------------------------------------
 
-def test_preemption_greedy_equals_one_at_a_time(server, corpus):
+def test_preemption_greedy_matches_one_at_a_time(server, corpus):
     """With the cache too small for the batch, vLLM preempts and recomputes requests
-    (prompt and generated tokens as one chunk); the greedy tokens must equal those of
-    the same requests run one at a time."""
+    (prompt and generated tokens as one chunk); the greedy tokens must match those of the
+    same requests run one at a time by vLLM's rule for runs whose float sums differ
+    (``_assert_greedy_close``): a batch and a recompute sum in another order than decode
+    alone, and 8-bit staging turns such ~1e-7 gaps into near-tie flips (measured on the
+    Xeon with AMX: 7 of 8 prompts equal, one diverged at token 17 of 40). A recompute that
+    read stale staging or another request's pages would not meet the rule."""
     prompts = [corpus[3000 * i + 17:3000 * i + 17 + 96 + 4 * i] for i in range(PREEMPT_PROMPTS)]
     before = server.metric("vllm:num_preemptions_total")
     with ThreadPoolExecutor(len(prompts)) as ex:
-        together = list(ex.map(lambda p: _greedy_tokens(server, p, PREEMPT_TOKENS, ignore_eos=True),
-                               prompts))
+        together = list(ex.map(lambda p: _greedy_top(server, p, PREEMPT_TOKENS, ignore_eos=True), prompts))
     preempted = server.metric("vllm:num_preemptions_total") - before
-    alone = [_greedy_tokens(server, p, PREEMPT_TOKENS, ignore_eos=True) for p in prompts]
+    alone = [_greedy_top(server, p, PREEMPT_TOKENS, ignore_eos=True) for p in prompts]
     print(f"\npreemptions during the batch: {preempted:.0f}")
     assert preempted > 0, "the batch did not force a preemption: lower NUM_BLOCKS"
-    for i, (a, b) in enumerate(zip(together, alone)):
-        assert a == b, f"prompt {i}: first difference at token " \
-                       f"{next(j for j, (x, y) in enumerate(zip(a, b)) if x != y)}"
+    same = [_assert_greedy_close(a, b, f"prompt {i}, batch vs alone")
+            for i, (a, b) in enumerate(zip(together, alone))]
+    print(f"equal leading tokens of {PREEMPT_TOKENS}, per prompt: {same}")
+    for i, n in enumerate(same):
+        if n < PREEMPT_TOKENS:
+            print(f"prompt {i}, token {n}: batch top {together[i][1][n]}, alone top {alone[i][1][n]}")
     _assert_idle_and_clean(server)
 
 
@@ -178,8 +184,8 @@ def _tp_server(model_dir) -> Server:
 TP_TOPK = 5
 
 
-def _greedy_top(server: Server, prompt_ids: list[int], max_tokens: int) -> tuple[list[str], list[dict]]:
-    lp = _completion_logprobs(server, prompt_ids, max_tokens, top=TP_TOPK)
+def _greedy_top(server: Server, prompt_ids: list[int], max_tokens: int, **kw) -> tuple[list[str], list[dict]]:
+    lp = _completion_logprobs(server, prompt_ids, max_tokens, top=TP_TOPK, **kw)
     return lp["tokens"], lp["top_logprobs"]
 
 
