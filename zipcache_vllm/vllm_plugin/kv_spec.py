@@ -30,11 +30,9 @@ from dataclasses import dataclass, replace
 from . import compat
 
 
-@dataclass(frozen=True, kw_only=True)
-class ZipCacheSpec(compat.FullAttentionSpec):
-    """A full-attention layer whose requests hold ``staging_blocks`` blocks ahead."""
-
-    staging_blocks: int = 0
+class _StagedPages:
+    """The staging blocks a request holds ahead, added to vLLM's per-request block count
+    and memory (both zipcache specs; the field is each dataclass's ``staging_blocks``)."""
 
     def max_num_blocks_per_req(self, vllm_config, max_len: int) -> int:
         return super().max_num_blocks_per_req(vllm_config, max_len) + self.staging_blocks
@@ -42,6 +40,13 @@ class ZipCacheSpec(compat.FullAttentionSpec):
     def max_memory_usage_bytes(self, vllm_config) -> int:
         return (super().max_memory_usage_bytes(vllm_config)
                 + self.staging_blocks * self.page_size_bytes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ZipCacheSpec(_StagedPages, compat.FullAttentionSpec):
+    """A full-attention layer whose requests hold ``staging_blocks`` blocks ahead."""
+
+    staging_blocks: int = 0
 
     @classmethod
     def merge(cls, specs: list["ZipCacheSpec"]) -> "ZipCacheSpec":
@@ -53,18 +58,11 @@ class ZipCacheSpec(compat.FullAttentionSpec):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ZipCacheSlidingSpec(compat.SlidingWindowSpec):
+class ZipCacheSlidingSpec(_StagedPages, compat.SlidingWindowSpec):
     """A sliding-window layer in zipcache pages, whose requests hold ``staging_blocks``
     blocks ahead (at most a window plus the tokens in flight, plus those)."""
 
     staging_blocks: int = 0
-
-    def max_num_blocks_per_req(self, vllm_config, max_len: int) -> int:
-        return super().max_num_blocks_per_req(vllm_config, max_len) + self.staging_blocks
-
-    def max_memory_usage_bytes(self, vllm_config) -> int:
-        return (super().max_memory_usage_bytes(vllm_config)
-                + self.staging_blocks * self.page_size_bytes)
 
 
 class _StagingAhead:
