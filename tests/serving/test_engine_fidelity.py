@@ -26,10 +26,11 @@ from zipcache_vllm.eval.simulate import KVSimulator, SimConfig
 from zipcache_vllm.policies import make_policy
 
 # End-to-end tolerances, justified. The HF model that drives the simulator and vLLM's
-# model do not feed attention identical q/k: layer 0's v (no rotary embedding) agrees to
-# ~3e-7, but q and k after vLLM's rotary embedding differ from HF's by ~1e-5 to 1.5e-3
-# (cause inside vLLM's CPU path not identified; test_engine_inputs_differ_from_hf_only_after_rope
-# prints each run's gaps). A quantized cache is a discontinuous function of its inputs
+# model do not feed attention identical q/k/v: on the Xeon with AMX layer 0's inputs agree
+# to float32 rounding (1e-6 of their scale, both models), while one earlier run on another
+# machine had q and k after vLLM's rotary embedding 1.5e-3 from HF's
+# (test_engine_inputs_differ_from_hf_only_after_rope prints each run's gaps); later layers
+# add their own rounding. A quantized cache is a discontinuous function of its inputs
 # (rounding boundaries, near-ties in the block-local top-k, row ranges of 8-bit staging), so
 # such gaps move the logprobs of 64 greedy tokens by about as much as any small change of the
 # cache does. Measured on 8 prompts (the engine's tokens replayed, median |delta logprob|):
@@ -39,19 +40,23 @@ from zipcache_vllm.policies import make_policy
 # agreement cannot be tight; what the engine must reproduce is the *size* of its preset's
 # quantization effect (a wrong bit width, saliency or staging precision changes it: bf16
 # instead of 8-bit staging moved it by 17%), and it must sit closer to its preset's
-# simulation than to the uncompressed one. Exactness (same pages, same reads, given the
-# same inputs) is proven by the layer-exact test below, on all 4 recorded layers of every
-# step, for chunked and for whole prompts.
+# simulation than to the uncompressed one, as close as float32 rounding allows. Exactness
+# (same pages, same reads, given the same inputs) is proven by the layer-exact test below,
+# on all 4 recorded layers of every step, for chunked and for whole prompts.
+# How close, then? The simulation itself, fed inputs moved by float32 rounding
+# (fidelity.ROUNDING_NOISE), sits at 0.62x / 0.64x of the effect (median / mean) from
+# itself on SmolLM2 and 0.80x / 0.71x on Gemma 3 (the engine's tokens, 2026-12-07): no
+# implementation of the preset fed the engine's inputs can be expected closer than that
+# floor, which the same run measures (``sim_vs_rounding_noise``). The engine must sit
+# within ROUNDING_SLACK of it on both models; measured 0.87x / 0.87x of the floor on
+# SmolLM2 and 0.86x / 0.89x on Gemma 3 (a fixed 0.75x of the effect, the bar before,
+# sits below Gemma's floor).
 EFFECT_RTOL = 0.12
-CLOSER_THAN = 0.75
-# Gemma 3: the engine's distance to its own simulation, as a fraction of the effect, was
-# 0.63-0.80 over three calibrations on one machine (0.69 / 0.63 with the shipped one:
-# docs/RESULTS.md), against 0.53-0.61 on SmolLM2. SmolLM2's bar holds there but with a
-# thin margin, so CI asserts this one for Gemma (the issue's 0.75 is reported, not
-# asserted); the effect-size check is the same for both models.
-CLOSER_THAN_GEMMA3 = 0.85
+ROUNDING_SLACK = 1.25
 LAYER_ATOL = 1e-4  # float32 summation order only, relative to max(1, max |out|) (measured 3.5e-6 to 4.8e-6)
-V_ATOL, QK_ATOL = 1e-5, 1e-2  # engine vs HF inputs of layer 0: before / after RoPE
+# engine vs HF inputs of layer 0, before / after RoPE, relative to max(1, max |input|)
+# (2026-12-07, Xeon with AMX: q, k, v within 1.0e-6 on SmolLM2 and 6.9e-7 on Gemma 3)
+V_RTOL, QK_RTOL = 1e-5, 1e-2
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +85,9 @@ def test_engine_logprobs_match_the_offline_reference(run, request):
     for stat in ("median", "mean"):
         effect, sim_effect = f["vs_uncompressed"][stat], f["sim_vs_uncompressed"][stat]
         assert abs(effect - sim_effect) <= EFFECT_RTOL * sim_effect, (stat, effect, sim_effect)
-        closer = CLOSER_THAN_GEMMA3 if run == "result_gemma3" else CLOSER_THAN
-        assert f["vs_same_preset"][stat] < closer * effect, (stat, f["vs_same_preset"][stat] / effect)
+        floor = f["sim_vs_rounding_noise"][stat]
+        assert f["vs_same_preset"][stat] <= ROUNDING_SLACK * floor, (stat, f["vs_same_preset"][stat], floor)
+        assert floor < effect  # the floor is below the effect it must resolve
 
 
 def _requests_of(steps: list[dict], layer: int) -> list[dict]:
@@ -211,16 +217,18 @@ def test_engine_attention_equals_the_reference_on_its_own_inputs(rec, request):
 
 @pytest.mark.slow
 @pytest.mark.engine
-@pytest.mark.parametrize("rec", ["recorded", "recorded_whole_prompts"])
-def test_engine_inputs_differ_from_hf_only_after_rope(rec, model_dir, request):
+@pytest.mark.parametrize("rec", ["recorded", "recorded_whole_prompts", "recorded_gemma3"])
+def test_engine_inputs_differ_from_hf_only_after_rope(rec, request):
     """Why the end-to-end bound is relative: layer 0's v (no RoPE) is the same in the engine
-    and in HF; q and k (after vLLM's and HF's rotary embeddings) may differ more. Both a
-    chunked and a whole-prompt recording are checked."""
+    and in HF up to float32 rounding; q and k (after vLLM's and HF's rotary embeddings) may
+    differ more. A chunked and a whole-prompt recording of SmolLM2 and Gemma 3's chunked
+    one are checked."""
     recorded = request.getfixturevalue(rec)
     from transformers import AttentionInterface
 
     from zipcache_vllm.eval.offline import ATTN_NAME, load_model
 
+    model_dir = request.getfixturevalue("gemma_dir" if rec == "recorded_gemma3" else "model_dir")
     model, _ = load_model(str(model_dir))
     by_len = {r["len"]: r for r in _requests_of(recorded["steps"], 0)}
     seen = {}
@@ -241,8 +249,11 @@ def test_engine_inputs_differ_from_hf_only_after_rope(rec, model_dir, request):
             ids = seq[:-1]
             model(input_ids=torch.tensor([ids]), use_cache=False, logits_to_keep=1)
             eng = by_len[len(ids)]
-            for n in gaps:
-                gaps[n] = max(gaps[n], float((eng[n].float() - seen[n].float()).abs().max()))
-    print(f"\n{rec}: layer 0, engine vs HF: max |q| gap {gaps['q']:.2e}, |k| {gaps['k']:.2e}, |v| {gaps['v']:.2e}")
-    assert gaps["v"] < V_ATOL
-    assert gaps["q"] < QK_ATOL and gaps["k"] < QK_ATOL
+            for n in gaps:  # relative to the input's scale (Gemma's layer-0 values reach ~10)
+                ref = seen[n].float()
+                gap = float((eng[n].float() - ref).abs().max()) / max(1.0, float(ref.abs().max()))
+                gaps[n] = max(gaps[n], gap)
+    print(f"\n{rec}: layer 0, engine vs HF, max |gap| / max(1, max |HF|): "
+          f"q {gaps['q']:.2e}, k {gaps['k']:.2e}, v {gaps['v']:.2e}")
+    assert gaps["v"] < V_RTOL
+    assert gaps["q"] < QK_RTOL and gaps["k"] < QK_RTOL

@@ -102,6 +102,52 @@ def test_simulator_reads_compressed_blocks_only_from_earlier_chunks(hq, hk):
     assert (out[:, P:] - _dense(q, k, v, D ** -0.5)[:, P:]).abs().max() > 1e-3
 
 
+def test_a_delayed_block_is_read_exact_until_the_next_block_fills():
+    """``saliency_delay=1``: a filled block waits in staging until the next one fills; the
+    prompt's last block and the decode tokens after it stay exact, the block before is packed."""
+    hq, hk, D, L, P = 4, 2, 64, 300, 256
+    q, k, v = _qkv(hq, hk, L, D, seed=6)
+    policy = make_policy(make_policy("kivi2").preset.model_copy(update={"staging_bits": None}))
+    sim = KVSimulator(policy, SimConfig(prefill_len=P, chunk_size=128, saliency_delay=1))
+    out, _ = sim(_Module(), q, k, v, scaling=D ** -0.5)
+    kb = k[0, :, :128].transpose(0, 1).reshape(1, 128, hk, D)
+    vb = v[0, :, :128].transpose(0, 1).reshape(1, 128, hk, D)
+    kh, vh = policy.compress(kb, vb, torch.zeros(1, hk, 128, dtype=torch.bool))
+    k2, v2 = k.clone(), v.clone()
+    k2[0, :, :128] = kh.reshape(128, hk, D).transpose(0, 1)
+    v2[0, :, :128] = vh.reshape(128, hk, D).transpose(0, 1)
+    torch.testing.assert_close(out[:, P:], _dense(q, k2, v2, D ** -0.5)[:, P:], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("delay,salient", [(0, False), (1, True)])
+def test_a_delayed_block_is_scored_by_the_next_blocks_probes(delay, salient):
+    """A token that only the next block's queries attend to is salient when its block waits
+    for them (``saliency_delay=1``), not when it is ranked by its own block's queries."""
+    hk, hq, D, L, B = 1, 1, 64, 384, 128
+    g = torch.Generator().manual_seed(7)
+    k = torch.randn(1, hk, L, D, generator=g) * 0.1
+    v = torch.randn(1, hk, L, D, generator=g)
+    q = torch.randn(1, hq, L, D, generator=g) * 0.1
+    key = torch.zeros(D)
+    key[0] = 1.0
+    k[0, :, 40] = key * 30  # token 40: a key that only the queries of block 1 look for
+    q[0, :, B:2 * B] += key * 30
+    q[0, :, :B] -= key * 30
+    preset = load_preset("zipcache").model_copy(update={"key_rotation": "none"})
+    sim = KVSimulator(make_policy(preset), SimConfig(prefill_len=0, chunk_size=B, saliency_delay=delay))
+    seen = {}
+    select = sim.policy.select
+
+    def spy(scores):
+        mask = select(scores)
+        seen.setdefault("block0", mask[0])
+        return mask
+
+    sim.policy.select = spy
+    sim(_Module(), q, k, v, scaling=D ** -0.5)
+    assert bool(seen["block0"][0, 40]) is salient
+
+
 def test_staging_in_8_bits_rounds_what_every_query_reads():
     """``staging_bits=8``: until its block is packed, every query reads a token as its 8-bit
     rounding per token and head (the prompt chunk's own queries too, as the engine does
@@ -176,7 +222,8 @@ def test_every_offline_variant_runs_in_the_simulator():
     q, k, v = _qkv(6, 2, 384, 64, seed=4)
     for variant in standard_variants() + ablation_variants():
         sim = KVSimulator(make_policy(variant.preset), SimConfig(256, variant.preset.block_size,
-                                                                 variant.saliency_window))
+                                                                 variant.saliency_window,
+                                                                 saliency_delay=variant.saliency_delay))
         sim.reset(torch.zeros(384, dtype=torch.bool), torch.zeros(384, dtype=torch.bool))
         out, _ = sim(_Module(), q, k, v, scaling=0.125)
         assert out.shape == (1, 384, 6, 64) and torch.isfinite(out).all(), variant.label

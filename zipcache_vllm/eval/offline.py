@@ -40,6 +40,7 @@ class Variant:
     preset: Preset
     saliency_window: str = "block"
     note: str = ""
+    saliency_delay: int = 0
 
 
 @dataclass
@@ -54,14 +55,15 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
-def _variant(label: str, base: str, note: str = "", window: str = "block", **update) -> Variant:
+def _variant(label: str, base: str, note: str = "", window: str = "block", delay: int = 0,
+             **update) -> Variant:
     preset = load_preset(base)
     if update:
         probes = update.pop("probes", None)
         if probes:
             update["probes"] = preset.probes.model_copy(update=probes)
         preset = preset.model_copy(update=update)
-    return Variant(label, preset, window, note)
+    return Variant(label, preset, window, note, delay)
 
 
 def standard_variants() -> list[Variant]:
@@ -89,6 +91,15 @@ def ablation_variants() -> list[Variant]:
                  window="chunk"),
         _variant("abl:oracle", "zipcache_exact", "exact normalized attention of ALL queries, future ones included "
                  "(offline upper bound)", window="oracle"),
+        _variant("abl:delay=1", "zipcache", "a filled block packed one block later, scored by its own and "
+                 "the next block's probes", delay=1),
+        _variant("abl:delay=2", "zipcache", "packed two blocks later", delay=2),
+        _variant("abl:exact+delay=1", "zipcache_exact", "exact saliency of the block's and the next block's "
+                 "queries", delay=1),
+        _variant("abl:uniform3+delay=1", "uniform3", "uniform 3-bit packed one block later (the delay's "
+                 "longer 8-bit staging without saliency)", delay=1),
+        _variant("abl:uniform3+delay=2", "uniform3", "uniform 3-bit packed two blocks later", delay=2),
+        _variant("abl:random+delay=1", "random_mixed", "random saliency packed one block later", delay=1),
         _variant("abl:ratio=0.6", "zipcache", "paper's 60% salient tokens (more bytes)", salient_ratio=0.6),
         _variant("abl:rotation=none", "zipcache", "keys stored unrotated (the paper's)", key_rotation="none"),
         _variant("abl:values=rotated", "zipcache", "values stored Hadamard-rotated too (same bytes)",
@@ -194,7 +205,8 @@ def evaluate(model, tok, variants: list[Variant], seq_len: int, prefill_len: int
         ref_n += labels.numel()
         bar.update()
         for v in variants:
-            sim = KVSimulator(make_policy(v.preset), SimConfig(prefill_len, v.preset.block_size, v.saliency_window))
+            sim = KVSimulator(make_policy(v.preset), SimConfig(prefill_len, v.preset.block_size, v.saliency_window,
+                                                                  saliency_delay=v.saliency_delay))
             sim.reset(special, punct)
             lp = simulated_logprobs(model, sim, ids, prefill_len)
             a = acc[v.label]

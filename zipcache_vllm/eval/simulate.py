@@ -41,6 +41,14 @@ class SimConfig:
     # block is packed from those 8 bits. None: as the policy's preset says (``staging_bits``;
     # unset: the model's precision); 8 forces it.
     staging_bits: int | None = None
+    # Blocks a filled block waits in staging before it is packed: its saliency also counts
+    # the probe rows of the next ``saliency_delay`` blocks (0: packed when it fills, as the
+    # engine does).
+    saliency_delay: int = 0
+    # Gaussian noise added to each layer's q, k and v, relative to the tensor's max |value|
+    # (seeded by layer and length): the simulation's own sensitivity to inputs that differ
+    # by float32 rounding, the floor of any engine-vs-simulation comparison (eval/fidelity.py).
+    input_noise: float = 0.0
 
 
 @dataclass
@@ -109,6 +117,10 @@ class KVSimulator:
         if query.shape[0] != 1:
             raise ValueError("the simulator runs one sequence at a time")
         q, k, v = query[0].float(), key[0].float(), value[0].float()
+        if self.cfg.input_noise:
+            g = torch.Generator().manual_seed(1000 * module.layer_idx + q.shape[1])
+            q, k, v = (x + torch.randn(x.shape, generator=g) * (self.cfg.input_noise * float(x.abs().max()))
+                       for x in (q, k, v))
         scale = scaling if scaling is not None else q.shape[-1] ** -0.5
         if sliding_window is not None and isinstance(self.policy, FastGenPolicy):
             raise NotImplementedError("sliding windows are simulated for the quantizing policies "
@@ -167,10 +179,11 @@ class KVSimulator:
             out[:, c0:c1] = torch.einsum("hqk,hkd->hqd", probs, vals)
             if identity:
                 continue
+            d = self.cfg.saliency_delay
             if masks is None:
-                for j in range(c0 // B, -(-c1 // B)):
+                for j in range(max(0, c0 // B - d), -(-c1 // B)):
                     pending.setdefault(j, []).append(self._probe_piece(probs, c0, c1, j))
-            blocks = [j for j in range(c0 // B, c1 // B)]
+            blocks = [j for j in range(max(0, c0 // B - d), c1 // B - d)]
             if not blocks:
                 continue
             if masks is not None:
@@ -179,8 +192,9 @@ class KVSimulator:
                 sal = policy.select(torch.stack([self._scores(pending.pop(j), j, c1, hk) for j in blocks]))
             sl = slice(blocks[0] * B, (blocks[-1] + 1) * B)
             # packed from what staging holds (tokens of earlier steps) and the chunk's own tokens
-            k_in = torch.cat([k_st[:, sl.start:c0], kc[:, c0:sl.stop]], 1)
-            v_in = torch.cat([v_st[:, sl.start:c0], vc[:, c0:sl.stop]], 1)
+            m = min(max(c0, sl.start), sl.stop)  # staged before this chunk | the chunk's own
+            k_in = torch.cat([k_st[:, sl.start:m], kc[:, m:sl.stop]], 1)
+            v_in = torch.cat([v_st[:, sl.start:m], vc[:, m:sl.stop]], 1)
             kb = k_in.transpose(0, 1).reshape(len(blocks), B, hk, -1)
             vb = v_in.transpose(0, 1).reshape(len(blocks), B, hk, -1)
             kh, vh = policy.compress(kb, vb, sal)
@@ -193,7 +207,8 @@ class KVSimulator:
         B = self.block
         probes = self.policy.preset.probes
         if self.cfg.saliency_window == "block":
-            rows = probe_rows(B, probes, seed=j * B) + j * B
+            rows = torch.cat([probe_rows(B, probes, seed=i * B) + i * B
+                              for i in range(j, j + 1 + self.cfg.saliency_delay)])
         else:
             rows = probe_rows(c1 - c0, probes, seed=c0) + c0
         rows = rows[(rows >= c0) & (rows < c1)]
@@ -207,7 +222,7 @@ class KVSimulator:
         B = self.block
         p = torch.cat([x for x, _ in pieces], 1)
         rows = torch.cat([r for _, r in pieces])
-        end = (j + 1) * B if self.cfg.saliency_window == "block" else c1
+        end = (j + 1 + self.cfg.saliency_delay) * B if self.cfg.saliency_window == "block" else c1
         return self.policy.rank_from_probs(p, rows, torch.arange(j * B, (j + 1) * B), hk, end, j * B)
 
     def _block_scores(self, probs, c0, c1, j, hk):
