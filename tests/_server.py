@@ -30,3 +30,14 @@ class Server(_PackageServer):
 
     def __init__(self, *args, env: dict | None = None, **kw) -> None:
         super().__init__(*args, env={**WORKER_IN_ENGINE_CORE, **(env or {})}, **kw)
+
+
+def logged_kv_tokens(model, kv_cache_dtype: str, kv_space_gib: int) -> int:
+    """The engine's logged "KV cache size" for ``kv_cache_dtype`` at vLLM's defaults (the
+    model's --max-model-len) and ``VLLM_CPU_KVCACHE_SPACE=kv_space_gib``; the engine stops
+    once it logged it."""
+    server = Server(model, "--kv-cache-dtype", kv_cache_dtype, max_model_len=None, kv_space_gib=kv_space_gib)
+    try:
+        return int(server.wait_for(KV_TOKENS).group(1).replace(",", ""))
+    finally:
+        server.stop()

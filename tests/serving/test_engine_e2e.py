@@ -13,7 +13,7 @@ import re
 import time
 
 import pytest
-from _server import KV_TOKENS, Server
+from _server import Server, logged_kv_tokens
 
 requests = pytest.importorskip("requests")
 
@@ -31,11 +31,7 @@ STARTUP_S = 900  # generous: the 2-core machine is often shared with other jobs
 def auto_kv_tokens(model_dir) -> int:
     """``auto``'s logged "KV cache size" with the shared server's settings (the engine stops
     once it logged it)."""
-    server = Server(model_dir, "--kv-cache-dtype", "auto", max_model_len=None, kv_space_gib=KV_SPACE_GIB)
-    try:
-        return int(server.wait_for(KV_TOKENS).group(1).replace(",", ""))
-    finally:
-        server.stop()
+    return logged_kv_tokens(model_dir, "auto", KV_SPACE_GIB)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ prompts longer than the window.
 from __future__ import annotations
 
 import pytest
-from _server import KV_TOKENS, WORKER_EXT, Server, leaked
+from _server import WORKER_EXT, Server, leaked, logged_kv_tokens
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
@@ -20,19 +20,9 @@ KV_SPACE_GIB = 1  # VLLM_CPU_KVCACHE_SPACE of every engine
 MIN_LOGGED_RATIO = {"zipcache": 4.4, "zipcache_hc": 5.5}  # logged KV tokens vs auto's, staging included
 
 
-def logged_kv_tokens(gemma_dir, kv_cache_dtype: str) -> int:
-    """The engine's logged "KV cache size" at vLLM's defaults (--max-model-len 32768, the
-    hybrid allocator on); the engine stops once it logged it."""
-    server = Server(gemma_dir, "--kv-cache-dtype", kv_cache_dtype, max_model_len=None, kv_space_gib=KV_SPACE_GIB)
-    try:
-        return int(server.wait_for(KV_TOKENS).group(1).replace(",", ""))
-    finally:
-        server.stop()
-
-
 @pytest.fixture(scope="module")
 def auto_kv_tokens(gemma_dir) -> int:
-    return logged_kv_tokens(gemma_dir, "auto")
+    return logged_kv_tokens(gemma_dir, "auto", KV_SPACE_GIB)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +45,7 @@ def test_capacity_vs_auto_and_the_planner(auto_kv_tokens, zipcache_server, gemma
     from zipcache_vllm.planner.plan import PlanRequest, make_plan
 
     logged = {"auto": auto_kv_tokens, "zipcache": zipcache_server.kv_tokens(),
-              "zipcache_hc": logged_kv_tokens(gemma_dir, "zipcache_hc")}
+              "zipcache_hc": logged_kv_tokens(gemma_dir, "zipcache_hc", KV_SPACE_GIB)}
     plan = make_plan(PlanRequest(model=str(gemma_dir), hardware="cpu-dev", kv_cache_space_gib=KV_SPACE_GIB,
                                  max_model_len=32768, kv_cache_dtypes=list(logged)))
     for dtype, tokens in logged.items():
