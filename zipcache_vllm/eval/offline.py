@@ -99,6 +99,9 @@ def ablation_variants() -> list[Variant]:
         _variant("abl:uniform3+delay=1", "uniform3", "uniform 3-bit packed one block later (the delay's "
                  "longer 8-bit staging without saliency)", delay=1),
         _variant("abl:uniform3+delay=2", "uniform3", "uniform 3-bit packed two blocks later", delay=2),
+        _variant("abl:hc+delay=1", "zipcache_hc", "the high-compression preset packed one block later",
+                 delay=1),
+        _variant("abl:uniform2+delay=1", "uniform2", "uniform 2-bit packed one block later", delay=1),
         _variant("abl:random+delay=1", "random_mixed", "random saliency packed one block later", delay=1),
         _variant("abl:ratio=0.6", "zipcache", "paper's 60% salient tokens (more bytes)", salient_ratio=0.6),
         _variant("abl:rotation=none", "zipcache", "keys stored unrotated (the paper's)", key_rotation="none"),
