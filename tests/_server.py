@@ -13,7 +13,6 @@ staging pool and worker extension are the same objects either way. vLLM's defaul
 ``zipcache-vllm bench serve`` run.
 """
 from zipcache_vllm.reliability.server import (  # noqa: F401  (re-exported)
-    KV_TOKENS,
     STARTUP_S,
     WORKER_EXT,
     Server as _PackageServer,
@@ -38,6 +37,6 @@ def logged_kv_tokens(model, kv_cache_dtype: str, kv_space_gib: int) -> int:
     once it logged it."""
     server = Server(model, "--kv-cache-dtype", kv_cache_dtype, max_model_len=None, kv_space_gib=kv_space_gib)
     try:
-        return int(server.wait_for(KV_TOKENS).group(1).replace(",", ""))
+        return server.kv_tokens()
     finally:
         server.stop()

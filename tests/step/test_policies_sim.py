@@ -24,6 +24,19 @@ def _qkv(hq, hk, L, D, seed=0):
             torch.randn(1, hk, L, D, generator=g))
 
 
+def _packed_prefix(policy, k, v, n):
+    """``k, v [1, Hk, L, D]`` with their first ``n`` tokens (whole blocks of 128) as the
+    policy packs them with no salient token."""
+    hk, D = k.shape[1], k.shape[-1]
+    kb = k[0, :, :n].transpose(0, 1).reshape(n // 128, 128, hk, D)
+    vb = v[0, :, :n].transpose(0, 1).reshape(n // 128, 128, hk, D)
+    kh, vh = policy.compress(kb, vb, torch.zeros(n // 128, hk, 128, dtype=torch.bool))
+    k2, v2 = k.clone(), v.clone()
+    k2[0, :, :n] = kh.reshape(n, hk, D).transpose(0, 1)
+    v2[0, :, :n] = vh.reshape(n, hk, D).transpose(0, 1)
+    return k2, v2
+
+
 def _dense(q, k, v, scale):
     g = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
@@ -92,12 +105,7 @@ def test_simulator_reads_compressed_blocks_only_from_earlier_chunks(hq, hk):
     sim = KVSimulator(policy, SimConfig(prefill_len=P, chunk_size=128))
     out, _ = sim(_Module(), q, k, v, scaling=D ** -0.5)
     torch.testing.assert_close(out[:, :P], _dense(q, k, v, D ** -0.5)[:, :P], rtol=1e-4, atol=1e-5)
-    kb = k[0, :, :P].transpose(0, 1).reshape(2, 128, hk, D)
-    vb = v[0, :, :P].transpose(0, 1).reshape(2, 128, hk, D)
-    kh, vh = policy.compress(kb, vb, torch.zeros(2, hk, 128, dtype=torch.bool))
-    k2, v2 = k.clone(), v.clone()
-    k2[0, :, :P] = kh.reshape(P, hk, D).transpose(0, 1)
-    v2[0, :, :P] = vh.reshape(P, hk, D).transpose(0, 1)
+    k2, v2 = _packed_prefix(policy, k, v, P)
     torch.testing.assert_close(out[:, P:], _dense(q, k2, v2, D ** -0.5)[:, P:], rtol=1e-4, atol=1e-5)
     assert (out[:, P:] - _dense(q, k, v, D ** -0.5)[:, P:]).abs().max() > 1e-3
 
@@ -110,12 +118,7 @@ def test_a_delayed_block_is_read_exact_until_the_next_block_fills():
     policy = make_policy(make_policy("kivi2").preset.model_copy(update={"staging_bits": None}))
     sim = KVSimulator(policy, SimConfig(prefill_len=P, chunk_size=128, saliency_delay=1))
     out, _ = sim(_Module(), q, k, v, scaling=D ** -0.5)
-    kb = k[0, :, :128].transpose(0, 1).reshape(1, 128, hk, D)
-    vb = v[0, :, :128].transpose(0, 1).reshape(1, 128, hk, D)
-    kh, vh = policy.compress(kb, vb, torch.zeros(1, hk, 128, dtype=torch.bool))
-    k2, v2 = k.clone(), v.clone()
-    k2[0, :, :128] = kh.reshape(128, hk, D).transpose(0, 1)
-    v2[0, :, :128] = vh.reshape(128, hk, D).transpose(0, 1)
+    k2, v2 = _packed_prefix(policy, k, v, 128)
     torch.testing.assert_close(out[:, P:], _dense(q, k2, v2, D ** -0.5)[:, P:], rtol=1e-4, atol=1e-5)
 
 
@@ -221,9 +224,7 @@ def test_every_offline_variant_runs_in_the_simulator():
 
     q, k, v = _qkv(6, 2, 384, 64, seed=4)
     for variant in standard_variants() + ablation_variants():
-        sim = KVSimulator(make_policy(variant.preset), SimConfig(256, variant.preset.block_size,
-                                                                 variant.saliency_window,
-                                                                 saliency_delay=variant.saliency_delay))
+        sim = KVSimulator(make_policy(variant.preset), variant.sim_config(256))
         sim.reset(torch.zeros(384, dtype=torch.bool), torch.zeros(384, dtype=torch.bool))
         out, _ = sim(_Module(), q, k, v, scaling=0.125)
         assert out.shape == (1, 384, 6, 64) and torch.isfinite(out).all(), variant.label

@@ -146,28 +146,27 @@ def run(model_dir: str, num_prompts: int = 20, prompt_len: int = 600, max_tokens
     return result
 
 
+def _stats_row(label: str, st: dict) -> str:
+    return f"| {label} | {st['mean']:.2e} | {st['median']:.2e} | {st['p99']:.2e} | {st['max']:.2e} |"
+
+
 def markdown(res: dict, command: str, machine: str) -> str:
     f = res["fidelity"]
-    s, n, e = f["vs_same_preset"], f["vs_uncompressed"], f["sim_vs_uncompressed"]
     lines = [f"Command: `{command}`", "", f"Machine: {machine}", "",
              f"{res['num_prompts']} prompts of {res['prompt_len']} tokens of real text, {res['max_tokens']} greedy "
              "tokens each.", "",
              f"**Engine vs offline reference** (`{f['kv_cache_dtype']}` = preset `{f['preset']}`, float32 engine, "
              f"{f['tokens']} generated tokens; |engine logprob - simulated logprob|):", "",
              "| simulated cache | mean | median | p99 | max |", "| --- | ---: | ---: | ---: | ---: |",
-             f"| same preset | {s['mean']:.2e} | {s['median']:.2e} | {s['p99']:.2e} | {s['max']:.2e} |",
-             f"| no compression | {n['mean']:.2e} | {n['median']:.2e} | {n['p99']:.2e} | {n['max']:.2e} |", "",
+             _stats_row("same preset", f["vs_same_preset"]),
+             _stats_row("no compression", f["vs_uncompressed"]), "",
              "The simulated preset against the simulated uncompressed cache (the quantization effect the "
              "engine's row above must match in size), and against itself with its attention inputs moved "
              f"by float32 rounding (Gaussian noise of {ROUNDING_NOISE:g} of each q/k/v's max |value|: the "
              "floor of the engine's first row):", "",
              "| | mean | median | p99 | max |", "| --- | ---: | ---: | ---: | ---: |",
-             f"| same preset vs no compression | {e['mean']:.2e} | {e['median']:.2e} | {e['p99']:.2e} "
-             f"| {e['max']:.2e} |"]
-    r = f.get("sim_vs_rounding_noise")
-    if r:
-        lines.append(f"| same preset vs itself, inputs rounded | {r['mean']:.2e} | {r['median']:.2e} "
-                     f"| {r['p99']:.2e} | {r['max']:.2e} |")
+             _stats_row("same preset vs no compression", f["sim_vs_uncompressed"]),
+             _stats_row("same preset vs itself, inputs rounded", f["sim_vs_rounding_noise"])]
     if not res["greedy"]:
         return "\n".join(lines) + "\n"
     lines += ["",

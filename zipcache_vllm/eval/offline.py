@@ -42,6 +42,11 @@ class Variant:
     note: str = ""
     saliency_delay: int = 0
 
+    def sim_config(self, prefill_len: int) -> SimConfig:
+        """How the simulator runs this row: the prompt, then block by block."""
+        return SimConfig(prefill_len, self.preset.block_size, self.saliency_window,
+                         saliency_delay=self.saliency_delay)
+
 
 @dataclass
 class Row:
@@ -208,8 +213,7 @@ def evaluate(model, tok, variants: list[Variant], seq_len: int, prefill_len: int
         ref_n += labels.numel()
         bar.update()
         for v in variants:
-            sim = KVSimulator(make_policy(v.preset), SimConfig(prefill_len, v.preset.block_size, v.saliency_window,
-                                                                  saliency_delay=v.saliency_delay))
+            sim = KVSimulator(make_policy(v.preset), v.sim_config(prefill_len))
             sim.reset(special, punct)
             lp = simulated_logprobs(model, sim, ids, prefill_len)
             a = acc[v.label]

@@ -170,6 +170,7 @@ class KVSimulator:
             kc = _staged_int8(k, policy.preset.key_rotation != "none")
             vc = _staged_int8(v, policy.preset.value_rotation == "hadamard")
         k_st, v_st = kc.clone(), vc.clone()
+        d = self.cfg.saliency_delay  # a block is packed when the d-th block after it fills
         out = torch.empty_like(q)
         pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for c0, c1 in self.chunks(L):
@@ -179,7 +180,6 @@ class KVSimulator:
             out[:, c0:c1] = torch.einsum("hqk,hkd->hqd", probs, vals)
             if identity:
                 continue
-            d = self.cfg.saliency_delay
             if masks is None:
                 for j in range(max(0, c0 // B - d), -(-c1 // B)):
                     pending.setdefault(j, []).append(self._probe_piece(probs, c0, c1, j))
