@@ -8,22 +8,27 @@
 //      merged with (1) by log-sum-exp; the output written in the model dtype,
 //   3. the saliency accumulators of the slot updated: tokens t < s add the token's
 //      probe attention exp(score - lse) summed over the query heads of the KV group,
-//      token s starts from it, tokens t > s are cleared (stale); the count of probe
+//      token s starts from it, tokens s < t < C are cleared (stale); the count of probe
 //      queries that saw each token likewise (probe[r] is 1 for a probe row, else 0).
+//
+// A slot holds up to C = blocks * B staged tokens (its capacity: the pool's third
+// dimension, StagingLayout.capacity with paged staging): the block being filled and, with
+// a saliency delay, the filled blocks that wait for the next blocks' queries to score
+// them. C = B is one block, the staging without a delay.
 //
 // Called once per layer by zipcache_vllm/engine/step.py::apply_decode_rows through
 // kernels.DecodePlan.run; the same formula in PyTorch ops is the portable path
 // zipcache_vllm/kernels/portable.py::decode_staged, and the tests hold both to the oracle
-// zipcache_vllm/kernels/reference.py::decode_staged_ref. A row whose block fills
-// (s == B - 1) is then packed by the caller from the slot, which holds all B tokens
-// and accumulators.
+// zipcache_vllm/kernels/reference.py::decode_staged_ref. A row whose block fills is then
+// packed by the caller from the slot, which holds all its tokens and accumulators.
 //
 // Argument checks: DecodePlan.create checks the step's index tensors once for all
 // layers (int64 / float32 [R] and [R, max_blocks], contiguous, rows and slots >= 0,
-// slots distinct, 0 <= staged < B, 0 <= num_blocks <= max_blocks, block ids >= 0) and
-// passes `bounds`, the exclusive upper bounds of the query rows, slots and block ids
-// they address. This op does not read them again: per layer it checks only the layer's
-// own tensors, which no plan sees (a few integer compares, no pass over the data).
+// slots distinct, 0 <= staged < the plan's capacity, 0 <= num_blocks <= max_blocks, block
+// ids >= 0) and passes `bounds`, the exclusive upper bounds of the query rows, slots,
+// block ids and staged indices they address. This op does not read them again: per layer
+// it checks only the layer's own tensors, which no plan sees (a few integer compares, no
+// pass over the data), the staging capacity against the staged bound included.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -77,7 +82,7 @@ inline T* at3(const Tensor& t, int64_t i, int64_t j) {
 // are stored (`store`, from the step's dtype T) and read back as float (`load`); its score
 // and its count (the count is shared by the heads of the row) are float32 in place.
 template <typename P>
-struct SlotStage {  // a slot of the staging pool: [B, D] rows at stride s2
+struct SlotStage {  // a slot of the staging pool: [C, D] rows at stride s2
   P* kb;
   P* vb;
   int64_t s2;
@@ -186,12 +191,13 @@ struct PagedStage8 {  // a page run of the cache with 8-bit K/V (layout.StagingL
   float* cn(int64_t t) const { return reinterpret_cast<float*>(page(t) + coff) + t % T; }
 };
 
-// stage_of(r, h): the staging of row r, KV head h (a SlotStage, PagedStage or PagedStage8).
+// stage_of(r, h): the staging of row r, KV head h (a SlotStage, PagedStage or PagedStage8),
+// C tokens (staged[r] < C, checked by the plan and the bounds).
 template <typename T, typename StageOf>
 void decode_rows(const PageLayout& L, const Tensor& q, const Tensor& k, const Tensor& v, const int64_t* rows,
                  int64_t R, const PackedQuery& packed_args, const int64_t* staged, const float* probe,
-                 const StageOf& stage_of, const Tensor& out, double scale, const std::string& isa) {
-  const int64_t Hq = q.size(1), H = L.num_kv_heads, D = L.head_size, B = L.block_size, g = Hq / H;
+                 const StageOf& stage_of, int64_t C, const Tensor& out, double scale, const std::string& isa) {
+  const int64_t Hq = q.size(1), H = L.num_kv_heads, D = L.head_size, g = Hq / H;
   const float fscale = static_cast<float>(scale);
   const bool out_f32 = out.scalar_type() == at::kFloat;  // else out has q's dtype
 
@@ -214,11 +220,11 @@ void decode_rows(const PageLayout& L, const Tensor& q, const Tensor& k, const Te
   pq.nreq = R;
   packed_attention(L, pq, isa, out_p.data(), lse_p.data());
 
-  // (2) + (3) per (row, kv head): stage the token, attend the staged block, merge, score.
-  const int64_t work = R * H * B * g * D * 2;
+  // (2) + (3) per (row, kv head): stage the token, attend the staged tokens, merge, score.
+  const int64_t work = R * H * C * g * D * 2;
   at::parallel_for(0, R * H, work < SERIAL_WORK ? R * H : 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kf(static_cast<size_t>(B * D)), vf(static_cast<size_t>(B * D));
-    std::vector<float> sc(static_cast<size_t>(g * B)), prob(static_cast<size_t>(B)), acc(static_cast<size_t>(D));
+    std::vector<float> kf(static_cast<size_t>(C * D)), vf(static_cast<size_t>(C * D));
+    std::vector<float> sc(static_cast<size_t>(g * C)), prob(static_cast<size_t>(C)), acc(static_cast<size_t>(D));
     for (int64_t u = begin; u < end; ++u) {
       const int64_t r = u / H, h = u % H, s = staged[r];
       const auto st = stage_of(r, h);
@@ -232,14 +238,14 @@ void decode_rows(const PageLayout& L, const Tensor& q, const Tensor& k, const Te
       for (int64_t qh = 0; qh < g; ++qh) {
         const int64_t head = h * g + qh;
         const float* qr = qf.data() + (r * Hq + head) * D;
-        float* srow = sc.data() + qh * B;
+        float* srow = sc.data() + qh * C;
         float m = lse_p[head * R + r];
         for (int64_t t = 0; t <= s; ++t) {
           const float dot = dot_product(qr, kf.data() + t * D, D);
           srow[t] = dot;
           m = std::max(m, dot);
         }
-        // m is finite: the staged block holds at least the new token.
+        // m is finite: the staged tokens include at least the new one.
         const float lp = lse_p[head * R + r];
         const float wp = std::isinf(lp) ? 0.f : std::exp(lp - m);
         const float* op = out_p.data() + (r * Hq + head) * D;
@@ -265,11 +271,11 @@ void decode_rows(const PageLayout& L, const Tensor& q, const Tensor& k, const Te
       const float pr = probe[r];
       for (int64_t t = 0; t < s; ++t) *st.sc(t) += prob[t] * pr;
       *st.sc(s) = prob[s] * pr;
-      for (int64_t t = s + 1; t < B; ++t) *st.sc(t) = 0.f;
+      for (int64_t t = s + 1; t < C; ++t) *st.sc(t) = 0.f;
       if (h == 0) {
         for (int64_t t = 0; t < s; ++t) *st.cn(t) += pr;
         *st.cn(s) = pr;
-        for (int64_t t = s + 1; t < B; ++t) *st.cn(t) = 0.f;
+        for (int64_t t = s + 1; t < C; ++t) *st.cn(t) = 0.f;
       }
     }
   });
@@ -289,6 +295,11 @@ void check_step_io(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
   TORCH_CHECK_VALUE(out.scalar_type() == dt || out.scalar_type() == at::kFloat, "out must have q's dtype or float32");
 }
 
+// The plan's bounds (DecodePlan.run): exclusive upper bounds of what its index tensors address.
+void check_bounds(const std::vector<int64_t>& bounds) {
+  TORCH_CHECK_VALUE(bounds.size() == 4, "bounds must be [rows_end, slots_end, pages_end, staged_end]");
+}
+
 void decode_staged(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& rows, const Tensor& pages,
                    const Tensor& block_table, const Tensor& num_blocks, const Tensor& slots, const Tensor& staged,
                    const Tensor& probe, const Tensor& pool_k, const Tensor& pool_v, const Tensor& pool_score,
@@ -297,29 +308,31 @@ void decode_staged(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
   const PageLayout L = parse_layout(layout, offsets);
   const int64_t H = L.num_kv_heads, D = L.head_size, B = L.block_size;
   const auto dt = q.scalar_type();
-  // The layer's tensors: the loops below index them by the layout's H, B, D and the
-  // plan's rows, slots and block ids with raw pointers, so a wrong shape or a tensor
-  // smaller than the plan's bounds would read or write outside it.
+  // The layer's tensors: the loops below index them by the layout's H, D, the pool's
+  // capacity C and the plan's rows, slots, block ids and staged indices with raw pointers,
+  // so a wrong shape or a tensor smaller than the plan's bounds would read or write outside it.
   check_step_io(q, k, v, out, H, D);
   TORCH_CHECK_VALUE(pool_v.scalar_type() == pool_k.scalar_type(), "pool_k and pool_v must share one dtype");
-  TORCH_CHECK_VALUE(pool_k.dim() == 4 && pool_k.size(1) == H && pool_k.size(2) == B && pool_k.size(3) == D &&
-                  pool_k.stride(3) == 1 && pool_v.sizes() == pool_k.sizes() && pool_v.strides() == pool_k.strides(),
-              "pool_k/pool_v must be [S, H, B, D] with unit inner stride");
-  const int64_t S = pool_k.size(0);
+  TORCH_CHECK_VALUE(pool_k.dim() == 4 && pool_k.size(1) == H && pool_k.size(2) >= B && pool_k.size(2) % B == 0 &&
+                  pool_k.size(3) == D && pool_k.stride(3) == 1 && pool_v.sizes() == pool_k.sizes() &&
+                  pool_v.strides() == pool_k.strides(),
+              "pool_k/pool_v must be [S, H, C, D] (C a positive multiple of B=", B, ") with unit inner stride");
+  const int64_t S = pool_k.size(0), C = pool_k.size(2);
   TORCH_CHECK_VALUE(pool_score.scalar_type() == at::kFloat && pool_score.is_contiguous() && pool_score.dim() == 3 &&
-                  pool_score.size(0) == S && pool_score.size(1) == H && pool_score.size(2) == B,
-              "pool_score must be contiguous float32 [S, H, B]");
+                  pool_score.size(0) == S && pool_score.size(1) == H && pool_score.size(2) == C,
+              "pool_score must be contiguous float32 [S, H, C]");
   TORCH_CHECK_VALUE(pool_count.scalar_type() == at::kFloat && pool_count.is_contiguous() && pool_count.dim() == 2 &&
-                  pool_count.size(0) == S && pool_count.size(1) == B,
-              "pool_count must be contiguous float32 [S, B]");
+                  pool_count.size(0) == S && pool_count.size(1) == C,
+              "pool_count must be contiguous float32 [S, C]");
   TORCH_CHECK_VALUE(pages.scalar_type() == at::kByte && pages.dim() == 2 && pages.size(1) == L.page_bytes &&
                   pages.stride(1) == 1 && pages.stride(0) >= L.page_bytes,
               "pages must be uint8 [num_pages, page_bytes] with rows of contiguous bytes");
   const int64_t num_pages = pages.size(0);
-  TORCH_CHECK_VALUE(bounds.size() == 3, "bounds must be [rows_end, slots_end, pages_end]");
-  TORCH_CHECK_VALUE(q.size(0) >= bounds[0] && S >= bounds[1] && num_pages >= bounds[2],
-              "the plan addresses query rows < ", bounds[0], ", staging slots < ", bounds[1], " and pages < ",
-              bounds[2], "; this layer has ", q.size(0), ", ", S, " and ", num_pages);
+  check_bounds(bounds);
+  TORCH_CHECK_VALUE(q.size(0) >= bounds[0] && S >= bounds[1] && num_pages >= bounds[2] && C >= bounds[3],
+              "the plan addresses query rows < ", bounds[0], ", staging slots < ", bounds[1], ", pages < ",
+              bounds[2], " and staged tokens < ", bounds[3], "; this layer has ", q.size(0), ", ", S, ", ",
+              num_pages, " and ", C);
   const int64_t R = rows.size(0);
   const int64_t* rp = rows.data_ptr<int64_t>();
   const int64_t* nbp = num_blocks.data_ptr<int64_t>();
@@ -342,9 +355,9 @@ void decode_staged(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
     auto stage_of = [&](int64_t r, int64_t h) {
       const int64_t slot = slp[r];
       return SlotStage<P>{pkb + slot * pk_s0 + h * pk_s1, pvb + slot * pk_s0 + h * pk_s1, pk_s2,
-                          psc + (slot * H + h) * B, pcn + slot * B};
+                          psc + (slot * H + h) * C, pcn + slot * C};
     };
-    decode_rows<T>(L, q, k, v, rp, R, pq, stp, prp, stage_of, out, scale, isa);
+    decode_rows<T>(L, q, k, v, rp, R, pq, stp, prp, stage_of, C, out, scale, isa);
   };
   auto with_pool = [&](auto q_tag) {
     switch (pool_k.scalar_type()) {
@@ -363,11 +376,11 @@ void decode_staged(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
 }
 
 // decode_staged with the staged tokens in the cache itself (paged staging, see
-// zipcache_vllm/layout.py::StagingLayout): row r's block is staged in the pages
+// zipcache_vllm/layout.py::StagingLayout): row r's up to C staged tokens are in the pages
 // stage_ids[r, 0..E-1] of `pages`, T tokens per page, in q's dtype or in 8 bits (kv_bits 8:
 // a token's rows are quantized when it is staged, before its own query reads them back).
 // `staging` is StagingLayout.args(): [T, E, elt_bytes, v_offset, score_offset,
-// count_offset, kv_bits, params_offset]. The plan's bounds cover stage_ids too
+// count_offset, kv_bits, params_offset, C]. The plan's bounds cover stage_ids too
 // (DecodePlan.create).
 void decode_paged(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& rows, const Tensor& pages,
                   const Tensor& block_table, const Tensor& num_blocks, const Tensor& stage_ids, const Tensor& staged,
@@ -380,13 +393,14 @@ void decode_paged(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
   TORCH_CHECK_VALUE(pages.scalar_type() == at::kByte && pages.dim() == 2 && pages.size(1) == L.page_bytes &&
                   pages.stride(1) == 1 && pages.stride(0) >= L.page_bytes && pages.stride(0) % 4 == 0,
               "pages must be uint8 [num_pages, page_bytes] with rows of contiguous bytes, 4-byte aligned");
-  TORCH_CHECK_VALUE(staging.size() == 8, "staging must be [T, pages, elt_bytes, v_offset, score_offset, "
-                    "count_offset, kv_bits, params_offset]");
+  TORCH_CHECK_VALUE(staging.size() == 9, "staging must be [T, pages, elt_bytes, v_offset, score_offset, "
+                    "count_offset, kv_bits, params_offset, capacity]");
   const int64_t T = staging[0], E = staging[1], elt = staging[2], voff = staging[3], soff = staging[4],
-                coff = staging[5], kv_bits = staging[6], poff = staging[7];
+                coff = staging[5], kv_bits = staging[6], poff = staging[7], C = staging[8];
   const bool q8 = kv_bits == 8;
   TORCH_CHECK_VALUE(kv_bits == 0 || q8, "staging kv_bits must be 0 (the model dtype) or 8, got ", kv_bits);
-  TORCH_CHECK_VALUE(T >= 1 && E >= 1 && T * E >= B && elt == q.element_size() &&
+  TORCH_CHECK_VALUE(C >= B && C % B == 0, "staging capacity must be a positive multiple of B=", B, ", got ", C);
+  TORCH_CHECK_VALUE(T >= 1 && E >= 1 && T * E >= C && elt == q.element_size() &&
                   voff == H * T * D * (q8 ? 1 : elt) && poff == 2 * voff &&
                   soff == poff + (q8 ? 8 * H * T : 0) && (!q8 || D % 2 == 0) && coff == soff + 4 * H * T &&
                   coff + 4 * T <= L.page_bytes,
@@ -396,9 +410,10 @@ void decode_paged(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
                   stage_ids.size(0) == R && stage_ids.size(1) == E,
               "stage_ids must be contiguous int64 [R, pages]");
   const int64_t num_pages = pages.size(0);
-  TORCH_CHECK_VALUE(bounds.size() == 3, "bounds must be [rows_end, slots_end, pages_end]");
-  TORCH_CHECK_VALUE(q.size(0) >= bounds[0] && num_pages >= bounds[2], "the plan addresses query rows < ", bounds[0],
-              " and pages < ", bounds[2], "; this layer has ", q.size(0), " and ", num_pages);
+  check_bounds(bounds);
+  TORCH_CHECK_VALUE(q.size(0) >= bounds[0] && num_pages >= bounds[2] && C >= bounds[3],
+              "the plan addresses query rows < ", bounds[0], ", pages < ", bounds[2], " and staged tokens < ",
+              bounds[3], "; this layer has ", q.size(0), ", ", num_pages, " and a staging capacity of ", C);
   if (R == 0) return;
   const int64_t* btp = block_table.data_ptr<int64_t>();
   PackedQuery pq{nullptr, 0, 0, pages.data_ptr<uint8_t>(), pages.stride(0), num_pages, btp, block_table.size(1),
@@ -410,7 +425,7 @@ void decode_paged(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
     using P = decltype(q_tag);
     auto go = [&](const auto& stage_of) {
       decode_rows<P>(L, q, k, v, rows.data_ptr<int64_t>(), R, pq, staged.data_ptr<int64_t>(),
-                     probe.data_ptr<float>(), stage_of, out, scale, isa);
+                     probe.data_ptr<float>(), stage_of, C, out, scale, isa);
     };
     if (q8)
       go([&](int64_t r, int64_t h) {

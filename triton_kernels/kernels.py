@@ -412,7 +412,8 @@ def staging_attention_kernel(
 ):
     """Grid ``(nreq, Hk)``: the G query heads of one KV head over the first ``len[r]`` staged tokens.
 
-    The staging block (``BS`` slots) is read ``KT`` tokens at a time with an online softmax.
+    The staged tokens (``BS`` slots: the staging capacity, one block or several) are read
+    ``KT`` tokens at a time (a power of two, masked past ``len[r]``) with an online softmax.
     """
     req = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)

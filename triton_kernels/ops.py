@@ -272,12 +272,13 @@ def merge_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
 
 def staging_attention(q: torch.Tensor, k_stage: torch.Tensor, v_stage: torch.Tensor,
                       stage_len: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One query per request over its full-precision staging block.
+    """One query per request over its full-precision staged tokens.
 
     Args:
         q: ``[nreq, Hq, D]``.
         k_stage, v_stage: ``[nreq, Hk, BS, D]`` (bf16 in the backend; any float dtype),
-            contiguous in ``D``.
+            contiguous in ``D``; ``BS`` the staging capacity, any size (one block, or
+            several with a saliency delay): read in tiles of :func:`token_tile` tokens.
         stage_len: int32 ``[nreq]``: tokens visible in each row (``<= BS``; 0 gives 0 / -inf).
     Returns:
         float32 ``(out [nreq, Hq, D], lse [nreq, Hq])``.

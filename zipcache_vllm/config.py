@@ -111,6 +111,11 @@ class Preset(BaseModel):
         None, description="bits of a staged K/V element while its block fills: 8 (each token's "
         "row quantized on its own, float16 min/step: about half the staging blocks a running "
         "request holds) or unset (the model dtype); layout.StagingLayout")
+    saliency_delay: int = Field(
+        0, ge=0, le=2, description="blocks a filled block waits in staging before it is packed, "
+        "so that the probe rows of the next saliency_delay blocks score its tokens too (0: packed "
+        "when it fills); each costs a block of staging per running request and layer, and a "
+        "block is prefix-cached once it is packed (engine/step.py, docs/RESULTS.md)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "Preset":
@@ -141,6 +146,8 @@ class Preset(BaseModel):
             if not fg.mixed and fg.kept_bits != 8:
                 raise ValueError("paged fastgen (slots set) stores kept tokens at 8 bits or mixed "
                                  "precision: set kept_bits: 8 or mixed: true")
+        if self.saliency_delay and (self.method == "fastgen" or not self.quantizes):
+            raise ValueError(f"saliency_delay applies to quantizing methods, not to {self.method}")
         if fg is not None and fg.mixed and fg.slots is None:
             raise ValueError("fastgen.mixed needs fastgen.slots (mixed precision exists only in pages)")
         return self
@@ -151,6 +158,11 @@ class Preset(BaseModel):
         if self.method == "kivi":
             return 0
         return int(round(self.salient_ratio * self.block_size))
+
+    @property
+    def staged_blocks(self) -> int:
+        """Blocks a request stages at most: the one being filled and ``saliency_delay`` more."""
+        return 1 + self.saliency_delay
 
     @property
     def quantizes(self) -> bool:

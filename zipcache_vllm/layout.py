@@ -209,12 +209,15 @@ class BlockLayout:
 class StagingLayout:
     """Where a request's partial block lives when staging is paged: in vLLM's own pages.
 
-    The block being filled (index ``b`` of the request's block table) is staged in the
-    pages of blocks ``b .. b + pages - 1`` of each layer: its own page (written packed
-    only once the block fills) and ``pages - 1`` blocks the KV-cache manager allocates
-    ahead of the request. Page ``j`` of the run holds tokens ``j*T .. j*T + T - 1`` of the
-    block (``T = tokens_per_page``), all KV heads, with their saliency accumulators. K and V
-    are held in the model dtype (``kv_bits`` None)::
+    A request stages up to ``blocks`` blocks (``capacity = blocks * B`` tokens): the block
+    being filled and, with a preset's ``saliency_delay`` of ``blocks - 1``, the filled
+    blocks that wait to be scored by the next blocks' queries before they are packed. The
+    oldest staged block (index ``b`` of the request's block table) and the ones after it are
+    staged in the pages of blocks ``b .. b + pages - 1`` of each layer: its own page
+    (written packed only once its turn comes) and ``pages - 1`` blocks ahead (the KV-cache
+    manager allocates ``lookahead_blocks`` ahead of every request). Page ``j`` of the run
+    holds staged tokens ``j*T .. j*T + T - 1`` (``T = tokens_per_page``), all KV heads, with
+    their saliency accumulators. K and V are held in the model dtype (``kv_bits`` None)::
 
         offset 0            K      [H, T, D]   model dtype
         v_offset            V      [H, T, D]   model dtype
@@ -242,6 +245,7 @@ class StagingLayout:
         block_size, num_kv_heads, head_size: ``B``, ``H``, ``D``.
         elt_bytes: bytes of the model dtype (2 for bfloat16 / float16, 4 for float32).
         kv_bits: None (K and V in the model dtype) or 8 (the preset's ``staging_bits``).
+        blocks: blocks staged at once, ``1 + saliency_delay`` of the preset.
     """
 
     page_bytes: int
@@ -250,12 +254,15 @@ class StagingLayout:
     head_size: int
     elt_bytes: int = BF16_BYTES
     kv_bits: int | None = None
+    blocks: int = 1
 
     def __post_init__(self) -> None:
         if self.elt_bytes not in (2, 4):
             raise ValueError(f"elt_bytes must be 2 or 4, got {self.elt_bytes}")
         if self.kv_bits not in (None, 8):
             raise ValueError(f"kv_bits must be None (the model dtype) or 8, got {self.kv_bits}")
+        if self.blocks < 1:
+            raise ValueError(f"blocks must be >= 1, got {self.blocks}")
         if self.kv_bits == 8 and self.head_size % 2:
             raise ValueError(f"8-bit staging needs an even head size, got {self.head_size}")
         if self.tokens_per_page < 1:
@@ -264,10 +271,16 @@ class StagingLayout:
                 f"bytes (H={self.num_kv_heads}, D={self.head_size})")
 
     @classmethod
-    def of(cls, layout, elt_bytes: int = BF16_BYTES, kv_bits: int | None = None) -> "StagingLayout":
+    def of(cls, layout, elt_bytes: int = BF16_BYTES, kv_bits: int | None = None,
+           blocks: int = 1) -> "StagingLayout":
         """The staging of a page layout (:class:`BlockLayout` or :class:`FastGenLayout`)."""
         return cls(layout.page_bytes, layout.block_size, layout.num_kv_heads, layout.head_size,
-                   elt_bytes, kv_bits)
+                   elt_bytes, kv_bits, blocks)
+
+    @property
+    def capacity(self) -> int:
+        """Tokens a request stages at most: ``blocks * block_size``."""
+        return self.blocks * self.block_size
 
     @property
     def kv_elt_bytes(self) -> int:
@@ -288,12 +301,15 @@ class StagingLayout:
 
     @property
     def pages(self) -> int:
-        """Pages a staged block spans: its own page and ``pages - 1`` allocated ahead."""
-        return -(-self.block_size // self.tokens_per_page)
+        """Pages a request's staged tokens span: the oldest staged block's own page and
+        ``pages - 1`` after it."""
+        return -(-self.capacity // self.tokens_per_page)
 
     @property
     def lookahead_blocks(self) -> int:
-        """Blocks each running request holds beyond its tokens' blocks."""
+        """Blocks each running request holds beyond its tokens' blocks: ``pages - 1``, what
+        a run starting at the block being filled needs (a new request, or one whose prefix
+        came from the prefix cache, has no filled block waiting)."""
         return self.pages - 1
 
     @property
@@ -322,9 +338,10 @@ class StagingLayout:
 
     def args(self) -> list[int]:
         """``[T, pages, elt_bytes, v_offset, score_offset, count_offset, kv_bits,
-        params_offset]`` for the kernels (``kv_bits`` 0: the model dtype)."""
+        params_offset, capacity]`` for the kernels (``kv_bits`` 0: the model dtype)."""
         return [self.tokens_per_page, self.pages, self.elt_bytes, self.v_offset,
-                self.score_offset, self.count_offset, self.kv_bits or 0, self.params_offset]
+                self.score_offset, self.count_offset, self.kv_bits or 0, self.params_offset,
+                self.capacity]
 
 
 # ---------------------------------------------------------------------------

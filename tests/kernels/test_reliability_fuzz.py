@@ -135,7 +135,7 @@ def _two_requests(poison: str | None, steps: int = 20, B_fill: int = 120):
     its prompt) or "decode_value" (the value of its first decoded token).
     Returns the outputs ``[2, steps, Hq, D]`` of the decode steps.
     """
-    preset = load_preset("zipcache")
+    preset = load_preset("zipcache_nodelay")  # a block packed when it fills (step 7 below)
     layout = BlockLayout.from_preset(preset, D, H)
     policy = make_policy(preset)
     B = layout.block_size

@@ -151,6 +151,11 @@ def test_patch_targets_have_the_expected_shape():
     assert _params(t["FullAttentionManager.allocate_new_blocks"]) == [
         "self", "request_id", "num_tokens", "num_tokens_main_model"]
     assert _params(t["FullAttentionSpec.max_num_blocks_per_req"]) == ["self", "vllm_config", "max_len"]
+    # a delayed block is offered to the prefix cache by its token count (ZipCacheManager)
+    from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
+    for manager in ("FullAttentionManager", "SlidingWindowManager"):
+        assert _params(t[f"{manager}.cache_blocks"])[:3] == ["self", "request", "num_tokens"]
+    assert "num_tokens // self.block_size" in inspect.getsource(SingleTypeKVCacheManager.cache_blocks)
     # Runner lifecycle hooks.
     assert _params(GPUModelRunner._on_request_state_removed) == ["self", "req_id", "req_state"]
     assert _params(GPUModelRunner._update_states) == ["self", "scheduler_output"]

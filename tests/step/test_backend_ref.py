@@ -38,9 +38,12 @@ PRESETS = ["zipcache", "zipcache_exact", "kivi2", "h2o_mixed", "random_mixed",
 
 
 def _preset(name: str):
-    """A preset by name; ``<name>+value_rotation``: the same with Hadamard-rotated values."""
+    """A preset by name, each block packed when it fills (the dense reference here reads
+    every full block packed; a block packed later is held to the simulator in
+    test_sim_matches_engine_flow.py); ``<name>+value_rotation``: the same with
+    Hadamard-rotated values."""
     base, _, extra = name.partition("+")
-    preset = load_preset(base)
+    preset = load_preset(base).model_copy(update={"saliency_delay": 0})
     return preset.model_copy(update={"value_rotation": "hadamard"}) if extra else preset
 
 

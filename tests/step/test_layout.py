@@ -238,7 +238,8 @@ def test_staging_layout_sections():
     assert q8.v_offset == 3 * T * 64 and q8.params_offset == 2 * q8.v_offset
     assert q8.score_offset == q8.params_offset + 8 * 3 * T and q8.count_offset == q8.score_offset + 4 * 3 * T
     assert q8.used_bytes == q8.count_offset + 4 * T <= 21360
-    assert q8.args() == [T, 3, 2, q8.v_offset, q8.score_offset, q8.count_offset, 8, q8.params_offset]
+    assert q8.args() == [T, 3, 2, q8.v_offset, q8.score_offset, q8.count_offset, 8, q8.params_offset,
+                         128]
     assert StagingLayout(21360, 128, 3, 64, 4, kv_bits=8).token_bytes == 424  # the model dtype's width: no matter
     with pytest.raises(ValueError, match="kv_bits"):
         StagingLayout(21360, 128, 3, 64, kv_bits=4)

@@ -80,7 +80,7 @@ def _run(preset_name: str, H: int, g: int, D: int, schedules: list[list[int]], p
     layout = (FastGenLayout if preset.paged_fastgen else BlockLayout).from_preset(preset, D, H)
     policy = make_policy(preset)
     B = layout.block_size
-    st = StagingLayout.of(layout, kv_bits=kv_bits) if paged else None
+    st = StagingLayout.of(layout, kv_bits=kv_bits, blocks=preset.staged_blocks) if paged else None
     ahead = st.lookahead_blocks if paged else 0
     lengths = [sum(s) for s in schedules]
     gen = torch.Generator().manual_seed(seed)
@@ -95,7 +95,8 @@ def _run(preset_name: str, H: int, g: int, D: int, schedules: list[list[int]], p
     data = [(torch.randn(n, H * g, D, generator=gen).bfloat16(),
              torch.randn(n, H, D, generator=gen).bfloat16(),
              torch.randn(n, H, D, generator=gen).bfloat16()) for n in lengths]
-    pool = StagingPool(["layer0"], len(schedules) + 1, B, H, D, torch.bfloat16, paged=st)
+    pool = StagingPool(["layer0"], len(schedules) + 1, B, H, D, torch.bfloat16, paged=st,
+                       blocks=preset.staged_blocks)
     state = policy.engine_state(1, pool.num_slots, H, B, None)
     pages = torch.zeros(num_blocks, layout.page_bytes, dtype=torch.uint8)
     width = max(len(t) for t in tables)
@@ -120,7 +121,9 @@ def _run(preset_name: str, H: int, g: int, D: int, schedules: list[list[int]], p
         apply_step(pool, 0, plans, q, k, v, pages, layout, policy, D ** -0.5, out, None, state,
                    prepared)
         outs.append(out)
-    full = [pages[torch.tensor(t[:n // B], dtype=torch.long)] for t, n in zip(tables, lengths)]
+    # the packed pages (with a saliency delay the last full blocks still wait in staging)
+    full = [pages[torch.tensor(t[:max(n // B - preset.saliency_delay, 0)], dtype=torch.long)]
+            for t, n in zip(tables, lengths)]
     return outs, full
 
 
@@ -139,20 +142,20 @@ def test_paged_equals_slots(route, preset, H, g, D, monkeypatch):
 
 
 def test_decode_batch_carries_page_runs():
-    layout = BlockLayout.from_preset(load_preset("zipcache"), 64, 3)
+    layout = BlockLayout.from_preset(load_preset("zipcache_nodelay"), 64, 3)
     st = StagingLayout.of(layout)
     pool = StagingPool(["l"], 3, 128, 3, 64, torch.bfloat16, paged=st)
     table = torch.arange(2 * 12).reshape(2, 12)
     plans = plan_step(pool, 128, [0, 127, 127 + 255], [127, 255], table)
     plans = plan_step(pool, 128, [0, 1, 2], [128, 256], table)
     assert [p.stage_ids.tolist() for p in plans] == [list(range(0, 5)), list(range(13, 18))]
-    batch = DecodeBatch.from_plans(plans, 128, make_policy(load_preset("zipcache")), "cpu", st)
+    batch = DecodeBatch.from_plans(plans, 128, make_policy(load_preset("zipcache_nodelay")), "cpu", st)
     assert batch.kernel.stage_ids.tolist() == [list(range(0, 5)), list(range(13, 18))]
     assert batch.full_stage_ids.tolist() == batch.kernel.stage_ids.tolist()  # both rows fill
 
 
 def test_block_table_without_staging_blocks_is_refused():
-    st = StagingLayout.of(BlockLayout.from_preset(load_preset("zipcache"), 64, 3))
+    st = StagingLayout.of(BlockLayout.from_preset(load_preset("zipcache_nodelay"), 64, 3))
     pool = StagingPool(["l"], 2, 128, 3, 64, torch.bfloat16, paged=st)
     with pytest.raises(StagingError, match="did not allocate the staging blocks"):
         plan_step(pool, 128, [0, 200], [200], torch.arange(2).reshape(1, 2))
@@ -163,7 +166,7 @@ def test_decode_plan_checks_the_page_runs():
     and the layout); the C++ op checks the layout against the page layout and q's dtype."""
     from zipcache_vllm.kernels import DecodePlan
 
-    layout = BlockLayout.from_preset(load_preset("zipcache"), 64, 3)
+    layout = BlockLayout.from_preset(load_preset("zipcache_nodelay"), 64, 3)
     st = StagingLayout.of(layout)
     one = torch.zeros(1, dtype=torch.int64)
     args = (one, torch.zeros(1, 1, dtype=torch.int64), one, one, one, torch.zeros(1), 128)

@@ -45,14 +45,16 @@ def _run(chunks: list[int], preset: str = "zipcache", kv_bits: int | None = None
     p = load_preset(preset)
     layout = BlockLayout.from_preset(p, D, H)
     policy = make_policy(p)
-    paged = StagingLayout.of(layout, kv_bits=8) if kv_bits == 8 else None
-    pool = StagingPool(["layer0"], 2, p.block_size, H, D, torch.bfloat16, paged=paged)
-    pages = torch.zeros(8, layout.page_bytes, dtype=torch.uint8)
+    paged = StagingLayout.of(layout, kv_bits=8, blocks=p.staged_blocks) if kv_bits == 8 else None
+    pool = StagingPool(["layer0"], 2, p.block_size, H, D, torch.bfloat16, paged=paged,
+                       blocks=p.staged_blocks)
+    pages = torch.zeros(12, layout.page_bytes, dtype=torch.uint8)
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(LENGTH, H * G, D, generator=gen).bfloat16()
     k = (torch.randn(LENGTH, H, D, generator=gen) * 2).bfloat16()
     v = torch.randn(LENGTH, H, D, generator=gen).bfloat16()
-    table = torch.tensor([[5, 2, 7, 1, 3]], dtype=torch.int32)  # 2 blocks ahead for paged staging
+    # the blocks ahead for paged staging (5 for the default's delayed block: two blocks in 6 pages)
+    table = torch.tensor([[5, 2, 7, 1, 3, 8, 9, 10]], dtype=torch.int32)
     out = torch.zeros(LENGTH, H * G, D)
     pos = 0
     for c in chunks:
@@ -62,7 +64,8 @@ def _run(chunks: list[int], preset: str = "zipcache", kv_bits: int | None = None
                    layout, policy, D ** -0.5, o)
         out[pos:pos + c] = o
         pos += c
-    return out, pages[[5, 2]].clone()
+    # the packed pages: block 0, and block 1 unless it waits for a block after it (delay)
+    return out, pages[[5, 2][:2 - p.saliency_delay]].clone()
 
 
 @pytest.fixture(scope="module")

@@ -35,17 +35,18 @@ def _engine_steps(q, k, v, preset, prompt_len, scale):
     v = rotate_values(layout, v)
     B = layout.block_size
     policy = make_policy(preset)
+    C = B * policy.staged_blocks
     pages = torch.zeros(L // B + 1, layout.page_bytes, dtype=torch.uint8)
-    staged = StagedBlock(torch.zeros(H, B, D), torch.zeros(H, B, D), torch.zeros(H, B), torch.zeros(B))
-    outs, ctx, n_pages = [], 0, 0
+    staged = StagedBlock(torch.zeros(H, C, D), torch.zeros(H, C, D), torch.zeros(H, C), torch.zeros(C))
+    outs, ctx, n_pages, t = [], 0, 0, 0
     steps = [(0, prompt_len)] + [(t, t + 1) for t in range(prompt_len, L)]
     for a, b in steps:
         res = run_request_step(q[a:b], k[a:b], v[a:b], ctx, torch.arange(n_pages), pages, staged,
-                               layout, policy, scale)
+                               layout, policy, scale, n_staged=t)
         n_new = res.pages.shape[0]
         pages[n_pages:n_pages + n_new] = res.pages
         n_pages += n_new
-        staged = StagedBlock(torch.zeros(H, B, D), torch.zeros(H, B, D), torch.zeros(H, B), torch.zeros(B))
+        staged = StagedBlock(torch.zeros(H, C, D), torch.zeros(H, C, D), torch.zeros(H, C), torch.zeros(C))
         t = res.tail_len
         staged.k[:, :t], staged.v[:, :t] = res.tail_k, res.tail_v
         staged.score[:, :t], staged.count[:t] = res.tail_score, res.tail_count
@@ -135,21 +136,22 @@ def test_a_policy_added_by_the_recipe_runs_in_the_engine_and_the_simulator(toy_m
     assert not torch.allclose(engine, _engine_steps(q, k, v, zipcache, prompt_len, scale))
 
 
-def _engine_pool_steps(q, k, v, preset, prompt_len, scale):
+def _engine_pool_steps(q, k, v, preset, prompt_len, scale, schedule=None):
     """Outputs ``[L, Hq, D]`` of the engine's own path: paged staging in a pool as the
     preset says (``staging_bits``), plans, ``apply_step`` with the fused decode kernel."""
     L, Hq, D = q.shape
     H = k.shape[1]
     layout = BlockLayout.from_preset(preset, D, H)
     B = layout.block_size
-    st = StagingLayout.of(layout, 4, preset.staging_bits)  # float32 tensors: 4-byte elements
+    # float32 tensors: 4-byte elements
+    st = StagingLayout.of(layout, 4, preset.staging_bits, preset.staged_blocks)
     nb = -(-L // B) + st.lookahead_blocks
     table = torch.randperm(nb + 2, generator=torch.Generator().manual_seed(1))[:nb].unsqueeze(0)
     pages = torch.zeros(nb + 2, layout.page_bytes, dtype=torch.uint8)
-    pool = StagingPool(["l"], 2, B, H, D, torch.float32, paged=st)
+    pool = StagingPool(["l"], 2, B, H, D, torch.float32, paged=st, blocks=st.blocks)
     policy = make_policy(preset)
     out = torch.zeros(L, Hq, D)
-    for a, b in [(0, prompt_len)] + [(t, t + 1) for t in range(prompt_len, L)]:
+    for a, b in schedule or [(0, prompt_len)] + [(t, t + 1) for t in range(prompt_len, L)]:
         plans = plan_step(pool, B, [0, b - a], [b], table)
         apply_step(pool, 0, plans, q[a:b], k[a:b], v[a:b], pages, layout, policy, scale, out[a:b])
     return out
@@ -176,6 +178,47 @@ def test_8bit_staging_engine_equals_simulator(route, preset_name, hq, hk, prompt
     assert not torch.allclose(engine, _simulated(q, k, v, full, prompt_len, scale), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("route", ["cpp", "torch"])
+@pytest.mark.parametrize("preset_name,hq,hk,prompt_len", [("zipcache", 6, 2, 40), ("kivi3", 3, 3, 64),
+                                                          ("zipcache_exact", 4, 2, 0)])
+def test_a_delayed_block_in_the_engine_equals_the_simulator(route, preset_name, hq, hk,
+                                                            prompt_len, monkeypatch):
+    """``saliency_delay: 1``: the engine's pooled, paged path (a filled block kept in 8-bit
+    staging until the next block fills, scored by that block's probe rows too, then packed
+    and the run moved on) computes what the simulator computes with the same delay, and
+    not what it computes without it."""
+    monkeypatch.setenv("ZIPCACHE_VLLM_KERNELS", {"cpp": "", "torch": "torch"}[route])
+    build.load()
+    preset = make_policy(preset_name).preset.model_copy(update={"block_size": 64,
+                                                                "saliency_delay": 1})
+    q, k, v = _inputs(prompt_len + 230, hq, hk, 7)
+    scale = q.shape[-1] ** -0.5
+    schedule = ([(0, prompt_len)] if prompt_len else []) + [
+        (t, t + 1) for t in range(prompt_len, prompt_len + 230)]
+    engine = _engine_pool_steps(q, k, v, preset, prompt_len, scale, schedule)
+    torch.testing.assert_close(engine, _simulated(q, k, v, preset, prompt_len, scale),
+                               rtol=1e-4, atol=1e-4)
+    undelayed = preset.model_copy(update={"saliency_delay": 0})
+    assert not torch.allclose(engine, _simulated(q, k, v, undelayed, prompt_len, scale),
+                              rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("schedule", [[(0, 100), (100, 101), (101, 230), (230, 231), (231, 300)],
+                                      [(0, 64), (64, 128), (128, 129), (129, 300)],
+                                      [(0, 300)]])
+def test_a_delayed_block_is_the_same_however_the_request_is_split(schedule):
+    """Chunks of any length (blockwise inside, a block packed when the block after it fills,
+    the staged run moved to the next pages) give the outputs of one block per step."""
+    preset = make_policy("zipcache").preset.model_copy(update={"block_size": 64,
+                                                               "saliency_delay": 1})
+    q, k, v = _inputs(300, 6, 2, 5)
+    scale = q.shape[-1] ** -0.5
+    blockwise = [(a, min(a + 64, 300)) for a in range(0, 300, 64)]
+    torch.testing.assert_close(_engine_pool_steps(q, k, v, preset, 0, scale, schedule),
+                               _engine_pool_steps(q, k, v, preset, 0, scale, blockwise),
+                               rtol=1e-5, atol=1e-5)
+
+
 def _windowed_engine_steps(q, k, v, preset, window, schedule, scale):
     """The engine's pooled, paged path for a sliding-window layer, as vLLM drives it: after
     every step the blocks that left every future window are freed, here pointed at a page
@@ -184,12 +227,12 @@ def _windowed_engine_steps(q, k, v, preset, window, schedule, scale):
     H = k.shape[1]
     layout = BlockLayout.from_preset(preset, D, H)
     B = layout.block_size
-    st = StagingLayout.of(layout, 4, preset.staging_bits)
+    st = StagingLayout.of(layout, 4, preset.staging_bits, preset.staged_blocks)
     nb = -(-L // B) + st.lookahead_blocks
     table = (torch.randperm(nb + 2, generator=torch.Generator().manual_seed(1))[:nb] + 1).unsqueeze(0)
     pages = torch.zeros(nb + 3, layout.page_bytes, dtype=torch.uint8)
     pages[0] = torch.randint(0, 256, (layout.page_bytes,), dtype=torch.uint8)  # the null block
-    pool = StagingPool(["l"], 2, B, H, D, torch.float32, paged=st)
+    pool = StagingPool(["l"], 2, B, H, D, torch.float32, paged=st, blocks=st.blocks)
     policy = make_policy(preset)
     out = torch.zeros(L, Hq, D)
     for a, b in schedule:
@@ -200,20 +243,23 @@ def _windowed_engine_steps(q, k, v, preset, window, schedule, scale):
     return out
 
 
+@pytest.mark.parametrize("delay", [0, 1])
 @pytest.mark.parametrize("path", ["prefix", "kernels", "torch"])
 @pytest.mark.parametrize("preset_name,hq,hk", [("zipcache", 4, 1), ("kivi3", 6, 2)])
-def test_sliding_window_engine_equals_simulator(path, preset_name, hq, hk, monkeypatch):
+def test_sliding_window_engine_equals_simulator(path, preset_name, hq, hk, delay, monkeypatch):
     """A sliding-window layer (Gemma 2/3, Mistral): decode rows in the fused kernel while
     the window covers the whole prefix and one at a time after, prefill chunks cut mid-block
     and longer than the window, decode far past it. Every query sees its window, partly packed
     (the block where it starts masked per query, storage order included), never a freed
-    block; equal to the simulator with the same window. Paths: the dequantized prefix (CPU),
-    the packed kernels with dequantized edge blocks (as on CUDA), the portable kernels."""
+    block; equal to the simulator with the same window, with a block packed when it fills or
+    one block later. Paths: the dequantized prefix (CPU), the packed kernels with dequantized
+    edge blocks (as on CUDA), the portable kernels."""
     monkeypatch.setenv("ZIPCACHE_VLLM_KERNELS", "torch" if path == "torch" else "")
     build.load()
     if path == "kernels":
         monkeypatch.setattr("zipcache_vllm.engine.step.uses_triton", lambda pages: True)
-    preset = make_policy(preset_name).preset.model_copy(update={"block_size": 64})
+    preset = make_policy(preset_name).preset.model_copy(update={"block_size": 64,
+                                                                "saliency_delay": delay})
     window, L = 200, 600
     q, k, v = _inputs(L, hq, hk, 5)
     scale = q.shape[-1] ** -0.5

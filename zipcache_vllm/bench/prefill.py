@@ -54,7 +54,8 @@ def zipcache_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, preset_name
     out = torch.empty_like(q)
 
     def call():
-        pool = StagingPool(["layer"], 1, B, Hk, D, q.dtype)  # a fresh request each call
+        # a fresh request each call
+        pool = StagingPool(["layer"], 1, B, Hk, D, q.dtype, blocks=policy.staged_blocks)
         plans = plan_step(pool, B, [0, ctx], [ctx], table)
         apply_step(pool, 0, plans, q, k, v, pages, layout, policy, D ** -0.5, out)
 

@@ -88,14 +88,18 @@ def merge_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
 
 def local_window(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, ctx: int,
                  packed_ids: torch.Tensor, staged: StagedBlock, block_size: int,
-                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 scale: float, n_staged: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scaled queries ``[H, g, q, D]`` and the float32 local window ``kw, vw [H, s + q, D]``
-    (the ``s = ctx % B`` staged tokens, then the chunk) of a request's step; checks that
-    ``packed_ids`` lists the ``ctx // B`` complete blocks."""
-    b0 = ctx // block_size
+    (the ``s = n_staged`` staged tokens, default ``ctx % B``, then the chunk) of a request's
+    step; checks that ``packed_ids`` lists the ``(ctx - s) // B`` packed blocks."""
+    s = ctx % block_size if n_staged is None else n_staged
+    if (ctx - s) % block_size:
+        raise ValueError(f"{s} staged tokens at {ctx} do not start on a block boundary")
+    b0 = (ctx - s) // block_size
     if packed_ids.numel() != b0:
         raise ValueError(f"expected {b0} packed block ids, got {packed_ids.numel()}")
-    kw, vw = window(k_new.transpose(0, 1), v_new.transpose(0, 1), staged, ctx % block_size)
+    kw, vw = window(k_new.transpose(0, 1), v_new.transpose(0, 1), staged, s)
     return scaled_queries(q, k_new.shape[1], scale), kw, vw
 
 

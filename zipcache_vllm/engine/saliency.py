@@ -1,10 +1,12 @@
 """Saliency accumulators of a step's tokens, which the policy ranks a filled block by.
 
-A token of the local window is scored by the queries of its own block only
-(``exp(q.k * scale - lse)``, summed over the query heads of its KV group),
-optionally only by probe rows chosen from the position. A block's accumulators
-(and so its ranking, :meth:`~zipcache_vllm.policies.KVPolicy.rank`) are therefore a
-function of its own tokens and its prefix, however its tokens were split into steps.
+A token of the local window is scored by the queries of its own block and, with a
+preset's ``saliency_delay`` of ``d``, of the ``d`` blocks after it, which it waits for in
+staging before it is packed (``exp(q.k * scale - lse)``, summed over the query heads of
+its KV group), optionally only by probe rows chosen from each query's position. A block's
+accumulators (and so its ranking, :meth:`~zipcache_vllm.policies.KVPolicy.rank`) are
+therefore a function of its own tokens, the ``d`` blocks after it and its prefix, however
+its tokens were split into steps.
 Pure PyTorch, no vLLM import.
 """
 from __future__ import annotations
@@ -36,11 +38,13 @@ def block_saliency(qs: torch.Tensor, kw: torch.Tensor, lse: torch.Tensor, s: int
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Accumulators of the local window's blocks from this step's queries.
 
-    qs ``[H, g, q, D]`` scaled queries, kw ``[H, Lw, D]`` local keys (Lw = s + q),
-    lse ``[H, g, q]``. Returns score ``[nb, H, B]`` and count ``[nb, B]`` for the
-    ``nb = ceil(Lw / B)`` local blocks (zero past the window). Only the query rows
-    that fall in a block (and are probes, unless ``exact``) score its tokens; a policy
-    that ranks without attention (``policy.uses_attention`` False) gets zeros.
+    qs ``[H, g, q, D]`` scaled queries, kw ``[H, Lw, D]`` local keys (Lw = s + q, the
+    window starting at the block boundary ``first_block_start``), lse ``[H, g, q]``.
+    Returns score ``[nb, H, B]`` and count ``[nb, B]`` for the ``nb = ceil(Lw / B)`` local
+    blocks (zero past the window). The query rows of a block and of the
+    ``policy.saliency_delay`` blocks after it (only their probes, unless ``exact``) score
+    its tokens, each row by its own block's probe rule; a policy that ranks without
+    attention (``policy.uses_attention`` False) gets zeros.
     """
     H, g, q, D = qs.shape
     B, Lw = block_size, kw.shape[1]
@@ -52,16 +56,27 @@ def block_saliency(qs: torch.Tensor, kw: torch.Tensor, lse: torch.Tensor, s: int
     probes = None if policy.preset.probes.strategy == "exact" else policy.probes_json
     for c in range(nb):
         lo, hi = c * B, min((c + 1) * B, Lw)  # local key range of block c
-        r0, r1 = max(lo - s, 0), hi - s  # query rows (chunk index) inside block c
-        if r1 <= r0:
+        parts = []
+        for c2 in range(c, min(c + 1 + policy.saliency_delay, nb)):  # blocks whose rows score c
+            lo2, hi2 = c2 * B, min((c2 + 1) * B, Lw)
+            r0, r1 = max(lo2 - s, 0), hi2 - s  # query rows (chunk index) inside block c2
+            if r1 <= r0:
+                continue
+            rows, hidden, seen = scoring_rows(B, probes, first_block_start + lo2, lo2 - s, r0, r1,
+                                              hi2 - lo2)
+            if c2 != c:  # a later block's row sees every token of block c (full: c2 exists)
+                hidden = hidden.new_zeros(rows.numel(), B)
+                seen = torch.full((B,), float(rows.numel()))
+            if rows.numel():
+                parts.append((rows, hidden, seen))
+        if not parts:
             continue
-        rows, hidden, seen = scoring_rows(B, probes, first_block_start + lo, lo - s, r0, r1, hi - lo)
-        if rows.numel() == 0:
-            continue
+        rows = torch.cat([part[0] for part in parts])
+        hidden = torch.cat([part[1] for part in parts])
         logits = torch.einsum("hgrd,hkd->hgrk", qs[:, :, rows], kw[:, lo:hi])
         p = logits.sub_(lse[:, :, rows].unsqueeze(-1)).exp_().masked_fill_(hidden, 0.0)
         score[c, :, :hi - lo] = p.sum(dim=(1, 2))
-        count[c, :hi - lo] = seen
+        count[c, :hi - lo] = sum(part[2] for part in parts)
     return score, count
 
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import gather_staged, scatter_staged
+from ..kernels import gather_staged, move_staged, scatter_staged
 from ..layout import StagingLayout
 
 MARGIN = 1  # one spare slot: a request re-keyed in the step it finishes never blocks a new one
@@ -70,7 +70,10 @@ class StagingPool:
 
     def __init__(self, layer_names: list[str], num_slots: int, block_size: int,
                  num_kv_heads: int, head_size: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", paged: StagingLayout | None = None) -> None:
+                 device: torch.device | str = "cpu", paged: StagingLayout | None = None,
+                 blocks: int = 1) -> None:
+        """``blocks``: blocks a request stages at most (``policy.staged_blocks``: 1 plus the
+        preset's ``saliency_delay``); with paged staging, the layout's own ``blocks``."""
         L, S, H, B, D = len(layer_names), num_slots, num_kv_heads, block_size, head_size
         self.layer_index = {name: i for i, name in enumerate(layer_names)}
         self.num_slots, self.block_size = S, B
@@ -78,22 +81,27 @@ class StagingPool:
         self.paged = paged
         if paged is not None:
             elt = torch.empty((), dtype=dtype).element_size()
-            if (paged.block_size, paged.num_kv_heads, paged.head_size, paged.elt_bytes) != (B, H, D, elt):
-                raise ValueError(f"staging layout {paged} does not match B={B}, H={H}, D={D}, {dtype}")
+            if (paged.block_size, paged.num_kv_heads, paged.head_size, paged.elt_bytes,
+                    paged.blocks) != (B, H, D, elt, blocks):
+                raise ValueError(f"staging layout {paged} does not match B={B}, H={H}, D={D}, "
+                                 f"{dtype}, {blocks} staged blocks")
             self.k = self.v = self.score = self.count = None
             self.layers: list[tuple[torch.Tensor, ...]] = []
         else:
-            self.k = torch.zeros(L, S, H, B, D, dtype=dtype, device=device)
-            self.v = torch.zeros(L, S, H, B, D, dtype=dtype, device=device)
-            self.score = torch.zeros(L, S, H, B, dtype=torch.float32, device=device)
-            self.count = torch.zeros(L, S, B, dtype=torch.float32, device=device)
+            C = blocks * B
+            self.k = torch.zeros(L, S, H, C, D, dtype=dtype, device=device)
+            self.v = torch.zeros(L, S, H, C, D, dtype=dtype, device=device)
+            self.score = torch.zeros(L, S, H, C, dtype=torch.float32, device=device)
+            self.count = torch.zeros(L, S, C, dtype=torch.float32, device=device)
             # Per-layer views (k, v, score, count), made once: the decode step passes them to
             # its kernel for every layer of every step.
             self.layers = [(self.k[i], self.v[i], self.score[i], self.count[i]) for i in range(L)]
         self._free = list(range(S - 1, -1, -1))
         self._slot_of_block: dict[int, int] = {}
         self._block_of_slot: list[int] = [-1] * S
+        self.blocks = blocks
         self.fill: list[int] = [0] * S  # staged tokens per slot, as of the end of the planned step
+        self.end: list[int] = [0] * S  # the request's tokens, as of the end of the planned step
         self._released_on_preemption: set[str] = set()  # request ids, see on_request_preempted
 
     @property
@@ -102,6 +110,11 @@ class StagingPool:
         if self.paged is not None:
             return 0
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.score, self.count))
+
+    @property
+    def capacity(self) -> int:
+        """Tokens a slot stages at most (``blocks * block_size``)."""
+        return self.blocks * self.block_size
 
     @property
     def in_use(self) -> int:
@@ -130,7 +143,7 @@ class StagingPool:
             slot = self._free.pop()
             self._slot_of_block[block_id] = slot
             self._block_of_slot[slot] = block_id
-        self.fill[slot] = 0
+        self.fill[slot] = self.end[slot] = 0
         return slot
 
     def continue_block(self, block_id: int, staged: int) -> int:
@@ -142,8 +155,22 @@ class StagingPool:
                 f"block {block_id} should hold {staged} staged tokens but the pool has {have}")
         return slot
 
-    def rekey(self, slot: int, block_id: int, fill: int) -> None:
-        """The slot now stages ``block_id`` (the request moved on to a new partial block)."""
+    def find_run(self, row: torch.Tensor, ctx: int) -> tuple[int, int] | None:
+        """``(slot, staged tokens)`` of a request whose staging run holds filled blocks that
+        wait (``blocks > 1``): the slot keyed by the oldest staged block, ``k`` blocks before
+        block ``ctx // B`` of its block-table ``row``, that staged ``ctx % B + k * B`` tokens
+        when the request had ``ctx`` tokens; None if there is none (a new run)."""
+        B = self.block_size
+        b0, s = divmod(ctx, B)
+        for k in range(1, min(self.blocks - 1, b0) + 1):
+            slot = self._slot_of_block.get(int(row[b0 - k]))
+            if slot is not None and self.end[slot] == ctx and self.fill[slot] == s + k * B:
+                return slot, s + k * B
+        return None
+
+    def rekey(self, slot: int, block_id: int, fill: int, end: int = 0) -> None:
+        """The slot now stages a run that starts at ``block_id`` and holds ``fill`` tokens, the
+        last of them the request's token ``end - 1`` (the request moved on to a new block)."""
         old = self._block_of_slot[slot]
         if old != block_id:
             self._slot_of_block.pop(old, None)
@@ -153,18 +180,19 @@ class StagingPool:
             self._slot_of_block[block_id] = slot
             self._block_of_slot[slot] = block_id
         self.fill[slot] = fill
+        self.end[slot] = end
 
     # -- data, called by the layers ---------------------------------------------
 
     def staged(self, layer: int, plan, pages: torch.Tensor) -> StagedBlock:
-        """The staged part of ``plan``'s block on entry (its first ``plan.ctx % B`` tokens
-        are meaningful): views of its slot, or a copy of its page run (``plan.stage_ids``)
+        """The staged tokens of ``plan``'s request on entry (its first ``plan.staged`` are
+        meaningful): views of its slot, or a copy of its page run (``plan.stage_ids``)
         of ``pages`` (the layer's cache) when paged."""
         if self.paged is None:
             slot = plan.slot
             return StagedBlock(self.k[layer, slot], self.v[layer, slot], self.score[layer, slot],
                                self.count[layer, slot])
-        if plan.ctx % self.block_size == 0:  # nothing staged: nothing to read
+        if plan.staged == 0:  # nothing staged: nothing to read
             H, D = self.num_kv_heads, self.head_size
             return StagedBlock(pages.new_empty(H, 0, D, dtype=self.dtype),
                                pages.new_empty(H, 0, D, dtype=self.dtype),
@@ -191,10 +219,10 @@ class StagingPool:
         if not t:
             return
         if self.paged is not None:
-            # tokens staged before this chunk keep their bytes when the chunk ends in their
-            # block (8-bit staging would otherwise round them a second time)
-            B = self.block_size
-            kv_from = plan.ctx % B if plan.ctx // B == (plan.ctx + plan.q_len) // B else 0
+            # tokens staged before this chunk that stay staged keep their bytes (8-bit
+            # staging would otherwise round them a second time): in place, or moved by
+            # :meth:`keep_staged` when the run moved on
+            kv_from = plan.kept
             if self.paged.kv_bits == 8:
                 k, v = res.tail_k, res.tail_v
                 if exact is not None:  # the new tail tokens are the chunk's last ones
@@ -213,16 +241,39 @@ class StagingPool:
         self.score[layer, slot, :, :t] = res.tail_score
         self.count[layer, slot, :t] = res.tail_count
 
+    def keep_staged(self, plan, pages: torch.Tensor) -> None:
+        """Paged staging, before a chunk packs its first block: move the staged tokens that
+        stay staged (``plan.kept``, after the ``plan.staged - plan.kept`` that get packed)
+        from the entry run (``plan.stage_ids``) to the front of the exit run
+        (``plan.tail_stage_ids``), their bytes as they are."""
+        if self.paged is not None and plan.kept and plan.filled_ids.numel():
+            move_staged(pages, plan.stage_ids.unsqueeze(0), plan.tail_stage_ids.unsqueeze(0),
+                        self.paged, plan.staged - plan.kept, plan.kept)
+
     def full_blocks(self, layer: int, batch, pages: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``k, v [n, H, B, D]``, ``score [n, H, B]``, ``count [n, B]`` of a decode batch's
-        rows whose block filled this step (``batch.full_slots``, or ``batch.full_stage_ids``
-        when paged), after the step's kernel staged their last token."""
+        """``k, v [n, H, B, D]``, ``score [n, H, B]``, ``count [n, B]`` of the oldest staged
+        block of a decode batch's rows whose run filled this step (``batch.full_slots``, or
+        ``batch.full_stage_ids`` when paged), after the step's kernel staged their last
+        token; then the rest of each such run moves to the front of its next run (its next
+        slot contents, or ``batch.next_stage_ids`` when paged) for the steps after."""
+        B = self.block_size
         if self.paged is not None:
-            return gather_staged(pages, batch.full_stage_ids, self.paged, self._gather_dtype)
+            k, v, score, count = gather_staged(pages, batch.full_stage_ids, self.paged,
+                                               self._gather_dtype)
+            if self.blocks > 1:
+                move_staged(pages, batch.full_stage_ids, batch.next_stage_ids, self.paged, B,
+                            self.capacity - B)
+            return k[:, :, :B], v[:, :, :B], score[:, :, :B], count[:, :B]
         fs = batch.full_slots
-        return (self.k[layer].index_select(0, fs), self.v[layer].index_select(0, fs),
-                self.score[layer].index_select(0, fs), self.count[layer].index_select(0, fs))
+        out = (self.k[layer].index_select(0, fs)[:, :, :B], self.v[layer].index_select(0, fs)[:, :, :B],
+               self.score[layer].index_select(0, fs)[:, :, :B],
+               self.count[layer].index_select(0, fs)[:, :B])
+        if self.blocks > 1:
+            for t in (self.k[layer], self.v[layer], self.score[layer]):
+                t[fs, :, :-B] = t[fs, :, B:]
+            self.count[layer][fs, :-B] = self.count[layer][fs, B:]
+        return out
 
     def release_slot(self, slot: int) -> None:
         if self._block_of_slot[slot] != -1:
@@ -231,7 +282,7 @@ class StagingPool:
     def _release_slot(self, slot: int) -> None:
         self._slot_of_block.pop(self._block_of_slot[slot], None)
         self._block_of_slot[slot] = -1
-        self.fill[slot] = 0
+        self.fill[slot] = self.end[slot] = 0
         self._free.append(slot)
 
     def release_blocks(self, block_ids: Iterable[int]) -> None:

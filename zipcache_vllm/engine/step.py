@@ -96,25 +96,28 @@ def fused_row(plan: RequestPlan, policy: KVPolicy, window: int | None = None) ->
 def run_request_step(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                      ctx: int, packed_ids: torch.Tensor, pages: torch.Tensor,
                      staged: StagedBlock, layout: BlockLayout, policy: KVPolicy,
-                     scale: float, row=None) -> StepResult:
+                     scale: float, row=None, n_staged: int | None = None) -> StepResult:
     """One request's attention step over packed pages + staging + its own chunk.
 
     Args:
         q: ``[q, Hq, D]`` queries of the chunk (positions ``ctx .. ctx+q-1``).
         k_new, v_new: ``[q, H, D]`` the chunk's keys (after RoPE) and values.
-        ctx: tokens before the chunk; ``ctx % B`` of them are staged.
-        packed_ids: int64 ``[ctx // B]`` block ids of the complete blocks, in order.
+        ctx: tokens before the chunk; ``n_staged`` of them are staged (default
+            ``ctx % B``; with a ``saliency_delay``, also the filled blocks that wait).
+        packed_ids: int64 ``[(ctx - n_staged) // B]`` block ids of the packed blocks, in order.
         pages: uint8 ``[num_blocks, page_bytes]`` the layer's cache.
-        staged: the request's staging block (first ``ctx % B`` tokens valid).
+        staged: the request's staged tokens (first ``n_staged`` valid).
         layout: page layout; policy: ranks and packs a filled block's tokens; scale: softmax scale.
         row: the row's state from the policy's engine state (None for a policy without one).
     """
-    qs, kw, vw = local_window(q, k_new, v_new, ctx, packed_ids, staged, layout.block_size, scale)
+    n_staged = ctx % layout.block_size if n_staged is None else n_staged
+    qs, kw, vw = local_window(q, k_new, v_new, ctx, packed_ids, staged, layout.block_size, scale,
+                              n_staged)
     # (a1) complete packed blocks: dequantized inside the kernel (C++ on the CPU, Triton on
     # CUDA, or the portable PyTorch path a bounded group of pages at a time), merged below
     # by LSE.
     prior = _packed_part(q, *policy.packed_view(pages, layout), packed_ids, scale)
-    return _step(qs, kw, vw, ctx, prior, staged, layout, policy, row)
+    return _step(qs, kw, vw, ctx, prior, staged, layout, policy, row, n_staged)
 
 
 def _packed_part(q: torch.Tensor, pages: torch.Tensor, layout: BlockLayout,
@@ -164,41 +167,51 @@ def _window_visible(pos: torch.Tensor, q0: int, n: int, window: int) -> torch.Te
 
 def _step(qs: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, ctx: int,
           prior: tuple[torch.Tensor, torch.Tensor] | None, staged: StagedBlock,
-          layout: BlockLayout, policy: KVPolicy, row=None) -> StepResult:
+          layout: BlockLayout, policy: KVPolicy, row=None, n_staged: int | None = None
+          ) -> StepResult:
     """The step after the packed part: local window (causal), merged with ``prior`` (the
-    packed part, grouped), saliency, the policy's pages of the blocks that fill, the tail.
+    packed part, grouped), saliency, the policy's pages of the blocks packed in this step,
+    the tokens left staged.
 
-    qs ``[H, g, q, D]`` scaled queries, kw/vw ``[H, s + q, D]`` the local window.
+    qs ``[H, g, q, D]`` scaled queries, kw/vw ``[H, n_staged + q, D]`` the local window: the
+    ``n_staged`` staged tokens (default ``ctx % B``: no filled block waits), then the chunk.
+    A block of the window is packed once ``policy.saliency_delay`` blocks after it filled.
     """
     H, g, ql, D = qs.shape
     B = layout.block_size
-    s, b0 = ctx % B, ctx // B
+    s = ctx % B if n_staged is None else n_staged
+    first = ctx - s  # position of the window's first token, a block boundary
     Lw = s + ql
-    if Lw <= B:  # one local block (every chunk of _apply_chunk, every one-token step)
-        out, lse, score, count = _one_block(qs, kw, vw, s, prior, policy, b0 * B, B)
+    delay = policy.saliency_delay
+    if ql <= B and Lw <= B * (1 + delay):  # every chunk of _apply_chunk, every decode step
+        out, lse, score, count = _one_block(qs, kw, vw, s, prior, policy, first, B)
     else:
         out, lse = tiled_attention(qs, kw, vw, s, prior)
-        # (b) saliency of the local window's blocks from the queries of the same block.
-        score, count = block_saliency(qs, kw, lse, s, b0 * B, B, policy)
+        score, count = block_saliency(qs, kw, lse, s, first, B, policy)
     if row is not None:
         policy.observe_attention(row, qs, kw, lse)
-    if s:  # only the first s entries of a slot are meaningful (the rest is stale)
-        score[0, :, :s] += staged.score[:, :s].float()
-        count[0, :s] += staged.count[:s].float()
-    n_full = Lw // B
+    if s:  # only the first s staged entries are meaningful (the rest is stale)
+        nb = -(-s // B)
+        acc = score.new_zeros(H, nb * B)
+        acc[:, :s] = staged.score[:, :s]
+        score[:nb] += acc.view(H, nb, B).transpose(0, 1)
+        acc = count.new_zeros(nb * B)
+        acc[:s] = staged.count[:s]
+        count[:nb] += acc.view(nb, B)
+    n_full = max(Lw // B - delay, 0)  # blocks packed in this step
     tail = Lw - n_full * B
 
-    # (c) pack every block that filled in this step.
+    # (c) pack every block whose delay has passed.
     if n_full:
         kf = kw[:, :n_full * B].reshape(H, n_full, B, D).permute(1, 2, 0, 3)  # [n, B, H, D] views
         vf = vw[:, :n_full * B].reshape(H, n_full, B, D).permute(1, 2, 0, 3)
-        starts = [(b0 + c) * B for c in range(n_full)]
+        starts = [first + c * B for c in range(n_full)]
         ranks = policy.rank(score[:n_full], count[:n_full], starts)
         new_pages = policy.pack(kf, vf, ranks, layout, row)
     else:
         new_pages = torch.zeros(0, layout.page_bytes, dtype=torch.uint8)
 
-    # (d) the partial tail goes (back) to staging.
+    # (d) the rest goes (back) to staging.
     t0 = n_full * B
     return StepResult(
         out_grouped=out,
@@ -207,8 +220,9 @@ def _step(qs: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, ctx: int,
         tail_len=tail,
         tail_k=kw[:, t0:Lw],
         tail_v=vw[:, t0:Lw],
-        tail_score=score[n_full, :, :tail] if tail else score.new_zeros(H, 0),
-        tail_count=count[n_full, :tail] if tail else count.new_zeros(0),
+        tail_score=(score[n_full:].transpose(0, 1).reshape(H, -1)[:, :tail] if tail
+                    else score.new_zeros(H, 0)),
+        tail_count=count[n_full:].reshape(-1)[:tail] if tail else count.new_zeros(0),
     )
 
 
@@ -271,6 +285,9 @@ def apply_step(pool: StagingPool, layer: int, plans: list[RequestPlan], query: t
     ``sliding_window``: the layer's window (None: full attention); rows whose window
     starts inside the packed prefix run one at a time (:func:`fused_row`).
     """
+    if pool.blocks != policy.staged_blocks:
+        raise ValueError(f"the staging pool holds {pool.blocks} block(s) a request, policy "
+                         f"{policy.name} stages {policy.staged_blocks} (its saliency_delay)")
     # Off the CPU, tensors the flow creates go to the query's device (a no-op context on
     # the CPU, where entering a device mode would tax every op of the step).
     with contextlib.nullcontext() if query.is_cpu else torch.device(query.device):
@@ -345,14 +362,16 @@ def _apply_chunk(pool: StagingPool, layer: int, plan: RequestPlan, query: torch.
         exact = (k_all, v_all)
         k_all, v_all = fake_quantize_rows8(k_all), fake_quantize_rows8(v_all)
     g = query.shape[1] // H
-    # The entry block's staged tokens: only the first block of the loop has any (every
-    # later one starts on a block boundary with s = 0 and reads none).
-    staged = pool.staged(layer, plan, pages)
+    # The staged tokens on entry; after a block of the loop fills, what the step left staged
+    # (the filled blocks that wait for later blocks' queries, with a saliency delay).
+    staged, n_staged = pool.staged(layer, plan, pages), plan.staged
+    pool.keep_staged(plan, pages)
+    res = None
     while start < end:
         n = min(end - start, B - ctx % B) if blockwise else end - start
         rows, i = slice(start, start + n), start - plan.q_start
         qs = scaled_queries(query[rows], H, scale)  # contiguous: [H, g * n, D] is a view
-        kw, vw = window(k_all[:, i:i + n], v_all[:, i:i + n], staged, ctx % B)
+        kw, vw = window(k_all[:, i:i + n], v_all[:, i:i + n], staged, n_staged)
         if prefix is not None:
             prior = prefix.attend(qs, ctx)
         elif sliding_window is not None:
@@ -360,10 +379,10 @@ def _apply_chunk(pool: StagingPool, layer: int, plan: RequestPlan, query: torch.
                                           sliding_window)
         else:
             prior = _packed_part(query[rows], view, view_layout, packed, scale)
-        res = _step(qs, kw, vw, ctx, prior, staged, layout, policy, row)
+        res = _step(qs, kw, vw, ctx, prior, staged, layout, policy, row, n_staged)
         output[rows].unflatten(1, (H, g)).copy_(res.out_grouped.permute(2, 0, 1, 3))
         n_new = res.pages.shape[0]
-        if n_new:  # blocks filled: later blocks read them packed
+        if n_new:  # blocks packed: later blocks read them packed
             blocks = plan.filled_ids[filled:filled + n_new]
             pages.index_copy_(0, blocks, res.pages)
             if prefix is not None:
@@ -372,7 +391,9 @@ def _apply_chunk(pool: StagingPool, layer: int, plan: RequestPlan, query: torch.
                 packed = torch.cat([packed, blocks])
             filled += n_new
         ctx, start = ctx + n, start + n
-        pool.store_tail(layer, plan, res, pages, exact)
+        staged = StagedBlock(res.tail_k, res.tail_v, res.tail_score, res.tail_count)
+        n_staged = res.tail_len
+    pool.store_tail(layer, plan, res, pages, exact)
 
 
 class _DequantizedPrefix:

@@ -40,12 +40,11 @@ class Variant:
     preset: Preset
     saliency_window: str = "block"
     note: str = ""
-    saliency_delay: int = 0
 
     def sim_config(self, prefill_len: int) -> SimConfig:
-        """How the simulator runs this row: the prompt, then block by block."""
-        return SimConfig(prefill_len, self.preset.block_size, self.saliency_window,
-                         saliency_delay=self.saliency_delay)
+        """How the simulator runs this row: the prompt, then block by block (a block packed
+        as the preset's ``saliency_delay`` says)."""
+        return SimConfig(prefill_len, self.preset.block_size, self.saliency_window)
 
 
 @dataclass
@@ -60,15 +59,14 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
-def _variant(label: str, base: str, note: str = "", window: str = "block", delay: int = 0,
-             **update) -> Variant:
+def _variant(label: str, base: str, note: str = "", window: str = "block", **update) -> Variant:
     preset = load_preset(base)
     if update:
         probes = update.pop("probes", None)
         if probes:
             update["probes"] = preset.probes.model_copy(update=probes)
         preset = preset.model_copy(update=update)
-    return Variant(label, preset, window, note, delay)
+    return Variant(label, preset, window, note)
 
 
 def standard_variants() -> list[Variant]:
@@ -97,17 +95,17 @@ def ablation_variants() -> list[Variant]:
         _variant("abl:oracle", "zipcache_exact", "exact normalized attention of ALL queries, future ones included "
                  "(offline upper bound)", window="oracle"),
         _variant("abl:delay=1", "zipcache", "a filled block packed one block later, scored by its own and "
-                 "the next block's probes", delay=1),
-        _variant("abl:delay=2", "zipcache", "packed two blocks later", delay=2),
+                 "the next block's probes", saliency_delay=1),
+        _variant("abl:delay=2", "zipcache", "packed two blocks later", saliency_delay=2),
         _variant("abl:exact+delay=1", "zipcache_exact", "exact saliency of the block's and the next block's "
-                 "queries", delay=1),
+                 "queries", saliency_delay=1),
         _variant("abl:uniform3+delay=1", "uniform3", "uniform 3-bit packed one block later (the delay's "
-                 "longer 8-bit staging without saliency)", delay=1),
-        _variant("abl:uniform3+delay=2", "uniform3", "uniform 3-bit packed two blocks later", delay=2),
+                 "longer 8-bit staging without saliency)", saliency_delay=1),
+        _variant("abl:uniform3+delay=2", "uniform3", "uniform 3-bit packed two blocks later", saliency_delay=2),
         _variant("abl:hc+delay=1", "zipcache_hc", "the high-compression preset packed one block later",
-                 delay=1),
-        _variant("abl:uniform2+delay=1", "uniform2", "uniform 2-bit packed one block later", delay=1),
-        _variant("abl:random+delay=1", "random_mixed", "random saliency packed one block later", delay=1),
+                 saliency_delay=1),
+        _variant("abl:uniform2+delay=1", "uniform2", "uniform 2-bit packed one block later", saliency_delay=1),
+        _variant("abl:random+delay=1", "random_mixed", "random saliency packed one block later", saliency_delay=1),
         _variant("abl:ratio=0.6", "zipcache", "paper's 60% salient tokens (more bytes)", salient_ratio=0.6),
         _variant("abl:rotation=none", "zipcache", "keys stored unrotated (the paper's)", key_rotation="none"),
         _variant("abl:values=rotated", "zipcache", "values stored Hadamard-rotated too (same bytes)",

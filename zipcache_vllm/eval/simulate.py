@@ -42,9 +42,9 @@ class SimConfig:
     # unset: the model's precision); 8 forces it.
     staging_bits: int | None = None
     # Blocks a filled block waits in staging before it is packed: its saliency also counts
-    # the probe rows of the next ``saliency_delay`` blocks (0: packed when it fills, as the
-    # engine does).
-    saliency_delay: int = 0
+    # the probe rows of the next ``saliency_delay`` blocks (0: packed when it fills). None:
+    # as the policy's preset says (``saliency_delay``), as the engine does.
+    saliency_delay: int | None = None
     # Gaussian noise added to each layer's q, k and v, relative to the tensor's max |value|
     # (seeded by layer and length): the simulation's own sensitivity to inputs that differ
     # by float32 rounding, the floor of any engine-vs-simulation comparison (eval/fidelity.py).
@@ -99,6 +99,13 @@ class KVSimulator:
     def reset(self, special: torch.Tensor | None = None, punct: torch.Tensor | None = None) -> None:
         self.special, self.punct = special, punct
         self.stats = SimStats()
+
+    @property
+    def saliency_delay(self) -> int:
+        """Blocks a filled block waits before it is packed: the config's, else the preset's."""
+        if self.cfg.saliency_delay is not None:
+            return self.cfg.saliency_delay
+        return getattr(self.policy, "saliency_delay", 0)
 
     def chunks(self, L: int) -> list[tuple[int, int]]:
         """The prompt, then up to the next block boundary, then ``chunk_size`` steps."""
@@ -170,7 +177,7 @@ class KVSimulator:
             kc = _staged_int8(k, policy.preset.key_rotation != "none")
             vc = _staged_int8(v, policy.preset.value_rotation == "hadamard")
         k_st, v_st = kc.clone(), vc.clone()
-        d = self.cfg.saliency_delay  # a block is packed when the d-th block after it fills
+        d = self.saliency_delay  # a block is packed when the d-th block after it fills
         out = torch.empty_like(q)
         pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for c0, c1 in self.chunks(L):
@@ -208,7 +215,7 @@ class KVSimulator:
         probes = self.policy.preset.probes
         if self.cfg.saliency_window == "block":
             rows = torch.cat([probe_rows(B, probes, seed=i * B) + i * B
-                              for i in range(j, j + 1 + self.cfg.saliency_delay)])
+                              for i in range(j, j + 1 + self.saliency_delay)])
         else:
             rows = probe_rows(c1 - c0, probes, seed=c0) + c0
         rows = rows[(rows >= c0) & (rows < c1)]
@@ -222,7 +229,7 @@ class KVSimulator:
         B = self.block
         p = torch.cat([x for x, _ in pieces], 1)
         rows = torch.cat([r for _, r in pieces])
-        end = (j + 1 + self.cfg.saliency_delay) * B if self.cfg.saliency_window == "block" else c1
+        end = (j + 1 + self.saliency_delay) * B if self.cfg.saliency_window == "block" else c1
         return self.policy.rank_from_probs(p, rows, torch.arange(j * B, (j + 1) * B), hk, end, j * B)
 
     def _block_scores(self, probs, c0, c1, j, hk):

@@ -60,7 +60,8 @@ def expected_capacity(preset_name: str, model_dir: str, budget_bytes: int, dtype
 
     def tokens(layout) -> int:
         fmt = cap.PageFormat(preset_name, layout.block_size, H, D, layout.page_bytes, preset.name, layout,
-                             StagingLayout.of(layout, elt, preset.staging_bits).lookahead_blocks)
+                             StagingLayout.of(layout, elt, preset.staging_bits,
+                                              preset.staged_blocks).lookahead_blocks)
         return cap.engine_capacity(fmt, [budget_bytes], [L], max_model_len).kv_tokens
 
     return {"tokens": tokens(lay), "tokens_no_eviction": tokens(no_evict), "page_bytes": lay.page_bytes,

@@ -17,7 +17,8 @@ Public entry points (host wrappers with argument checks, see :mod:`.ops`):
 * :func:`dequantize_pages` - pages to float32 keys/values (the prefill's dense prefix).
 * :func:`hadamard_rotate` - the key/query rotation of rotated presets.
 * :func:`gather_staged` / :func:`scatter_staged` - paged staging
-  (:class:`~zipcache_vllm.layout.StagingLayout`) to dense tensors and back.
+  (:class:`~zipcache_vllm.layout.StagingLayout`) to dense tensors and back;
+  :func:`move_staged` moves staged tokens between page runs, bit-exact.
 
 Without the C++ extension the CPU runs the portable path, warning once. Importing this
 package is cheap: nothing is compiled before the first kernel call.
@@ -25,8 +26,8 @@ package is cheap: nothing is compiled before the first kernel call.
 from .ops import (DecodePlan, attend_packed, attend_packed_batch, attend_packed_varlen, cpu_isa, decode_staged,
                   dequantize_pages, hadamard_rotate, kernel_path, kernels_available, layout_args,
                   quantize_pack, uses_triton)
-from .portable import gather_staged, scatter_staged
+from .portable import gather_staged, move_staged, scatter_staged
 
 __all__ = ["DecodePlan", "attend_packed", "attend_packed_batch", "attend_packed_varlen", "cpu_isa", "decode_staged",
            "dequantize_pages", "hadamard_rotate", "kernel_path", "kernels_available", "layout_args",
-           "gather_staged", "quantize_pack", "scatter_staged", "uses_triton"]
+           "gather_staged", "move_staged", "quantize_pack", "scatter_staged", "uses_triton"]

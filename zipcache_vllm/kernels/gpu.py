@@ -13,7 +13,9 @@ several queries -> ``prefill_attention`` (all its blocks visible); packing ->
 the packed part, ``staging_attention`` for the staged tokens, ``merge_lse`` for their
 log-sum-exp merge, then the staging append and the saliency accumulation as torch ops on
 the device (:mod:`.portable`'s ``stage_tokens`` / ``staged_scores`` /
-``accumulate_saliency``: one staged block per row).
+``accumulate_saliency``); a row's staging holds ``C`` tokens (the pool's third
+dimension, one block or more with a saliency delay), ``staging_attention`` reads them
+in tiles of a power of two, masked past the row's staged tokens.
 """
 from __future__ import annotations
 
@@ -74,7 +76,7 @@ def decode_staged(q, k, v, rows, pages, block_table, num_blocks, slots, staged, 
     out_p, lse_p = ops.decode_attention(qr, pages, block_table.to(torch.int32).contiguous(),
                                         num_blocks.to(torch.int32).contiguous(), layout, scale)
     portable.stage_tokens(k, v, rows, slots, staged, pool_k, pool_v)
-    kl = pool_k.index_select(0, slots)  # [R, H, B, D], the new token included
+    kl = pool_k.index_select(0, slots)  # [R, H, C, D], the new token included
     out_s, lse_s = ops.staging_attention(qr, kl, pool_v.index_select(0, slots),
                                          (staged + 1).to(torch.int32), scale)
     merged, lse = ops.merge_lse(out_p, lse_p, out_s, lse_s)  # [R, Hq, D], [R, Hq]

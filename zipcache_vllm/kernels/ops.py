@@ -336,36 +336,42 @@ def decode_staged(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch
         pages: uint8 ``[num_pages, page_bytes]``; block_table int64 ``[R, max_blocks]``,
             num_blocks int64 ``[R]``: the row's complete packed blocks.
         slots, staged: int64 ``[R]``: the row's staging slot and its staged tokens
-            (``0 <= staged < B``; the new token goes to index ``staged``).
-        probe: float32 ``[R]``: 1 where the row's query scores its block, else 0.
-        pool_k, pool_v: ``[S, H, B, D]`` one layer of the staging pool (any float dtype;
-            the new K/V are rounded to it);
-        pool_score float32 ``[S, H, B]``, pool_count float32 ``[S, B]``.
+            (``0 <= staged < C``; the new token goes to index ``staged``).
+        probe: float32 ``[R]``: 1 where the row's query scores its staged tokens, else 0.
+        pool_k, pool_v: ``[S, H, C, D]`` one layer of the staging pool (any float dtype;
+            the new K/V are rounded to it), ``C`` its capacity, a positive multiple of
+            ``B`` (``B``: one block; ``2 B`` with a saliency delay of one block, which keeps a
+            filled block staged until the next block's queries have scored it);
+        pool_score float32 ``[S, H, C]``, pool_count float32 ``[S, C]``.
     Semantics: :func:`.portable.decode_staged` (its test oracle:
     :func:`.reference.decode_staged_ref`). A step that runs every layer over the same rows
     plans once (:class:`DecodePlan`) and runs it per layer.
     """
     _check_layout(layout)
-    plan = DecodePlan.create(rows, block_table, num_blocks, slots, staged, probe, layout.block_size)
+    capacity = pool_k.shape[2] if isinstance(pool_k, torch.Tensor) and pool_k.dim() == 4 else None
+    plan = DecodePlan.create(rows, block_table, num_blocks, slots, staged, probe, layout.block_size,
+                             capacity=capacity)
     plan.run(q, k, v, pages, pool_k, pool_v, pool_score, pool_count, out, layout, scale)
 
 
 def _decode_bounds(rows: torch.Tensor, block_table: torch.Tensor, num_blocks: torch.Tensor,
-                   slots: torch.Tensor, staged: torch.Tensor, block_size: int) -> tuple[int, int, int]:
+                   slots: torch.Tensor, staged: torch.Tensor,
+                   capacity: int) -> tuple[int, int, int, int]:
     """Checks the values of a decode step's index tensors (on the host: on CUDA a few small
-    device-to-host copies per step, none per layer) and returns the exclusive upper bounds
-    of the query rows, staging slots and block ids they address, which every layer's
-    tensors must cover (:meth:`DecodePlan.run` compares sizes only)."""
+    device-to-host copies per step, none per layer; ``staged`` below the staging
+    ``capacity``) and returns the exclusive upper bounds of the query rows, staging slots,
+    block ids and staged indices they address, which every layer's tensors must cover
+    (:meth:`DecodePlan.run` compares sizes only)."""
     R = rows.shape[0]
     if R == 0:
-        return 0, 0, 0
+        return 0, 0, 0, 0
     rows_l, slots_l, staged_l, nb_l = (t.tolist() for t in (rows, slots, staged, num_blocks))
     if min(rows_l) < 0 or min(slots_l) < 0:
         raise ValueError(f"rows and slots must be >= 0, got {rows_l} and {slots_l}")
     if len(set(slots_l)) != R:
         raise ValueError(f"two rows share a staging slot: slots {slots_l}")
-    if min(staged_l) < 0 or max(staged_l) >= block_size:
-        raise ValueError(f"staged must be in [0, {block_size}), got {staged_l}")
+    if min(staged_l) < 0 or max(staged_l) >= capacity:
+        raise ValueError(f"staged must be in [0, {capacity}), got {staged_l}")
     max_blocks = block_table.shape[1]
     if min(nb_l) < 0 or max(nb_l) > max_blocks:
         raise ValueError(f"num_blocks must be in [0, {max_blocks}], got {nb_l}")
@@ -376,14 +382,16 @@ def _decode_bounds(rows: torch.Tensor, block_table: torch.Tensor, num_blocks: to
         if int(lo) < 0:
             raise ValueError(f"block ids must be >= 0, got {int(lo)}")
         pages_end = int(hi) + 1
-    return max(rows_l) + 1, max(slots_l) + 1, pages_end
+    return max(rows_l) + 1, max(slots_l) + 1, pages_end, max(staged_l) + 1
 
 
-def _check_decode_layer(bounds: tuple[int, int, int], q: torch.Tensor, k: torch.Tensor,
-                        v: torch.Tensor, pages: torch.Tensor, pool_k: torch.Tensor,
-                        pool_v: torch.Tensor, pool_score: torch.Tensor, pool_count: torch.Tensor,
-                        out: torch.Tensor, layout: BlockLayout) -> None:
-    """One layer's tensors of a planned decode step (the C++ op checks the same itself)."""
+def _check_decode_layer(bounds: tuple[int, int, int], staged_end: int, q: torch.Tensor,
+                        k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor,
+                        pool_k: torch.Tensor, pool_v: torch.Tensor, pool_score: torch.Tensor,
+                        pool_count: torch.Tensor, out: torch.Tensor, layout: BlockLayout) -> None:
+    """One layer's tensors of a planned decode step (the C++ op checks the same itself):
+    the pool holds ``C`` tokens a slot, a positive multiple of the block size, at least
+    ``staged_end`` (one past the largest staged index the plan addresses)."""
     _check_q(q, layout)
     _check_pages(pages, layout)
     H, B, D = layout.num_kv_heads, layout.block_size, layout.head_size
@@ -400,15 +408,20 @@ def _check_decode_layer(bounds: tuple[int, int, int], q: torch.Tensor, k: torch.
     if pool_k.dtype not in Q_DTYPES:
         raise ValueError(f"pool_k/pool_v must be one of {Q_DTYPES}, got {pool_k.dtype}")
     S = pool_k.shape[0]
-    if (pool_k.dim() != 4 or tuple(pool_k.shape[1:]) != (H, B, D) or pool_v.shape != pool_k.shape
-            or tuple(pool_score.shape) != (S, H, B) or tuple(pool_count.shape) != (S, B)
+    C = pool_k.shape[2] if pool_k.dim() == 4 else 0
+    if (pool_k.dim() != 4 or tuple(pool_k.shape[1:]) != (H, C, D) or C < B or C % B
+            or pool_v.shape != pool_k.shape or tuple(pool_score.shape) != (S, H, C)
+            or tuple(pool_count.shape) != (S, C)
             or pool_score.dtype != torch.float32 or pool_count.dtype != torch.float32):
-        raise ValueError(f"pool must be k/v [S, {H}, {B}, {D}], score float32 [S, {H}, {B}], "
-                         f"count float32 [S, {B}]")
+        raise ValueError(f"pool must be k/v [S, {H}, C, {D}] with C a positive multiple of "
+                         f"B={B}, score float32 [S, {H}, C], count float32 [S, C]; got k "
+                         f"{list(pool_k.shape)}, score {list(pool_score.shape)}, count "
+                         f"{list(pool_count.shape)}")
     rows_end, slots_end, pages_end = bounds
-    if T < rows_end or S < slots_end or pages.shape[0] < pages_end:
-        raise ValueError(f"the plan addresses query rows < {rows_end}, staging slots < {slots_end} "
-                         f"and pages < {pages_end}; this layer has {T}, {S} and {pages.shape[0]}")
+    if T < rows_end or S < slots_end or pages.shape[0] < pages_end or C < staged_end:
+        raise ValueError(f"the plan addresses query rows < {rows_end}, staging slots < {slots_end}, "
+                         f"pages < {pages_end} and staged tokens < {staged_end}; this layer has "
+                         f"{T}, {S}, {pages.shape[0]} and {C}")
 
 
 @dataclass(frozen=True)
@@ -417,9 +430,9 @@ class DecodePlan:
 
     :meth:`create` picks the kernel path (:func:`kernel_path`) and checks the per-step
     index tensors (see :func:`decode_staged`): devices, dtypes, shapes, and their values
-    (rows, slots, staged counts, block ids), for every layer; :meth:`run`, called once
-    per layer, checks only that layer's own tensors (their shapes cover the plan's
-    ``bounds``) and launches.
+    (rows, slots, staged counts below ``capacity``, block ids), for every layer;
+    :meth:`run`, called once per layer, checks only that layer's own tensors (their shapes
+    cover the plan's ``bounds`` and ``staged_end``) and launches.
     """
 
     rows: torch.Tensor
@@ -434,18 +447,38 @@ class DecodePlan:
     # Paged staging (None: the pool's slots): each row's page run [R, pages] in the cache.
     stage_ids: torch.Tensor | None = None
     staging: StagingLayout | None = None
+    # The staging capacity the staged counts were checked against (staged < capacity).
+    capacity: int | None = None
+    # One past the largest staged index (0 without rows): what every layer's staging must
+    # hold at least. None: the capacity (or the block size).
+    staged_end: int | None = None
 
     @classmethod
     def create(cls, rows: torch.Tensor, block_table: torch.Tensor, num_blocks: torch.Tensor,
                slots: torch.Tensor, staged: torch.Tensor, probe: torch.Tensor,
                block_size: int, stage_ids: torch.Tensor | None = None,
-               staging: StagingLayout | None = None) -> "DecodePlan":
+               staging: StagingLayout | None = None, *,
+               capacity: int | None = None) -> "DecodePlan":
         """``stage_ids`` int64 ``[R, staging.pages]``: with paged staging, the page run each
-        row's block is staged in (its ``slots`` are then only bookkeeping keys)."""
+        row's staged tokens are in (its ``slots`` are then only bookkeeping keys).
+
+        ``capacity``: the staged tokens a row holds at most (``staged < capacity``), a
+        positive multiple of ``block_size`` (a staging pool's third dimension); None:
+        ``staging.capacity`` with paged staging, else ``block_size`` (one staged block)."""
         tensors = dict(rows=rows, block_table=block_table, num_blocks=num_blocks, slots=slots,
                        staged=staged, probe=probe)
         if (stage_ids is None) != (staging is None):
             raise ValueError("paged staging needs both stage_ids and its staging layout")
+        if staging is not None and staging.block_size != block_size:
+            raise ValueError(f"staging layout block size {staging.block_size} != {block_size}")
+        if capacity is None:
+            capacity = staging.capacity if staging is not None else block_size
+        if (not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < block_size
+                or capacity % block_size):
+            raise ValueError(f"capacity must be a positive multiple of the block size {block_size}, "
+                             f"got {capacity!r}")
+        if staging is not None and capacity > staging.capacity:
+            raise ValueError(f"capacity {capacity} exceeds the staging layout's {staging.capacity}")
         if stage_ids is not None:
             tensors["stage_ids"] = stage_ids
         for name, t in tensors.items():
@@ -466,10 +499,8 @@ class DecodePlan:
         if block_table.dtype != torch.int64 or block_table.dim() != 2 or block_table.shape[0] != R:
             raise ValueError(f"block_table must be int64 [{R}, max_blocks], got "
                              f"{list(block_table.shape)}")
-        bounds = _decode_bounds(rows, block_table, num_blocks, slots, staged, block_size)
+        *bounds, staged_end = _decode_bounds(rows, block_table, num_blocks, slots, staged, capacity)
         if stage_ids is not None:
-            if staging.block_size != block_size:
-                raise ValueError(f"staging layout block size {staging.block_size} != {block_size}")
             if stage_ids.dtype != torch.int64 or tuple(stage_ids.shape) != (R, staging.pages):
                 raise ValueError(f"stage_ids must be int64 [{R}, {staging.pages}], got "
                                  f"{stage_ids.dtype} {list(stage_ids.shape)}")
@@ -477,12 +508,22 @@ class DecodePlan:
                 lo, hi = (int(x) for x in torch.aminmax(stage_ids.cpu()))
                 if lo < 0:
                     raise ValueError(f"stage_ids must be >= 0, got {lo}")
-                bounds = (bounds[0], bounds[1], max(bounds[2], hi + 1))
+                bounds[2] = max(bounds[2], hi + 1)
             stage_ids = stage_ids.contiguous()
         # contiguous: the C++ op reads them as plain arrays
         return cls(rows.contiguous(), block_table.contiguous(), num_blocks.contiguous(),
                    slots.contiguous(), staged.contiguous(), probe.contiguous(), path,
-                   _requested_isa(), bounds, stage_ids, staging)
+                   _requested_isa(), tuple(bounds), stage_ids, staging, capacity, staged_end)
+
+    def _staged_end(self, layout: BlockLayout) -> int:
+        """The exclusive bound of the staged indices the plan addresses."""
+        if self.staged_end is not None:
+            return self.staged_end
+        return self.capacity if self.capacity is not None else layout.block_size
+
+    def _op_bounds(self, layout: BlockLayout) -> tuple[int, int, int, int]:
+        """``bounds`` of the C++ ops: the plan's bounds and its staged bound."""
+        return (*self.bounds, self._staged_end(layout))
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """:func:`hadamard_rotate` of ``x`` into its own dtype on the plan's kernel path
@@ -512,7 +553,7 @@ class DecodePlan:
             torch.ops.zipcache.decode_staged(
                 q, k, v, self.rows, pages, self.block_table, self.num_blocks, self.slots,
                 self.staged, self.probe, pool_k, pool_v, pool_score, pool_count, out, lay, offs,
-                float(scale), self.isa, self.bounds)
+                float(scale), self.isa, self._op_bounds(layout))
             return
         _check_layout(layout)
         tensors = dict(q=q, k=k, v=v, pages=pages, pool_k=pool_k, pool_v=pool_v,
@@ -521,7 +562,7 @@ class DecodePlan:
             _check_same_device(rows=self.rows, **tensors)
         else:
             _check_cpu(**tensors)
-        _check_decode_layer(self.bounds, layout=layout, **tensors)
+        _check_decode_layer(self.bounds, self._staged_end(layout), layout=layout, **tensors)
         meta = (self.rows, pages, self.block_table, self.num_blocks, self.slots, self.staged,
                 self.probe, (pool_k, pool_v, pool_score, pool_count), out)
         if self.path == "triton":
@@ -544,7 +585,7 @@ class DecodePlan:
             torch.ops.zipcache.decode_paged(
                 q, k, v, self.rows, pages, self.block_table, self.num_blocks, self.stage_ids,
                 self.staged, self.probe, out, lay, offs, st.args(), float(scale), self.isa,
-                self.bounds)
+                self._op_bounds(layout))
             return
         if q.dtype.itemsize != st.elt_bytes:
             raise ValueError(f"the staging layout holds {st.elt_bytes}-byte elements, q is {q.dtype}")
@@ -554,7 +595,7 @@ class DecodePlan:
                                                           torch.float32 if q8 else q.dtype)
         # tokens past the staged ones hold stale bytes: zeros, so no NaN pattern reaches
         # the masked part of the slot kernel's sums
-        stale = (torch.arange(st.block_size, device=q.device).unsqueeze(0)
+        stale = (torch.arange(st.capacity, device=q.device).unsqueeze(0)
                  >= self.staged.unsqueeze(1))[:, None, :, None]
         k_st, v_st = k_st.masked_fill(stale, 0).contiguous(), v_st.masked_fill(stale, 0).contiguous()
         score, count = score.contiguous(), count.contiguous()
@@ -567,14 +608,15 @@ class DecodePlan:
             out_in = torch.empty_like(q_in)
         slots = torch.arange(R, dtype=torch.int64, device=self.rows.device)
         dense = DecodePlan(self.rows, self.block_table, self.num_blocks, slots, self.staged,
-                           self.probe, self.path, self.isa, (self.bounds[0], R, self.bounds[2]))
+                           self.probe, self.path, self.isa, (self.bounds[0], R, self.bounds[2]),
+                           capacity=self.capacity, staged_end=self._staged_end(layout))
         dense.run(q_in, k_in, v_in, pages, k_st, v_st, score, count, out_in, layout, scale)
         if not q8:
             portable.scatter_staged(pages, self.stage_ids, st, k_st, v_st, score, count)
             return
         out[self.rows] = out_in.index_select(0, self.rows).to(out.dtype)
         portable.scatter_staged(pages, self.stage_ids, st, k_st, v_st, score, count,
-                                kv_from=st.block_size)
+                                kv_from=st.capacity)
         portable.store_token(pages, self.stage_ids, st, self.staged,
                              k.index_select(0, self.rows), v.index_select(0, self.rows))
 

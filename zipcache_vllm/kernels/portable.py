@@ -12,7 +12,9 @@ Shapes as in :mod:`.ops`. Attention dequantizes ``GROUP_BLOCKS`` pages at a time
 ``engine/attention.py``'s ``OnlineSoftmax`` without its mask: every packed key is
 visible, and non-finite scores propagate as in the C++ kernel). The fused decode step
 folds the packed part into the softmax of the staged tokens as one more "key" (logit
-``lse``, value ``out``), the formula of ``csrc/decode.cpp``.
+``lse``, value ``out``), the formula of ``csrc/decode.cpp``. A staging slot holds ``C``
+tokens (its capacity, a multiple of the block size ``B``: one block, or more with a
+saliency delay), read from the tensors' shapes.
 The independent oracles the tests hold every path to are in :mod:`.reference`.
 """
 from __future__ import annotations
@@ -75,12 +77,12 @@ def stage_tokens(k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, slots: to
 def staged_scores(qr: torch.Tensor, kl: torch.Tensor, staged: torch.Tensor, num_kv_heads: int,
                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Scaled scores of the rows' queries ``qr [R, Hq, D]`` over their slots' keys
-    ``kl`` float32 ``[R, H, B, D]``: ``sc`` ``[R, H, g, B]`` (``-inf`` beyond the row's
-    staged tokens ``0..staged[r]``) and ``visible`` bool ``[R, B]``."""
+    ``kl`` float32 ``[R, H, C, D]``: ``sc`` ``[R, H, g, C]`` (``-inf`` beyond the row's
+    staged tokens ``0..staged[r]``) and ``visible`` bool ``[R, C]``."""
     R, Hq, D = qr.shape
-    B = kl.shape[2]
+    C = kl.shape[2]
     qs = (qr.float() * scale).reshape(R, num_kv_heads, Hq // num_kv_heads, D)
-    visible = torch.arange(B, device=qr.device).unsqueeze(0) <= staged.unsqueeze(1)  # [R, B]
+    visible = torch.arange(C, device=qr.device).unsqueeze(0) <= staged.unsqueeze(1)  # [R, C]
     sc = torch.einsum("rhgd,rhtd->rhgt", qs, kl).masked_fill(~visible[:, None, None, :],
                                                             float("-inf"))
     return sc, visible
@@ -93,11 +95,11 @@ def accumulate_saliency(sc: torch.Tensor, lse: torch.Tensor, visible: torch.Tens
     ``exp(sc - lse)`` (summed over the KV group's query heads, times ``probe[r]``),
     ``t == s`` starts from it, ``t > s`` is cleared; the count of probe queries likewise.
 
-    ``sc`` ``[R, H, g, B]`` and ``visible`` as :func:`staged_scores` returns them; ``lse``
+    ``sc`` ``[R, H, g, C]`` and ``visible`` as :func:`staged_scores` returns them; ``lse``
     ``[R, H, g]`` the row's log-sum-exp over its packed and staged tokens."""
-    B = sc.shape[-1]
-    prob = torch.exp(sc - lse.unsqueeze(-1)).sum(2) * probe[:, None, None]  # [R, H, B]
-    before = (torch.arange(B, device=sc.device).unsqueeze(0) < staged.unsqueeze(1)).float()
+    C = sc.shape[-1]
+    prob = torch.exp(sc - lse.unsqueeze(-1)).sum(2) * probe[:, None, None]  # [R, H, C]
+    before = (torch.arange(C, device=sc.device).unsqueeze(0) < staged.unsqueeze(1)).float()
     pool_score[slots] = pool_score.index_select(0, slots) * before[:, None, :] + prob
     pool_count[slots] = (pool_count.index_select(0, slots) * before
                          + visible.float() * probe[:, None])
@@ -114,7 +116,8 @@ def decode_staged(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch
     ``s = staged[r]`` tokens): write ``k/v[rows[r]]`` at index ``s`` of the slot, attend
     the packed blocks then staged tokens ``0..s``, the packed part folded into the staged
     tokens' softmax, into ``out[rows[r]]``; update the slot's saliency
-    (:func:`accumulate_saliency`). ``pool``: the staging slots' ``(k, v, score, count)``.
+    (:func:`accumulate_saliency`). ``pool``: the staging slots' ``(k, v, score, count)``,
+    ``[S, H, C, D]``, ``[S, H, C]``, ``[S, C]`` (``staged < C``).
     """
     R = rows.numel()
     if R == 0:
@@ -126,7 +129,7 @@ def decode_staged(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch
     out_p, lse_p = attend_packed_varlen(qr, pages, block_table, num_blocks,
                                         torch.arange(R + 1, device=q.device), layout, scale)
     stage_tokens(k, v, rows, slots, staged, pool_k, pool_v)
-    kl = pool_k.index_select(0, slots).float()  # [R, H, B, D]
+    kl = pool_k.index_select(0, slots).float()  # [R, H, C, D]
     vl = pool_v.index_select(0, slots).float()
     sc, visible = staged_scores(qr, kl, staged, H, scale)
     m_p = lse_p.t().reshape(R, H, g)
@@ -167,8 +170,8 @@ def _sections(pages: torch.Tensor, st: StagingLayout, model_dtype: torch.dtype) 
 
 def _token_index(ids: torch.Tensor, st: StagingLayout, t0: int, t1: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Page and position in the page of tokens ``t0..t1-1`` of each block's run ``ids
-    [n, pages]``: two int64 ``[n * (t1 - t0)]`` (block-major)."""
+    """Page and position in the page of staged tokens ``t0..t1-1`` (``t1 <= capacity``) of
+    each run ``ids [n, pages]``: two int64 ``[n * (t1 - t0)]`` (run-major)."""
     T = st.tokens_per_page
     t = torch.arange(t0, t1, device=ids.device)
     page = ids.index_select(1, t // T).reshape(-1)
@@ -196,8 +199,9 @@ def fake_quantize_rows8(x: torch.Tensor) -> torch.Tensor:
 
 def store_token(pages: torch.Tensor, ids: torch.Tensor, st: StagingLayout, at: torch.Tensor,
                 k: torch.Tensor, v: torch.Tensor) -> None:
-    """Stage one token of each of ``n`` blocks: ``k, v [n, H, D]`` at index ``at[n]`` of
-    the block's run ``ids [n, pages]`` (8-bit staging quantizes it, as the C++ decode step)."""
+    """Stage one token of each of ``n`` runs: ``k, v [n, H, D]`` at staged index ``at[n]``
+    (``< st.capacity``) of the run ``ids [n, pages]`` (8-bit staging quantizes it, as the
+    C++ decode step)."""
     T = st.tokens_per_page
     page = ids.gather(1, (at // T).unsqueeze(1)).squeeze(1)
     _put_kv(_sections(pages, st, k.dtype), st, page, at % T, k, v)
@@ -218,36 +222,38 @@ def _put_kv(sec: dict[str, torch.Tensor], st: StagingLayout, page: torch.Tensor,
 
 def gather_staged(pages: torch.Tensor, ids: torch.Tensor, st: StagingLayout,
                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Paged staging of ``n`` blocks as dense copies: ``ids`` int64 ``[n, pages]`` (each
-    block's page run) of ``pages`` uint8 ``[num_blocks, page_bytes]`` to ``k, v [n, H, B, D]``
-    in ``dtype`` (8-bit staging: dequantized in float32, then rounded to ``dtype``),
-    ``score [n, H, B]`` and ``count [n, B]`` float32. Tokens never staged hold whatever
-    the pages held."""
-    n, B = ids.shape[0], st.block_size
+    """Paged staging of ``n`` requests as dense copies: ``ids`` int64 ``[n, pages]`` (each
+    request's page run) of ``pages`` uint8 ``[num_blocks, page_bytes]`` to ``k, v
+    [n, H, C, D]`` in ``dtype`` (8-bit staging: dequantized in float32, then rounded to
+    ``dtype``), ``score [n, H, C]`` and ``count [n, C]`` float32, ``C = st.capacity``.
+    Tokens never staged hold whatever the pages held."""
+    n, C = ids.shape[0], st.capacity
     sec = _sections(pages, st, dtype)
-    page, pos = _token_index(ids, st, 0, B)
+    page, pos = _token_index(ids, st, 0, C)
 
-    def tokens(x: torch.Tensor) -> torch.Tensor:  # [P, H, T, ...] -> [n, H, B, ...]
-        return x[page, :, pos].unflatten(0, (n, B)).transpose(1, 2)
+    def tokens(x: torch.Tensor) -> torch.Tensor:  # [P, H, T, ...] -> [n, H, C, ...]
+        return x[page, :, pos].unflatten(0, (n, C)).transpose(1, 2)
 
     if st.kv_bits == 8:
         k = dequantize_rows8(tokens(sec["k"]), tokens(sec["kp"])).to(dtype)
         v = dequantize_rows8(tokens(sec["v"]), tokens(sec["vp"])).to(dtype)
     else:
         k, v = tokens(sec["k"]).to(dtype), tokens(sec["v"]).to(dtype)
-    count = sec["count"][page, pos].reshape(n, B)
+    count = sec["count"][page, pos].reshape(n, C)
     return k, v, tokens(sec["score"]), count
 
 
 def scatter_staged(pages: torch.Tensor, ids: torch.Tensor, st: StagingLayout, k: torch.Tensor,
                    v: torch.Tensor, score: torch.Tensor, count: torch.Tensor,
                    kv_from: int = 0) -> None:
-    """Write ``t`` staged tokens of ``n`` blocks into their page runs (``ids [n, pages]``):
-    ``k, v [n, H, t, D]``, ``score [n, H, t]``, ``count [n, t]``, ``t <= B``. K and V are
-    written for tokens ``kv_from..t-1`` only (8-bit staging quantizes them here; tokens
-    already staged keep the bits they were stored with), scores and counts for all ``t``.
-    Other bytes of the pages are not touched."""
+    """Write ``t`` staged tokens of ``n`` requests into their page runs (``ids [n, pages]``):
+    ``k, v [n, H, t, D]``, ``score [n, H, t]``, ``count [n, t]``, ``t <= st.capacity``.
+    K and V are written for tokens ``kv_from..t-1`` only (8-bit staging quantizes them
+    here; tokens already staged keep the bits they were stored with), scores and counts
+    for all ``t``. Other bytes of the pages are not touched."""
     n, t = ids.shape[0], k.shape[2]
+    if t > st.capacity:
+        raise ValueError(f"{t} tokens do not fit a staging capacity of {st.capacity}")
     if st.kv_bits is None and k.element_size() != st.elt_bytes:
         raise ValueError(f"staged K/V are {k.dtype}, the staging layout holds {st.elt_bytes}-byte "
                          "elements")
@@ -267,6 +273,48 @@ def scatter_staged(pages: torch.Tensor, ids: torch.Tensor, st: StagingLayout, k:
     _put_kv(sec, st, page, pos, rows(k), rows(v))
 
 
+def _byte_sections(pages: torch.Tensor, st: StagingLayout) -> list[torch.Tensor]:
+    """uint8 views ``[P, heads, T, width]`` of every staging section of every page (no copy):
+    K, V (and their 8-bit ``(min, step)``), score (``heads = H``), count (``heads = 1``);
+    ``width`` the bytes of one token's entry of one head."""
+    P, H, T = pages.shape[0], st.num_kv_heads, st.tokens_per_page
+    kv = st.head_size * st.kv_elt_bytes
+    spans = [(0, H, kv), (st.v_offset, H, kv)]
+    if st.kv_bits == 8:
+        spans += [(st.params_offset, H, 4), (st.params_offset + 4 * H * T, H, 4)]
+    spans += [(st.score_offset, H, 4), (st.count_offset, 1, 4)]
+    return [pages[:, off:off + heads * T * width].view(P, heads, T, width)
+            for off, heads, width in spans]
+
+
+def move_staged(pages: torch.Tensor, src_ids: torch.Tensor, dst_ids: torch.Tensor,
+                st: StagingLayout, src_from: int, n: int) -> None:
+    """Move staged tokens within paged staging, bit-exact: for each row ``i``, tokens
+    ``src_from .. src_from + n - 1`` of the run ``src_ids[i]`` become tokens ``0 .. n - 1``
+    of the run ``dst_ids[i]`` (int64 ``[R, st.pages]`` both).
+
+    Every section is copied as raw bytes (K and V, their 8-bit parameters, scores,
+    counts: no dequantize / requantize). With a saliency delay a request's run starts at
+    its oldest staged block; once that block is packed the run moves one block on, and the
+    tokens still staged move to its start: the two runs share pages, so every byte is read
+    before any is written. Other bytes of the pages are not touched."""
+    R = src_ids.shape[0]
+    if src_ids.dim() != 2 or src_ids.shape != dst_ids.shape or src_ids.shape[1] != st.pages:
+        raise ValueError(f"src_ids and dst_ids must be [R, {st.pages}], got "
+                         f"{list(src_ids.shape)} and {list(dst_ids.shape)}")
+    if src_from < 0 or n < 0 or src_from + n > st.capacity:
+        raise ValueError(f"tokens {src_from}..{src_from + n - 1} are not within the staging "
+                         f"capacity {st.capacity}")
+    if not (R and n):
+        return
+    secs = _byte_sections(pages, st)
+    src_page, src_pos = _token_index(src_ids, st, src_from, src_from + n)
+    dst_page, dst_pos = _token_index(dst_ids, st, 0, n)
+    moved = [x[src_page, :, src_pos] for x in secs]  # copies [R * n, heads, width]
+    for x, val in zip(secs, moved):
+        x[dst_page, :, dst_pos] = val
+
+
 __all__ = ["GROUP_BLOCKS", "accumulate_saliency", "attend_packed_varlen", "decode_staged",
-           "dequantize_rows8", "fake_quantize_rows8", "gather_staged", "quantize_rows8",
-           "scatter_staged", "stage_tokens", "staged_scores", "store_token"]
+           "dequantize_rows8", "fake_quantize_rows8", "gather_staged", "move_staged",
+           "quantize_rows8", "scatter_staged", "stage_tokens", "staged_scores", "store_token"]

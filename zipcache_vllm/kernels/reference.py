@@ -49,14 +49,15 @@ def decode_staged_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: t
                       pool: tuple[torch.Tensor, ...], out: torch.Tensor, layout: BlockLayout,
                       scale: float) -> None:
     """Oracle of the fused decode step (``zipcache::decode_staged``), in place, on the
-    staging slots ``pool = (k, v, score, count)``.
+    staging slots ``pool = (k, v, score, count)``: ``[S, H, C, D]``, ``[S, H, C]``,
+    ``[S, C]``, ``C`` tokens a slot (a multiple of the block size ``B``, ``staged < C``).
 
     For each row ``r`` (query row ``rows[r]``, staging slot ``slots[r]`` holding
     ``s = staged[r]`` tokens): write ``k/v[rows[r]]`` at index ``s`` of the slot (rounded
     to the pool's dtype); ``out[rows[r]]`` = softmax attention over the row's packed
     tokens and staged tokens ``0..s`` together; the slot's saliency: token ``t < s`` adds
     its attention probability summed over the KV group's query heads, times
-    ``probe[r]``, token ``s`` starts from it, tokens ``t > s`` are cleared; the probe
+    ``probe[r]``, token ``s`` starts from it, tokens ``s < t < C`` are cleared; the probe
     counts likewise (``probe[r]`` for every token ``t <= s``).
     """
     H, B, D = layout.num_kv_heads, layout.block_size, layout.head_size

@@ -130,7 +130,8 @@ def page_format(cache_dtype: str, head_size: int, num_kv_heads: int, model_dtype
         if block_size not in (None, preset.block_size):
             raise ValueError(f"{cache_dtype} stores blocks of {preset.block_size} tokens, not {block_size}")
         layout = zipcache_layout(preset, head_size, num_kv_heads)
-        staging = StagingLayout.of(layout, 4 if model_dtype_bytes == 4 else 2, preset.staging_bits)
+        staging = StagingLayout.of(layout, 4 if model_dtype_bytes == 4 else 2, preset.staging_bits,
+                                   preset.staged_blocks)
         return PageFormat(cache_dtype, layout.block_size, num_kv_heads, head_size, layout.page_bytes,
                           preset.name, layout, staging.lookahead_blocks)
     if cache_dtype in FP8_DTYPES:

@@ -78,6 +78,17 @@ class KVPolicy:
     def name(self) -> str:
         return self.preset.name
 
+    @property
+    def saliency_delay(self) -> int:
+        """Blocks a filled block waits in staging, scored by the next blocks' probe rows,
+        before :meth:`pack` (the preset's ``saliency_delay``)."""
+        return self.preset.saliency_delay
+
+    @property
+    def staged_blocks(self) -> int:
+        """Blocks a request stages at most: the one being filled and the delayed ones."""
+        return self.preset.staged_blocks
+
     @cached_property
     def probes_json(self) -> str:
         """The probe config as a hashable key (``engine/saliency.probe_mask``'s cache)."""

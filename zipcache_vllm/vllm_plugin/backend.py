@@ -156,7 +156,9 @@ class ZipCacheBackend(AttentionBackend):
         fields = {f: getattr(spec, f) for f in base.__dataclass_fields__}
         fields.update(num_head_slots=1, tokens_per_state=spec.block_size,
                       state_content_bytes=layout.page_bytes * spec.block_size // layout.block_size,
-                      staging_blocks=StagingLayout.of(layout, elt, preset.staging_bits).lookahead_blocks)
+                      staging_blocks=StagingLayout.of(layout, elt, preset.staging_bits,
+                                                      preset.staged_blocks).lookahead_blocks,
+                      cache_delay_blocks=preset.saliency_delay)
         return (ZipCacheSlidingSpec if sliding else ZipCacheSpec)(**fields)
 
 
@@ -380,15 +382,22 @@ def update_vllm_config(vllm_config) -> None:
             raise ValueError(f"--kv-cache-dtype {cache.cache_dtype} (FastGen) does not support "
                              "sliding-window attention models; serve this model with a "
                              "quantizing zipcache preset (--kv-cache-dtype zipcache)")
-        if window is not None and window <= preset.block_size:
+        staged = preset.staged_blocks * preset.block_size
+        if window is not None and (window <= preset.block_size or window < staged):
             raise ValueError(f"this model's sliding window ({window} tokens) must be longer "
                              f"than the pages of --kv-cache-dtype {cache.cache_dtype} "
-                             f"({preset.block_size} tokens): use a preset with smaller pages "
-                             "(block_size in a user preset, docs/POLICIES.md) or "
-                             "--kv-cache-dtype auto")
+                             f"({preset.block_size} tokens) and hold the {staged} tokens it "
+                             "stages: use a preset with smaller pages or no saliency_delay "
+                             "(a user preset, docs/POLICIES.md) or --kv-cache-dtype auto")
     if cache.enable_prefix_caching:
-        logger.info("zipcache: prefix caching stays on: a full page is written once and "
-                    "depends only on its own tokens and its prefix.")
+        if preset.saliency_delay:
+            logger.info("zipcache: prefix caching stays on: a block is cached once it is "
+                        "packed, %d block(s) after it filled (saliency_delay); its page "
+                        "depends on its tokens, its prefix and the request that packed it.",
+                        preset.saliency_delay)
+        else:
+            logger.info("zipcache: prefix caching stays on: a full page is written once and "
+                        "depends only on its own tokens and its prefix.")
 
 
 def num_staging_slots(vllm_config) -> int:
@@ -431,11 +440,12 @@ def engine_for(vllm_config, device) -> ZipCacheEngine:
     engine = impls[0].engine
     if engine is not None and engine.pool.matches(layers, B, H, D, dtype):
         return engine
-    staging = StagingLayout.of(impls[0].layout, _staging_elt_bytes(dtype),
-                               impls[0].policy.preset.staging_bits)
+    preset = impls[0].policy.preset
+    staging = StagingLayout.of(impls[0].layout, _staging_elt_bytes(dtype), preset.staging_bits,
+                               preset.staged_blocks)
     device = torch.device(device if device is not None else "cpu")
     pool = StagingPool(sorted(layers), num_staging_slots(vllm_config) * _max_groups(impls),
-                       B, H, D, dtype, device=device, paged=staging)
+                       B, H, D, dtype, device=device, paged=staging, blocks=staging.blocks)
     logger.info("zipcache: staging in the KV cache (%s): each running request holds %d "
                 "block(s) ahead of its tokens (%d tokens a page, %.2f MiB a request over %d "
                 "layers).", "8-bit" if staging.kv_bits == 8 else str(dtype).removeprefix("torch."),

@@ -345,6 +345,8 @@ def patch_targets() -> dict[str, object]:
         "FullAttentionManager.get_num_blocks_to_allocate":
             FullAttentionManager.get_num_blocks_to_allocate,
         "FullAttentionManager.allocate_new_blocks": FullAttentionManager.allocate_new_blocks,
+        "FullAttentionManager.cache_blocks": FullAttentionManager.cache_blocks,
+        "SlidingWindowManager.cache_blocks": SlidingWindowManager.cache_blocks,
         "FullAttentionSpec.max_num_blocks_per_req": FullAttentionSpec.max_num_blocks_per_req,
         "SlidingWindowManager.get_num_blocks_to_allocate":
             SlidingWindowManager.get_num_blocks_to_allocate,

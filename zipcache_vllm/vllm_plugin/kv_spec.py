@@ -41,20 +41,30 @@ class _StagedPages:
         return (super().max_memory_usage_bytes(vllm_config)
                 + self.staging_blocks * self.page_size_bytes)
 
+    def merge_staging(self, specs: list) -> dict[str, int]:
+        """The staging fields of specs merged into one group: equal in every layer."""
+        fields = {}
+        for name in ("staging_blocks", "cache_delay_blocks"):
+            values = {getattr(spec, name) for spec in specs}
+            if len(values) != 1:
+                raise ValueError(f"zipcache layers of one KV cache group differ in {name}: "
+                                 f"{sorted(values)}")
+            fields[name] = values.pop()
+        return fields
+
 
 @dataclass(frozen=True, kw_only=True)
 class ZipCacheSpec(_StagedPages, compat.FullAttentionSpec):
-    """A full-attention layer whose requests hold ``staging_blocks`` blocks ahead."""
+    """A full-attention layer whose requests hold ``staging_blocks`` blocks ahead, and whose
+    last ``cache_delay_blocks`` full blocks are not packed yet (the preset's
+    ``saliency_delay``)."""
 
     staging_blocks: int = 0
+    cache_delay_blocks: int = 0
 
     @classmethod
     def merge(cls, specs: list["ZipCacheSpec"]) -> "ZipCacheSpec":
-        counts = {spec.staging_blocks for spec in specs}
-        if len(counts) != 1:
-            raise ValueError(f"zipcache layers of one KV cache group stage in different block "
-                             f"counts: {sorted(counts)}")
-        return replace(super().merge(specs), staging_blocks=counts.pop())
+        return replace(super().merge(specs), **specs[0].merge_staging(specs))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,10 +73,18 @@ class ZipCacheSlidingSpec(_StagedPages, compat.SlidingWindowSpec):
     blocks ahead (at most a window plus the tokens in flight, plus those)."""
 
     staging_blocks: int = 0
+    cache_delay_blocks: int = 0
 
 
 class _StagingAhead:
-    """Allocates the spec's staging blocks ahead of every request's tokens."""
+    """Allocates the spec's staging blocks ahead of every request's tokens, and offers a
+    block to the prefix cache only once it is packed: with a ``saliency_delay`` a full
+    block stays staged (its page unwritten) until ``cache_delay_blocks`` blocks after it
+    have filled, and a prefix-cache hit must never read it before then."""
+
+    def cache_blocks(self, request, num_tokens: int, *args, **kwargs) -> None:
+        delayed = self.kv_cache_spec.cache_delay_blocks * self.block_size
+        super().cache_blocks(request, max(num_tokens - delayed, 0), *args, **kwargs)
 
     def _with_staging(self, num_tokens: int) -> int:
         return num_tokens + self.kv_cache_spec.staging_blocks * self.block_size
