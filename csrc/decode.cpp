@@ -107,6 +107,8 @@ struct SlotStage {  // a slot of the staging pool: [C, D] rows at stride s2
   }
   float* sc(int64_t t) const { return score + t; }
   float* cn(int64_t t) const { return count + t; }
+  // stale tokens past s whose score and count the step zeroes: all of the slot's C
+  int64_t clear_end(int64_t, int64_t C) const { return C; }
 };
 
 template <typename P>
@@ -137,6 +139,9 @@ struct PagedStage {  // a page run of the cache (layout.StagingLayout, K/V in P)
   }
   float* sc(int64_t t) const { return reinterpret_cast<float*>(page(t) + soff) + h * T + t % T; }
   float* cn(int64_t t) const { return reinterpret_cast<float*>(page(t) + coff) + t % T; }
+  // only the page of token s: the run's later pages may not be allocated yet
+  // (StagingLayout.lookahead_blocks) and are never written
+  int64_t clear_end(int64_t s, int64_t C) const { return std::min(C, (s / T + 1) * T); }
 };
 
 // One row of D elements as 8-bit codes with float16 (min, step): quant/uniform.py's
@@ -189,6 +194,9 @@ struct PagedStage8 {  // a page run of the cache with 8-bit K/V (layout.StagingL
   }
   float* sc(int64_t t) const { return reinterpret_cast<float*>(page(t) + soff) + h * T + t % T; }
   float* cn(int64_t t) const { return reinterpret_cast<float*>(page(t) + coff) + t % T; }
+  // only the page of token s: the run's later pages may not be allocated yet
+  // (StagingLayout.lookahead_blocks) and are never written
+  int64_t clear_end(int64_t s, int64_t C) const { return std::min(C, (s / T + 1) * T); }
 };
 
 // stage_of(r, h): the staging of row r, KV head h (a SlotStage, PagedStage or PagedStage8),
@@ -271,11 +279,12 @@ void decode_rows(const PageLayout& L, const Tensor& q, const Tensor& k, const Te
       const float pr = probe[r];
       for (int64_t t = 0; t < s; ++t) *st.sc(t) += prob[t] * pr;
       *st.sc(s) = prob[s] * pr;
-      for (int64_t t = s + 1; t < C; ++t) *st.sc(t) = 0.f;
+      const int64_t clear = st.clear_end(s, C);
+      for (int64_t t = s + 1; t < clear; ++t) *st.sc(t) = 0.f;
       if (h == 0) {
         for (int64_t t = 0; t < s; ++t) *st.cn(t) += pr;
         *st.cn(s) = pr;
-        for (int64_t t = s + 1; t < C; ++t) *st.cn(t) = 0.f;
+        for (int64_t t = s + 1; t < clear; ++t) *st.cn(t) = 0.f;
       }
     }
   });

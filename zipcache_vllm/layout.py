@@ -307,10 +307,14 @@ class StagingLayout:
 
     @property
     def lookahead_blocks(self) -> int:
-        """Blocks each running request holds beyond its tokens' blocks: ``pages - 1``, what
-        a run starting at the block being filled needs (a new request, or one whose prefix
-        came from the prefix cache, has no filled block waiting)."""
-        return self.pages - 1
+        """Blocks each running request holds beyond its tokens' blocks: what a run of ``n``
+        staged tokens writes reaches ``ceil(n / T)`` pages from its first block, and the
+        request's tokens reach ``(n - 1) // B`` blocks past it, so the most over ``n``
+        (at a full block, ``n = j * B``): ``pages - 1`` for one staged block. The run's pages
+        after the ones its tokens reach may not be allocated yet: they are read, never
+        written (``plan._page_run``)."""
+        B, T = self.block_size, self.tokens_per_page
+        return max(-(-j * B // T) - j for j in range(1, self.blocks + 1))
 
     @property
     def v_offset(self) -> int:

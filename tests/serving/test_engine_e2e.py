@@ -23,7 +23,11 @@ KV_SPACE_GIB = 1  # VLLM_CPU_KVCACHE_SPACE for every engine of this module
 MODEL_MAX_LEN = 8192  # SmolLM2-135M's max_position_embeddings: vLLM's default --max-model-len
 PREFILL_CHUNK = 320  # --max-num-batched-tokens of the shared server: not a multiple of 128
 MIN_PAGE_RATIO = 4.5  # default preset's pages vs bf16's in the same budget
-MIN_LOGGED_RATIO = 4.4  # default preset's logged KV tokens vs auto's (issue 20), staging included
+# default preset's logged KV tokens vs auto's, staging included: issue 20's bar was 4.4 with one
+# staged block a request; the default's delayed block (saliency_delay, issue 21) costs two more
+# staging blocks (4.33x), and zipcache_nodelay keeps 4.46x (the planner's, asserted below)
+MIN_LOGGED_RATIO = 4.3
+MIN_LOGGED_RATIO_NODELAY = 4.4
 STARTUP_S = 900  # generous: the 2-core machine is often shared with other jobs
 
 
@@ -80,15 +84,17 @@ def test_block_size_must_match_preset(model_dir):
 
 def test_capacity_vs_auto(auto_kv_tokens, zipcache_server, model_dir):
     """At ``VLLM_CPU_KVCACHE_SPACE=1`` with vLLM's default --max-model-len and --max-num-seqs,
-    the engine's logged "KV cache size" (requests of --max-model-len, each with its 2 staging
-    blocks) is >= 4.4x ``auto``'s, both read from the engines' logs, and the planner's; the
-    pages hold >= 4.5x the tokens of ``auto``'s blocks."""
+    the engine's logged "KV cache size" (requests of --max-model-len, each with its 4 staging
+    blocks) is >= 4.3x ``auto``'s, both read from the engines' logs, and the planner's; the
+    pages hold >= 4.5x the tokens of ``auto``'s blocks. Without the delay (2 staging blocks)
+    the planner, which equals vLLM's count, gives >= 4.4x."""
     from zipcache_vllm.planner.plan import PlanRequest, make_plan
 
     zc_tokens = zipcache_server.kv_tokens()
     assert json.loads((model_dir / "config.json").read_text())["max_position_embeddings"] == MODEL_MAX_LEN
     plan = make_plan(PlanRequest(model=str(model_dir), hardware="cpu-dev", kv_cache_space_gib=KV_SPACE_GIB,
-                                 max_model_len=MODEL_MAX_LEN, kv_cache_dtypes=["auto", "zipcache"]))
+                                 max_model_len=MODEL_MAX_LEN,
+                                 kv_cache_dtypes=["auto", "zipcache", "zipcache_nodelay"]))
     rows = {r.cache_dtype: r for r in plan.rows}
     stats = zipcache_server.rpc("zipcache_stats")[0]  # the worker's: pages x block size
     page_ratio = stats["capacity_tokens"] / (rows["auto"].num_blocks * 128)
@@ -100,6 +106,7 @@ def test_capacity_vs_auto(auto_kv_tokens, zipcache_server, model_dir):
     assert auto_kv_tokens == rows["auto"].kv_tokens and zc_tokens == rows["zipcache"].kv_tokens
     assert stats["capacity_tokens"] == rows["zipcache"].num_blocks * 128
     assert page_ratio >= MIN_PAGE_RATIO
+    assert rows["zipcache_nodelay"].kv_tokens / auto_kv_tokens >= MIN_LOGGED_RATIO_NODELAY
 
 
 # -- serving -------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from pathlib import Path
 import pytest
 from _server import Server
 
+from zipcache_vllm.dtypes import preset_for_dtype
 from zipcache_vllm.eval.passkey import KEY, build_prompt, key_ids as passkey_ids
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
@@ -136,7 +137,10 @@ def test_passkey_retrieval_vs_uncompressed(case, dtype):
               f"logprob={z['key_logprob']:.3f} {z['answer']!r} (outside top {TOP_K}: {z['outside_top_k']}, "
               f"prefix-cache hit {z['cache_hit_tokens']:.0f} tokens a request)")
     assert all(r["prompt_tokens"] == PROMPT_TOKENS for r in got)
-    assert all(r["cache_hit_tokens"] >= PROMPT_TOKENS - 128 for r in got)
+    # every block but the partial one is reused, less the blocks still waiting in staging
+    # when the document's request ended (a block is prefix-cached once it is packed)
+    unpacked = 128 * (1 + preset_for_dtype(dtype).saliency_delay)
+    assert all(r["cache_hit_tokens"] >= PROMPT_TOKENS - unpacked for r in got)
     assert sum(r["found"] for r in got) >= sum(a["found"] for a in uncompressed)
     mean = lambda rows: sum(r["key_logprob"] for r in rows) / len(rows)  # noqa: E731
     assert mean(got) >= mean(uncompressed) - LOGPROB_MARGIN

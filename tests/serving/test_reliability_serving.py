@@ -140,14 +140,20 @@ def test_preemption_greedy_matches_one_at_a_time(server, corpus):
 # -- determinism --------------------------------------------------------------------------
 
 def test_same_request_twice_same_tokens(server, corpus):
-    """Greedy: identical tokens, although the second run starts from a prefix-cache hit
-    (its first 3 blocks are the first run's pages). Seeded sampling: identical too."""
+    """Greedy: the same tokens by vLLM's rule for runs whose float sums differ
+    (``_assert_greedy_close``), although the second run starts from a prefix-cache hit (its
+    first 2 blocks are the first run's pages: the third still waited in staging when the
+    first run ended, the default's saliency_delay). The second run reads the hit's last
+    block packed where the first read it in 8-bit staging (docs/BACKEND.md, "Prefix
+    caching"), so the two are not bit-identical. Seeded sampling of a prompt too short to
+    pack a block: identical."""
     prompt = corpus[20_000:20_000 + 450]  # the corpus slice holds ~45k tokens
     hits = server.metric("vllm:prefix_cache_hits_total")
-    first = _greedy_tokens(server, prompt, 40)
-    second = _greedy_tokens(server, prompt, 40)
-    assert server.metric("vllm:prefix_cache_hits_total") - hits >= 3 * 128
-    assert first == second
+    first = _greedy_top(server, prompt, 40)
+    second = _greedy_top(server, prompt, 40)
+    assert server.metric("vllm:prefix_cache_hits_total") - hits >= 2 * 128
+    same = _assert_greedy_close(first, second, "first vs second run")
+    print(f"\nequal leading tokens of 40, first vs second run: {same}")
     sampled = [_greedy_tokens(server, prompt[:200], 24, temperature=1.0, seed=1234) for _ in range(2)]
     assert sampled[0] == sampled[1]
 

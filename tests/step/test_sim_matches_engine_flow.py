@@ -272,3 +272,41 @@ def test_sliding_window_engine_equals_simulator(path, preset_name, hq, hk, delay
     torch.testing.assert_close(engine, ref[0], rtol=1e-4, atol=1e-4)
     full, _ = sim(_Module(), *(x.transpose(0, 1).unsqueeze(0) for x in (q, k, v)), scaling=scale)
     assert not torch.allclose(engine[window:], full[0][window:], atol=1e-3)
+
+
+@pytest.mark.parametrize("route", ["cpp", "torch"])
+@pytest.mark.parametrize("delay,schedule", [
+    (1, [(0, 40)] + [(t, t + 1) for t in range(40, 300)]),
+    (1, [(0, 100), (100, 101), (101, 230), (230, 231), (231, 300)]),
+    (0, [(0, 40)] + [(t, t + 1) for t in range(40, 200)]),
+])
+def test_staging_writes_only_the_blocks_vllm_allocated(route, delay, schedule, monkeypatch):
+    """The block table grows as vLLM's does: each step's row holds the blocks of the
+    request's tokens and ``lookahead_blocks`` more; the columns after them name a sentinel
+    page (a block of another request). A run's pages past the ones its tokens reach are
+    read, never written: the sentinel keeps its bytes, and the outputs are the simulator's."""
+    monkeypatch.setenv("ZIPCACHE_VLLM_KERNELS", {"cpp": "", "torch": "torch"}[route])
+    build.load()
+    preset = make_policy("zipcache").preset.model_copy(update={"block_size": 64,
+                                                               "saliency_delay": delay})
+    L = schedule[-1][1]
+    q, k, v = _inputs(L, 6, 2, 9)
+    scale = q.shape[-1] ** -0.5
+    layout = BlockLayout.from_preset(preset, 64, 2)
+    B = layout.block_size
+    st = StagingLayout.of(layout, 4, preset.staging_bits, preset.staged_blocks)
+    ids = torch.randperm(40, generator=torch.Generator().manual_seed(2))[:-1] + 1
+    pages = torch.zeros(41, layout.page_bytes, dtype=torch.uint8)
+    pages[0] = torch.randint(0, 256, (layout.page_bytes,), dtype=torch.uint8)  # the sentinel
+    sentinel = pages[0].clone()
+    pool = StagingPool(["l"], 2, B, 2, 64, torch.float32, paged=st, blocks=st.blocks)
+    policy = make_policy(preset)
+    out = torch.zeros(L, 6, 64)
+    for a, b in schedule:
+        table = torch.zeros(1, 20, dtype=torch.int64)  # vLLM's row: unallocated columns stale
+        allocated = -(-b // B) + st.lookahead_blocks
+        table[0, :allocated] = ids[:allocated]
+        plans = plan_step(pool, B, [0, b - a], [b], table)
+        apply_step(pool, 0, plans, q[a:b], k[a:b], v[a:b], pages, layout, policy, scale, out[a:b])
+    assert torch.equal(pages[0], sentinel)
+    torch.testing.assert_close(out, _simulated(q, k, v, preset, 0, scale), rtol=1e-4, atol=1e-4)

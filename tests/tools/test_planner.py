@@ -63,16 +63,15 @@ def test_weights_estimate_matches_the_prepared_checkpoint(model_dir):
 
 
 def test_cpu_plan_equals_the_measured_engine_capacity(model_dir):
-    """At 2 GiB with --max-model-len 2048: 93,184 (auto) and 326,802 (zipcache) tokens, vLLM's
-    count of 3,351 pages for requests of 16 + 5 staging blocks (the default's delayed block:
+    """At 2 GiB with --max-model-len 2048: 93,184 (auto) and 343,142 (zipcache) tokens, vLLM's
+    count of 3,351 pages for requests of 16 + 4 staging blocks (the default's delayed block:
     StagingLayout.lookahead_blocks). The engine's own log is held to the planner in
-    test_engine_e2e.py::test_capacity_vs_auto; `zipcache-vllm eval --engine` logged
-    163,352 = int(1675 / 21 * 2048) at 1 GiB (2026-12-07)."""
+    test_engine_e2e.py::test_capacity_vs_auto."""
     plan = make_plan(PlanRequest(model=str(model_dir), hardware="cpu-dev", kv_cache_space_gib=2,
                                  max_model_len=2048, kv_cache_dtypes=["auto", "zipcache"]))
     assert plan.row("auto").kv_tokens == 93_184
-    assert plan.row("zipcache").kv_tokens == 326_802 == int(3351 / 21 * 2048)
-    assert plan.row("zipcache").ratio_vs_auto == pytest.approx(326_802 / 93_184)
+    assert plan.row("zipcache").kv_tokens == 343_142 == int(3351 / 20 * 2048)
+    assert plan.row("zipcache").ratio_vs_auto == pytest.approx(343_142 / 93_184)
     assert plan.estimates is None  # CPU budgets are exact
 
 
@@ -118,7 +117,7 @@ def test_gpu_plan_states_estimates_and_tp_pp_split():
 
 def test_staging_is_blocks_of_the_kv_cache_on_cpu_and_cuda(model_dir):
     """Paged staging: the same budget for every dtype; each running request holds the
-    staging blocks ahead (5 for SmolLM2's default preset, its delayed block included), counted in concurrency."""
+    staging blocks ahead (4 for SmolLM2's default preset, its delayed block included), counted in concurrency."""
     for plan in (make_plan(PlanRequest(model=str(model_dir), hardware="cpu-dev", max_model_len=2048,
                                        context_len=512)),
                  make_plan(PlanRequest(model="llama3_1_8b", hardware="H100-80GB", max_model_len=32768,
@@ -132,7 +131,7 @@ def test_staging_is_blocks_of_the_kv_cache_on_cpu_and_cuda(model_dir):
         assert zc.kv_requests_at_context == zc.num_blocks // per_request
         assert zc.max_num_seqs is None and zc.concurrency_at_context == zc.kv_requests_at_context
     assert make_plan(PlanRequest(model=str(model_dir), hardware="cpu-dev",
-                                 max_model_len=2048)).row("zipcache").staging_blocks == 5
+                                 max_model_len=2048)).row("zipcache").staging_blocks == 4
 
 
 def test_bad_requests_name_the_field():

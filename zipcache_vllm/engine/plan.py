@@ -96,23 +96,31 @@ def plan_step(pool: StagingPool, block_size: int, query_start_loc: list[int],
                            filled_ids=row[start:start + n_pack].to(torch.int64),
                            staged=staged, kept=max(staged - n_pack * B, 0))
         if run:
-            plan.stage_ids = _page_run(row, start, run)
+            T = pool.paged.tokens_per_page
+            # the entry run holds what the step stages into it (a decode token) at most
+            plan.stage_ids = _page_run(row, start, run, -(-min(total, pool.capacity) // T))
             if left:
-                plan.tail_stage_ids = _page_run(row, start + n_pack, run)
+                plan.tail_stage_ids = _page_run(row, start + n_pack, run, -(-left // T))
         plans.append(plan)
     for slot in finished_slots:
         pool.release_slot(slot)
     return plans
 
 
-def _page_run(row: torch.Tensor, block: int, run: int) -> torch.Tensor:
-    """Block ids ``block .. block + run - 1`` of a block-table row (int64)."""
-    if block + run > row.shape[0]:
+def _page_run(row: torch.Tensor, block: int, run: int, used: int) -> torch.Tensor:
+    """Block ids ``block .. block + run - 1`` of a block-table row (int64), of which the
+    first ``used`` hold the run's tokens: the KV-cache manager allocates those
+    (``StagingLayout.lookahead_blocks``); the rest, which a run of fewer tokens than its
+    capacity never writes, may not be allocated yet and stand for its first page."""
+    if block + used > row.shape[0]:
         raise StagingError(
-            f"block {block} is staged in {run} pages but the block table has "
+            f"block {block} is staged in {used} pages but the block table has "
             f"{row.shape[0]} columns: the KV-cache manager did not allocate the staging "
             "blocks ahead (is zipcache's KV-cache spec registered?)")
-    return row[block:block + run].to(torch.int64)
+    ids = row[block:block + run].to(torch.int64)
+    if ids.shape[0] < run or used < run:
+        ids = torch.cat([ids[:used], ids[:1].expand(run - used)])
+    return ids
 
 
 @dataclass

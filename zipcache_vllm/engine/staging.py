@@ -1,27 +1,31 @@
-"""The staging pool: each request's newest, partially filled block in full precision.
+"""The staging pool: each request's newest, partially filled block in full precision,
+and the filled blocks that wait to be scored by the next blocks' queries.
 
 vLLM allocates a page for the partial block like for any block, but a zipcache
 page can only be written once the block is full (its quantization needs all B
-tokens and their saliency). Until then the block's K/V live in staging, in the
-model dtype or in 8 bits per element (the preset's ``staging_bits``, paged only), with
-their saliency accumulators. Two storages, one bookkeeping:
+tokens and their saliency), and with a preset's ``saliency_delay`` of ``d`` only once
+the ``d`` blocks after it have filled too (their probe rows score it). Until then the
+blocks' K/V live in staging, a run of up to ``C = (1 + d) * B`` tokens per request, in
+the model dtype or in 8 bits per element (the preset's ``staging_bits``, paged only),
+with their saliency accumulators. Two storages, one bookkeeping:
 
-* **paged** (the engine's): inside vLLM's own cache, in the pages of the partial
-  block and of the ``pages - 1`` blocks the KV-cache manager allocates ahead of each
-  request (:class:`~zipcache_vllm.layout.StagingLayout`). Staging then costs nothing
-  for requests that are not running, and vLLM's scheduler sees (and preempts for)
-  what a running request holds.
+* **paged** (the engine's): inside vLLM's own cache, in the pages of the run's oldest
+  block and of the ``pages - 1`` blocks after it, which the KV-cache manager allocates
+  ahead of each request (:class:`~zipcache_vllm.layout.StagingLayout`). Staging then
+  costs nothing for requests that are not running, and vLLM's scheduler sees (and
+  preempts for) what a running request holds.
 * **dense** (the simulator's and the tests'): pool tensors of their own::
 
-    k, v   [L, S, H, B, D]  model dtype      L layers, S slots, H KV heads
-    score  [L, S, H, B]     float32          sum of (probe) attention probabilities
-    count  [L, S, B]        float32          (probe) queries that saw the token
+    k, v   [L, S, H, C, D]  model dtype      L layers, S slots, H KV heads
+    score  [L, S, H, C]     float32          sum of (probe) attention probabilities
+    count  [L, S, C]        float32          (probe) queries that saw the token
 
-A slot is keyed by the vLLM block id of the partial block (partial blocks are
-never shared by prefix caching). The bookkeeping (which slot holds which block,
-how many tokens) is advanced once per step by the metadata builder, before any
-layer runs; the layers only move data. Slots come back when the block fills,
-when the request finishes or is aborted, and when it is preempted. A paged slot
+A slot is keyed by the vLLM block id of the run's oldest block (staged blocks are never
+shared by prefix caching: a block is cached once it is packed), with the tokens it
+stages and the request's length as of the planned step. The bookkeeping (which slot
+holds which run, how many tokens) is advanced once per step by the metadata builder,
+before any layer runs; the layers only move data. Slots come back when nothing is left
+staged, when the request finishes or is aborted, and when it is preempted. A paged slot
 is only a key (policies with per-request state, FastGen, index theirs by it); its
 bytes are the pages named by the step's plan.
 

@@ -10,30 +10,33 @@ at once (the tests and the simulator check drive it against explicit references)
 
 Positions of one request in a step (``B`` tokens per block)::
 
-    0 .............. b0*B ........ ctx ............... seq_len
+    0 .............. ctx-s ....... ctx ............... seq_len
     | packed pages   | staged (s)  | this step's chunk (q) |
     |  (vLLM cache)  |  (staging)  |  (new K/V)            |
                      \\_____ local window: full precision ___/
 
-    b0 = ctx // B   s = ctx % B   q = seq_len - ctx
+    s = ctx % B + k * B (k <= saliency_delay filled blocks wait)   q = seq_len - ctx
 
 * Attention (``attention.py``): every query of the chunk attends over the packed
   blocks (the C++ kernels of ``zipcache_vllm.kernels`` dequantize inside the kernel;
   their PyTorch fallback dequantizes a bounded group of pages at a time), then over
   the local window (causal), merged by log-sum-exp. Per-query log-sum-exp is kept.
 * Saliency (``saliency.py``): a token of the local window is scored by the queries
-  of its own block only (``exp(q.k * scale - lse)``, summed over the query heads of
-  its KV group), optionally only by probe rows chosen from the position. A block's
-  quantization is therefore a function of its own tokens and its prefix.
+  of its own block and of the ``policy.saliency_delay`` blocks after it, which it waits
+  for in staging (``exp(q.k * scale - lse)``, summed over the query heads of its KV
+  group), optionally only by probe rows chosen from the position. A block's quantization
+  is therefore a function of its own tokens, those blocks and its prefix.
 * Sliding-window layers (``window``: a query at ``p`` sees keys in ``(p - window, p]``,
   as in vLLM and transformers): a block runs its queries over the packed blocks that
   intersect their windows only (vLLM's sliding-window manager frees the blocks before
   them, so they are never read), the block where the window starts under a per-query
-  mask. The local window is within one block (``window > B``), always visible.
-* Every block that fills in this step is packed by the policy
+  mask. The local window (at most ``(1 + saliency_delay) * B`` tokens, no longer than
+  the window) is always visible.
+* Every block whose delay passes in this step (with no delay: that fills) is packed by
+  the policy
   (:meth:`~zipcache_vllm.policies.KVPolicy.pack`: block-local top-k salient tokens
-  quantized into its page, or FastGen's kept slots); the partial tail (if any) goes
-  back to staging (``staging.py``).
+  quantized into its page, or FastGen's kept slots); what is left (the blocks that wait,
+  the partial tail) goes back to staging (``staging.py``).
 
 Every policy runs this flow (``policies/``); a policy with per-request state
 (FastGen) passes its engine state and the rows' prepared data to :func:`apply_step`,

@@ -130,19 +130,28 @@ def prefix_match(a: list[int], b: list[int]) -> float:
     return pm(a, b)
 
 
+def _preset_fields(cache_dtype: str) -> dict | None:
+    """The preset a zipcache dtype serves, as its fields (None for vLLM's own dtypes)."""
+    from ..dtypes import is_zipcache_dtype, preset_for_dtype
+
+    return preset_for_dtype(cache_dtype).model_dump() if is_zipcache_dtype(cache_dtype) else None
+
+
 def run_engines(jobs: list[dict], workdir: Path, progress: bool = True, timeout: float = 7200) -> list[dict]:
     """Each job's result (``{"unsupported": msg}`` where vLLM refuses the dtype).
 
     The jobs not yet done run in ONE :mod:`engine_worker` process (vLLM imported once,
     one engine per dtype in turn; a progress bar follows its dtypes). A result is kept
     in ``workdir`` under a hash of its job: a later call with the same job and work dir
-    reads it instead of starting the engine again.
+    reads it instead of starting the engine again (the hash covers a zipcache dtype's
+    preset fields too, so an edited preset runs again).
     """
     from tqdm.auto import tqdm
 
     outs = []
     for job in jobs:
-        key = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
+        key = hashlib.sha256(json.dumps([job, _preset_fields(job["kv_cache_dtype"])],
+                                        sort_keys=True).encode()).hexdigest()[:16]
         outs.append(workdir / f"out_{job['kv_cache_dtype']}_{key}.json")
     todo = [{"job": job, "out": str(out)} for job, out in zip(jobs, outs) if not out.exists()]
     if todo:

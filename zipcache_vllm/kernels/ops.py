@@ -611,12 +611,16 @@ class DecodePlan:
                            self.probe, self.path, self.isa, (self.bounds[0], R, self.bounds[2]),
                            capacity=self.capacity, staged_end=self._staged_end(layout))
         dense.run(q_in, k_in, v_in, pages, k_st, v_st, score, count, out_in, layout, scale)
+        # each run's tokens up to the new one only: its later pages may not be allocated yet
+        # (StagingLayout.lookahead_blocks)
+        written = self.staged + 1
         if not q8:
-            portable.scatter_staged(pages, self.stage_ids, st, k_st, v_st, score, count)
+            portable.scatter_staged(pages, self.stage_ids, st, k_st, v_st, score, count,
+                                    limit=written)
             return
         out[self.rows] = out_in.index_select(0, self.rows).to(out.dtype)
         portable.scatter_staged(pages, self.stage_ids, st, k_st, v_st, score, count,
-                                kv_from=st.capacity)
+                                kv_from=st.capacity, limit=written)
         portable.store_token(pages, self.stage_ids, st, self.staged,
                              k.index_select(0, self.rows), v.index_select(0, self.rows))
 

@@ -245,12 +245,14 @@ def gather_staged(pages: torch.Tensor, ids: torch.Tensor, st: StagingLayout,
 
 def scatter_staged(pages: torch.Tensor, ids: torch.Tensor, st: StagingLayout, k: torch.Tensor,
                    v: torch.Tensor, score: torch.Tensor, count: torch.Tensor,
-                   kv_from: int = 0) -> None:
+                   kv_from: int = 0, limit: torch.Tensor | None = None) -> None:
     """Write ``t`` staged tokens of ``n`` requests into their page runs (``ids [n, pages]``):
     ``k, v [n, H, t, D]``, ``score [n, H, t]``, ``count [n, t]``, ``t <= st.capacity``.
     K and V are written for tokens ``kv_from..t-1`` only (8-bit staging quantizes them
     here; tokens already staged keep the bits they were stored with), scores and counts
-    for all ``t``. Other bytes of the pages are not touched."""
+    for all ``t``; with ``limit`` (int64 ``[n]``) only run ``i``'s tokens before
+    ``limit[i]`` (the pages after them may not be allocated yet). Other bytes of the pages
+    are not touched."""
     n, t = ids.shape[0], k.shape[2]
     if t > st.capacity:
         raise ValueError(f"{t} tokens do not fit a staging capacity of {st.capacity}")
@@ -260,9 +262,19 @@ def scatter_staged(pages: torch.Tensor, ids: torch.Tensor, st: StagingLayout, k:
     if not t:
         return
     sec = _sections(pages, st, k.dtype)
+
+    def kept(t0: int) -> torch.Tensor | None:  # run-major mask of tokens t0..t-1 to write
+        if limit is None:
+            return None
+        return (torch.arange(t0, t, device=ids.device).unsqueeze(0) < limit.unsqueeze(1)).reshape(-1)
+
     page, pos = _token_index(ids, st, 0, t)
-    sec["score"][page, :, pos] = score.float().transpose(1, 2).reshape(n * t, -1)
-    sec["count"][page, pos] = count.float().reshape(-1)
+    sc, cn = score.float().transpose(1, 2).reshape(n * t, -1), count.float().reshape(-1)
+    mask = kept(0)
+    if mask is not None:
+        page, pos, sc, cn = page[mask], pos[mask], sc[mask], cn[mask]
+    sec["score"][page, :, pos] = sc
+    sec["count"][page, pos] = cn
     if kv_from >= t:
         return
     page, pos = _token_index(ids, st, kv_from, t)
@@ -270,7 +282,11 @@ def scatter_staged(pages: torch.Tensor, ids: torch.Tensor, st: StagingLayout, k:
     def rows(x: torch.Tensor) -> torch.Tensor:  # [n, H, t, D] -> [n * (t - kv_from), H, D]
         return x[:, :, kv_from:].transpose(1, 2).reshape(-1, *x.shape[1:2], x.shape[-1])
 
-    _put_kv(sec, st, page, pos, rows(k), rows(v))
+    kr, vr = rows(k), rows(v)
+    mask = kept(kv_from)
+    if mask is not None:
+        page, pos, kr, vr = page[mask], pos[mask], kr[mask], vr[mask]
+    _put_kv(sec, st, page, pos, kr, vr)
 
 
 def _byte_sections(pages: torch.Tensor, st: StagingLayout) -> list[torch.Tensor]:
