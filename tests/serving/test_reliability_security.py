@@ -121,10 +121,10 @@ preset = load_preset("zipcache")
 H, G, D = 3, 3, 64
 layout = BlockLayout.from_preset(preset, D, H)
 B = layout.block_size
-pool = staging.StagingPool(["l0"], 3, B, H, D, torch.bfloat16)
+policy = make_policy(preset)
+pool = staging.StagingPool(["l0"], 3, B, H, D, torch.bfloat16, blocks=policy.staged_blocks)
 pages = torch.zeros(6, layout.page_bytes, dtype=torch.uint8)
 table = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32)
-policy = make_policy(preset)
 plans = plan_step(pool, B, [0, 200, 330], [200, 130], table)
 q = torch.randn(330, H * G, D).bfloat16()
 k = torch.randn(330, H, D).bfloat16()
