@@ -270,9 +270,9 @@ class StagingPool:
                             self.capacity - B)
             return k[:, :, :B], v[:, :, :B], score[:, :, :B], count[:, :B]
         fs = batch.full_slots
-        out = (self.k[layer].index_select(0, fs)[:, :, :B], self.v[layer].index_select(0, fs)[:, :, :B],
-               self.score[layer].index_select(0, fs)[:, :, :B],
-               self.count[layer].index_select(0, fs)[:, :B])
+        # the oldest block only (index_select copies; a delay's later blocks stay put)
+        out = (self.k[layer][:, :, :B].index_select(0, fs), self.v[layer][:, :, :B].index_select(0, fs),
+               self.score[layer][:, :, :B].index_select(0, fs), self.count[layer][:, :B].index_select(0, fs))
         if self.blocks > 1:
             for t in (self.k[layer], self.v[layer], self.score[layer]):
                 t[fs, :, :-B] = t[fs, :, B:]
